@@ -1,0 +1,531 @@
+"""Typed configuration: dataclass sections loaded from TOML, overridden with ``section.key=value``.
+
+Strict by design (unlike exec'd or YAML configs that accept any typo): an unknown section or
+key, or a value of the wrong type, raises `ConfigError` naming the field. Each section owns its
+validation in ``__post_init__``; checks that span sections (warmup vs training length, batch vs
+world size) live in `Config.validate`.
+
+The global batch is the quantity the user sets. Per-device batch and accumulation steps are
+derived from it and the world size (`derive_batch`), never the other way round.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+import tomli_w
+
+from bigbatch.errors import ConfigError
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+@dataclass
+class DataConfig:
+    name: Literal["mnist1d", "digits", "synthetic", "imagefolder", "cifar10"] = "mnist1d"
+    """Dataset. mnist1d/digits/synthetic are generated locally; imagefolder and cifar10 read `root`."""
+    root: str | None = None
+    """imagefolder: folder with train/ and val/ (ImageNet layout). cifar10: folder holding
+    cifar-10-batches-py/ (or its files). mnist1d: cache folder (default ~/.cache/bigbatch)."""
+    num_samples: int = 10000
+    """mnist1d/synthetic: total examples generated (train + test)."""
+    test_fraction: float = 0.2
+    """mnist1d/digits/synthetic: fraction held out as the test set."""
+    seed: int = 0
+    """Seed of the generated dataset (independent of train.seed)."""
+    num_features: int = 32
+    """synthetic: input dimension."""
+    num_classes: int = 10
+    """synthetic: number of classes."""
+    label_noise: float = 0.0
+    """synthetic: fraction of labels replaced by random ones."""
+    image_size: int = 224
+    """imagefolder: crop size."""
+    augment: bool = True
+    """imagefolder/cifar10: random crop + flip on the training set."""
+    num_workers: int = 4
+    """imagefolder: DataLoader worker processes per rank."""
+    backend: Literal["torch", "dali"] = "torch"
+    """imagefolder loader: torchvision (default) or NVIDIA DALI (GPU decode; optional dependency)."""
+    train_eval_samples: int = 10000
+    """Training examples (a fixed subset) evaluated for train_loss/train_acc; 0 = all."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 10, "data.num_samples", f"must be >= 10, got {self.num_samples}")
+        _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
+        _check(self.num_features >= 1, "data.num_features", "must be >= 1")
+        _check(self.num_classes >= 2, "data.num_classes", "must be >= 2")
+        _check(0.0 <= self.label_noise <= 1.0, "data.label_noise", "must be in [0, 1]")
+        _check(self.image_size >= 8, "data.image_size", "must be >= 8")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.train_eval_samples >= 0, "data.train_eval_samples", "must be >= 0")
+        if self.name in ("imagefolder", "cifar10"):
+            _check(self.root is not None, "data.root", f"required for data.name = {self.name!r} (a local folder)")
+        if self.root is not None and self.name in ("imagefolder", "cifar10"):
+            _check(Path(self.root).expanduser().is_dir(), "data.root", f"folder {self.root!r} does not exist")
+        if self.backend == "dali":
+            _check(self.name == "imagefolder", "data.backend", "dali reads ImageNet-style folders: needs data.name = 'imagefolder'")
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["mlp", "cnn1d", "resnet18", "resnet34", "resnet50", "resnet101"] = "mlp"
+    """Architecture. mlp/cnn1d for vector data (MNIST-1D, digits, synthetic); resnets for images."""
+    hidden: int = 256
+    """mlp: width of each hidden layer."""
+    depth: int = 2
+    """mlp: number of hidden layers."""
+    channels: int = 32
+    """cnn1d: channels of each conv layer."""
+    zero_init_residual: bool = False
+    """Zero-init the last BatchNorm gamma of each residual block (Goyal et al. 2017, section 5.1)."""
+    sync_bn: bool = False
+    """BatchNorm statistics across ranks (SyncBatchNorm) instead of per device batch (Goyal's choice)."""
+    small_input: bool = False
+    """resnets: 3x3 stem without max-pool, for 32x32 images (CIFAR)."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """Memory format for image models: auto = channels_last on GPU."""
+
+    def __post_init__(self) -> None:
+        _check(self.hidden >= 1, "model.hidden", "must be >= 1")
+        _check(self.depth >= 1, "model.depth", "must be >= 1")
+        _check(self.channels >= 1, "model.channels", "must be >= 1")
+
+
+@dataclass
+class BatchConfig:
+    global_batch: int = 128
+    """Examples per optimizer step, summed over all ranks and accumulation steps."""
+    accum_steps: int | None = None
+    """Micro-batches per step on each rank. None = 1 (per-device batch = global_batch / world)."""
+    phases: list = field(default_factory=list)
+    """Batch-size control: [[from_epoch, global_batch], ...], increasing from_epoch
+    (Mikami et al. 2018; Smith et al. 2018). The first phase starts at epoch 0."""
+    lr_follows_batch: bool = True
+    """When the batch changes (phases or adaptive), rescale the lr by optim.scaling."""
+    adaptive: Literal["none", "gns"] = "none"
+    """gns: grow the batch (powers of 2, batch.min..batch.max) while B_simple > batch."""
+    min: int | None = None
+    """adaptive: smallest global batch (default global_batch)."""
+    max: int | None = None
+    """adaptive: largest global batch (default 64 x global_batch)."""
+    adapt_every: int = 20
+    """adaptive: steps between batch-size decisions."""
+
+    def __post_init__(self) -> None:
+        _check(self.global_batch >= 1, "batch.global_batch", f"must be a positive integer, got {self.global_batch}")
+        if self.accum_steps is not None:
+            _check(self.accum_steps >= 1, "batch.accum_steps", f"must be >= 1, got {self.accum_steps}")
+        phases = []
+        for i, ph in enumerate(self.phases):
+            _check(
+                isinstance(ph, (list, tuple)) and len(ph) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ph),
+                f"batch.phases[{i}]", f"expected [from_epoch, global_batch], got {ph!r}",
+            )
+            from_epoch, b = ph
+            _check(float(b).is_integer() and b >= 1, f"batch.phases[{i}]", f"global_batch must be a positive integer, got {b!r}")
+            _check(from_epoch >= 0, f"batch.phases[{i}]", f"from_epoch must be >= 0, got {from_epoch!r}")
+            if i == 0:
+                _check(from_epoch == 0, "batch.phases[0]", f"the first phase must start at epoch 0, got {from_epoch!r}")
+            else:
+                _check(from_epoch > phases[-1][0], f"batch.phases[{i}]", f"phases out of order: epoch {from_epoch} after {phases[-1][0]}")
+            phases.append([from_epoch, int(b)])
+        self.phases = phases
+        if self.adaptive != "none":
+            _check(not self.phases, "batch.adaptive", "cannot be combined with batch.phases")
+        for k in ("min", "max"):
+            v = getattr(self, k)
+            if v is not None:
+                _check(v >= 1, f"batch.{k}", "must be >= 1")
+        if self.min is not None and self.max is not None:
+            _check(self.min <= self.max, "batch.max", f"must be >= batch.min ({self.min})")
+        _check(self.adapt_every >= 1, "batch.adapt_every", "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "lars", "larc", "lamb", "adamw"] = "sgd"
+    """sgd (momentum), lars / larc (You et al. 2017), lamb (You et al. 2019), adamw."""
+    base_lr: float = 0.1
+    """Learning rate at optim.base_batch; the run's peak lr is scaled from it (optim.scaling)."""
+    base_batch: int = 256
+    """Reference batch of base_lr ("lr 0.1 per 256", Goyal et al. 2017)."""
+    scaling: Literal["linear", "sqrt", "none"] = "linear"
+    """Peak lr = base_lr x (global_batch / base_batch) [linear] or its square root [sqrt]."""
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    trust_coefficient: float = 0.001
+    """LARS/LARC trust coefficient eta."""
+    eps: float = 0.0
+    """LARS: added to the denominator of the trust ratio (MLPerf 0); LAMB/AdamW: Adam epsilon (use 1e-6..1e-8)."""
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    """LAMB/AdamW betas."""
+    exclude_bn_bias: bool = True
+    """BatchNorm/LayerNorm parameters and biases: no weight decay, no LARS/LAMB adaptation."""
+    impl: Literal["torch", "apex"] = "torch"
+    """apex: NVIDIA apex fused LAMB / LARC on GPU (optional dependency)."""
+
+    def __post_init__(self) -> None:
+        _check(self.base_lr > 0 and math.isfinite(self.base_lr), "optim.base_lr", f"must be a positive number, got {self.base_lr}")
+        _check(self.base_batch >= 1, "optim.base_batch", "must be >= 1")
+        _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.trust_coefficient > 0, "optim.trust_coefficient", "must be > 0")
+        _check(self.eps >= 0, "optim.eps", "must be >= 0")
+        _check(
+            isinstance(self.betas, list) and len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
+            "optim.betas", f"expected [beta1, beta2] in [0, 1), got {self.betas!r}",
+        )
+        self.betas = [float(b) for b in self.betas]
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["constant", "step", "cosine", "poly"] = "constant"
+    """Decay after warmup: constant, step (milestones x factor), cosine (to end_lr), poly (power, to end_lr)."""
+    warmup_epochs: float = 0.0
+    """Linear warmup length in epochs (Goyal et al.: 5)."""
+    warmup_steps: int | None = None
+    """Warmup length in steps; overrides warmup_epochs."""
+    warmup_start: Union[str, float] = "base"
+    """Warmup starts at "base" = the unscaled base lr (Goyal's gradual warmup) or at a number (0 = from zero)."""
+    milestones: list = field(default_factory=list)
+    """step: epochs at which the lr is multiplied by factor (Goyal et al.: [30, 60, 80])."""
+    factor: float = 0.1
+    power: float = 2.0
+    """poly: exponent (LARS/MLPerf: 2)."""
+    end_lr: float = 0.0
+    """cosine/poly: lr at the last step (MLPerf LARS: 1e-4)."""
+
+    def __post_init__(self) -> None:
+        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
+        if self.warmup_steps is not None:
+            _check(self.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
+        if isinstance(self.warmup_start, str):
+            _check(self.warmup_start == "base", "schedule.warmup_start", f'expected "base" or a number >= 0, got {self.warmup_start!r}')
+        else:
+            _check(self.warmup_start >= 0, "schedule.warmup_start", f'expected "base" or a number >= 0, got {self.warmup_start!r}')
+            self.warmup_start = float(self.warmup_start)
+        prev = 0.0
+        for i, m in enumerate(self.milestones):
+            _check(isinstance(m, (int, float)) and not isinstance(m, bool) and m > prev, f"schedule.milestones[{i}]",
+                   f"expected increasing positive epochs, got {self.milestones!r}")
+            prev = m
+        _check(0 < self.factor <= 1, "schedule.factor", "must be in (0, 1]")
+        _check(self.power > 0, "schedule.power", "must be > 0")
+        _check(self.end_lr >= 0, "schedule.end_lr", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None
+    """Optimizer steps to train; exactly one of steps / epochs."""
+    epochs: float | None = None
+    """Epochs to train (may be fractional); exactly one of steps / epochs."""
+    seed: int = 0
+    """Seeds model init and the data order (which depends only on seed and epoch)."""
+    eval_every: int = 100
+    """Steps between evaluations (train and test loss/accuracy); 0 = only at the end."""
+    log_every: int = 10
+    """Steps between metrics.jsonl lines."""
+    label_smoothing: float = 0.0
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    """Mixed precision: auto = bf16 on GPU, off on CPU. fp16 uses a grad scaler (GPU only)."""
+    compile: bool = False
+    """torch.compile the model."""
+    stop_at_target: bool = False
+    """Stop as soon as the target is reached (sweeps)."""
+
+    def __post_init__(self) -> None:
+        if self.steps is not None:
+            _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        if self.epochs is not None:
+            _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
+        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
+
+
+@dataclass
+class TargetConfig:
+    test_acc: float | None = None
+    """Steps/examples to target are counted at the first evaluation with test_acc >= this."""
+    test_loss: float | None = None
+    """Alternative target: first evaluation with test_loss <= this."""
+
+    def __post_init__(self) -> None:
+        if self.test_acc is not None:
+            _check(0.0 < self.test_acc <= 1.0, "target.test_acc", f"must be a fraction in (0, 1], got {self.test_acc}")
+        if self.test_loss is not None:
+            _check(self.test_loss > 0, "target.test_loss", "must be > 0")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Steps between checkpoints (0 = only on SIGTERM/SIGUSR2 and at the end)."""
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 0, "checkpoint.every", "must be >= 0")
+
+
+@dataclass
+class TrackConfig:
+    wandb: bool = False
+    """Log to Weights & Biases from rank 0 (offline mode when no API key is configured)."""
+    project: str = "bigbatch"
+    entity: str | None = None
+    group: str | None = None
+    """W&B group (sweeps set it to the sweep's name)."""
+    tags: list = field(default_factory=list)
+    progress: Literal["auto", "on", "off"] = "auto"
+    """Progress bar on rank 0: auto = when stderr is a terminal."""
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """auto = nccl when CUDA is available, else gloo."""
+    allreduce: Literal["builtin", "ring", "torus2d", "hierarchical"] = "builtin"
+    """Gradient all-reduce inside DDP: the backend's own, or bigbatch's algorithms."""
+    torus_rows: int | None = None
+    """torus2d: rows of the rank grid (None = the most square factorisation)."""
+    local_size: int | None = None
+    """hierarchical: ranks per node (None = LOCAL_WORLD_SIZE)."""
+    bucket_cap_mb: float = 25.0
+    """DDP gradient bucket size."""
+    timeout_s: float = 600.0
+    """Process-group timeout."""
+
+    def __post_init__(self) -> None:
+        if self.torus_rows is not None:
+            _check(self.torus_rows >= 1, "dist.torus_rows", "must be >= 1")
+        if self.local_size is not None:
+            _check(self.local_size >= 1, "dist.local_size", "must be >= 1")
+        _check(self.bucket_cap_mb > 0, "dist.bucket_cap_mb", "must be > 0")
+        _check(self.timeout_s > 0, "dist.timeout_s", "must be > 0")
+
+
+@dataclass
+class MeasureConfig:
+    gns: bool = False
+    """Online gradient noise scale B_simple (McCandlish et al. 2018)."""
+    gns_every: int = 1
+    """Steps between GNS measurements."""
+    gns_ema: float = 0.95
+    """EMA decay of |G|^2 and tr(Sigma)."""
+    tail_every: int = 0
+    """Steps between tail-index probes (0 = off)."""
+    tail_samples: int = 64
+    """Minibatch gradients per tail-index probe."""
+    sharpness: bool = False
+    """Top Hessian eigenvalue at each evaluation, on a fixed training subset."""
+    sharpness_samples: int = 1024
+    sharpness_iters: int = 20
+
+    def __post_init__(self) -> None:
+        _check(self.gns_every >= 1, "measure.gns_every", "must be >= 1")
+        _check(0.0 <= self.gns_ema < 1.0, "measure.gns_ema", "must be in [0, 1)")
+        _check(self.tail_every >= 0, "measure.tail_every", "must be >= 0")
+        _check(self.tail_samples >= 4, "measure.tail_samples", "must be >= 4")
+        _check(self.sharpness_samples >= 1, "measure.sharpness_samples", "must be >= 1")
+        _check(self.sharpness_iters >= 1, "measure.sharpness_iters", "must be >= 1")
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    """Run name: the run folder is runs/<name>-<time> unless --out is given."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name), "name",
+               f"expected letters, digits, '-', '_' or '.', got {self.name!r}")
+        if self.train.steps is None and self.train.epochs is None:
+            self.train.epochs = 1.0
+        _check(not (self.train.steps is not None and self.train.epochs is not None), "train.steps",
+               "set either train.steps or train.epochs, not both")
+
+    def validate(self, world_size: int = 1) -> None:
+        """Checks that span sections or need the world size. Raises ConfigError."""
+        derive_batch(self.batch.global_batch, world_size, self.batch.accum_steps, "batch.global_batch")
+        for i, (_, b) in enumerate(self.batch.phases):
+            derive_batch(b, world_size, self.batch.accum_steps, f"batch.phases[{i}]")
+        if self.train.amp == "fp16":
+            import torch
+
+            _check(torch.cuda.is_available(), "train.amp", "fp16 needs a GPU; use bf16 on CPU")
+
+
+def derive_batch(global_batch: int, world_size: int, accum_steps: int | None, key: str = "batch.global_batch") -> tuple[int, int]:
+    """(per_device_batch, accum_steps) from the global batch and the world size.
+
+    global_batch = per_device_batch x accum_steps x world_size, exactly; anything else is an
+    error before any work starts.
+    """
+    accum = accum_steps or 1
+    _check(global_batch % (world_size * accum) == 0, key,
+           f"global batch {global_batch} is not divisible by world size {world_size} x accum_steps {accum}")
+    return global_batch // (world_size * accum), accum
+
+
+# --- loading, overrides, writing -------------------------------------------------------------
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name != "name"}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {k: hints[k] for k in SECTIONS}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _check(value in choices, key, f"expected one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e.message)
+        raise ConfigError(key, " or ".join(dict.fromkeys(errors)))
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    if tp is list or origin is list:
+        _check(isinstance(value, list), key, f"expected a list, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this file, not bad input
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{section}.{k}"
+        _check(k in known, key, f"unknown key in [{section}]; expected one of {', '.join(sorted(known))}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a validated Config from nested dicts (as read from TOML)."""
+    classes = _section_classes()
+    kwargs: dict[str, Any] = {}
+    for sec, values in raw.items():
+        if sec == "name":
+            kwargs["name"] = _coerce(values, str, "name")
+            continue
+        _check(sec in classes, sec, f"unknown section; expected one of name, {', '.join(classes)}")
+        _check(isinstance(values, dict), sec, f"expected a [{sec}] table")
+        kwargs[sec] = _build_section(classes[sec], values, sec)
+    return Config(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'section.key=value' -> (['section', 'key'], typed value). TOML syntax for the value;
+    a bare word that is not TOML (e.g. lars) is taken as a string."""
+    if "=" not in text:
+        raise ConfigError("--set", f"expected section.key=value, got {text!r}")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    path = key.split(".")
+    _check(all(path) and 1 <= len(path) <= 2, "--set", f"expected section.key=value, got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    return path, parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        if len(path) == 1:
+            _check(path[0] == "name", path[0], "expected section.key (or name)")
+            raw["name"] = value
+        else:
+            raw.setdefault(path[0], {})
+            _check(isinstance(raw[path[0]], dict), path[0], f"expected a [{path[0]}] table")
+            raw[path[0]][path[1]] = value
+    return raw
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(path), "config file not found")
+    try:
+        with p.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), f"not valid TOML ({e})") from None
+
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a TOML config (or the defaults when path is None) and apply --set overrides."""
+    raw = read_toml(path) if path is not None else {}
+    return from_dict(apply_overrides(raw, list(overrides)))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Nested dict without None values (TOML has no null; absent = default None)."""
+
+    def strip(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: (strip(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
+
+    return strip(dataclasses.asdict(cfg))
+
+
+def dumps(cfg: Config) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(dumps(cfg))

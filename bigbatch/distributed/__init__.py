@@ -1,0 +1,1 @@
+"""Everything between processes: process-group setup, all-reduce algorithms, DDP hooks, benchmarks."""

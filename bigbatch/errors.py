@@ -1,0 +1,25 @@
+"""The one exception type for bad input.
+
+Anything a user can get wrong (a config key, a value, a path, a command-line flag) raises
+`UsageError` with a message that names the field and what was expected. The CLI turns it into
+a one-line message on stderr and exit code 2, without a traceback, before any work starts.
+"""
+
+
+class UsageError(Exception):
+    """Bad input: the message names the field (or file) and what was expected."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class ConfigError(UsageError):
+    """Bad value in a config file or a --set override."""
+
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 3  # checkpointed after SIGTERM/SIGUSR2; `bigbatch train --resume RUN_DIR` continues

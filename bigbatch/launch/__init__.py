@@ -1,0 +1,1 @@
+"""Launchers: SLURM job scripts, submission and requeue."""

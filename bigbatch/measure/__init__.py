@@ -1,0 +1,1 @@
+"""What the studies measure about the gradient and the landscape."""

@@ -1,0 +1,1 @@
+"""Many runs -> one answer: sweeps, the critical-batch-size fit, reports."""

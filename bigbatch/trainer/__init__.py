@@ -1,0 +1,1 @@
+"""Everything one training run needs: data, model, optimizer, schedule, loop, checkpoints."""
