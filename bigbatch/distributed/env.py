@@ -1,0 +1,174 @@
+"""The one place that initialises the process group.
+
+Rank and world size come from the launcher's environment, read here and nowhere else:
+- torchrun (and Ray Train, which exports the same variables): RANK, WORLD_SIZE, LOCAL_RANK,
+  LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
+- srun without torchrun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NTASKS_PER_NODE /
+  SLURM_TASKS_PER_NODE, with MASTER_ADDR taken from the first node of SLURM_JOB_NODELIST and the
+  port derived from the job id (as submitit does);
+- nothing set: one process, no process group.
+
+`init` is idempotent and adopts a process group someone else created (Ray Train's TorchTrainer).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from bigbatch.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str | None  # None when no process group
+    initialized: bool  # a process group exists
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_ENV: DistEnv | None = None
+_OWNS_GROUP = False  # True when init() created the group (so destroy() may tear it down)
+
+
+def _int_env(*names: str) -> int | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            try:
+                return int(v)
+            except ValueError:
+                raise ConfigError(n, f"environment variable is not an integer: {v!r}") from None
+    return None
+
+
+def _slurm_tasks_per_node() -> int | None:
+    # SLURM_TASKS_PER_NODE looks like "4(x2),3" — the first node's count is what we need.
+    v = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if not v:
+        return None
+    m = re.match(r"(\d+)", v)
+    return int(m.group(1)) if m else None
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        # "n[1-2],m3" -> "n1" without scontrol
+        m = re.match(r"([^,\[]+)(?:\[(\d+))?", nodelist)
+        return (m.group(1) + (m.group(2) or "")) if m else nodelist
+
+
+def launcher_world() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) from the environment, without side effects."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank = _int_env("RANK") or 0
+        world = _int_env("WORLD_SIZE") or 1
+        local_rank = _int_env("LOCAL_RANK") or 0
+        local_world = _int_env("LOCAL_WORLD_SIZE") or world
+        return rank, world, local_rank, local_world
+    if "SLURM_PROCID" in os.environ and (_int_env("SLURM_NTASKS") or 1) > 1:
+        rank = _int_env("SLURM_PROCID") or 0
+        world = _int_env("SLURM_NTASKS") or 1
+        local_rank = _int_env("SLURM_LOCALID") or 0
+        local_world = _slurm_tasks_per_node() or world
+        return rank, world, local_rank, local_world
+    return 0, 1, 0, 1
+
+
+def world_size_hint() -> int:
+    """The world size this process will run in (for validation before any work)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return launcher_world()[1]
+
+
+def _export_slurm_as_torch(rank: int, world: int, local_rank: int, local_world: int) -> None:
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(local_world))
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    if "MASTER_PORT" not in os.environ:
+        job = _int_env("SLURM_JOB_ID") or 0
+        os.environ["MASTER_PORT"] = str(20000 + job % 20000)
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("dist.backend", "nccl needs CUDA GPUs; use gloo (or auto) on CPU")
+    return backend
+
+
+def init(backend: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+    """Initialise (or adopt) the process group and pick the device. Idempotent."""
+    global _ENV, _OWNS_GROUP
+    if _ENV is not None and (not _ENV.initialized or dist.is_initialized()):
+        return _ENV
+    if dist.is_available() and dist.is_initialized():  # made by someone else (Ray Train)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = _int_env("LOCAL_RANK") or 0
+        local_world = _int_env("LOCAL_WORLD_SIZE") or world
+        backend_name = dist.get_backend()
+        initialized = True
+    else:
+        rank, world, local_rank, local_world = launcher_world()
+        launched = "RANK" in os.environ or ("SLURM_PROCID" in os.environ and world > 1)
+        backend_name = resolve_backend(backend)
+        initialized = False
+        if launched:
+            if "RANK" not in os.environ:
+                _export_slurm_as_torch(rank, world, local_rank, local_world)
+            if backend_name == "nccl":
+                torch.cuda.set_device(local_rank % torch.cuda.device_count())
+            dist.init_process_group(backend=backend_name, timeout=datetime.timedelta(seconds=timeout_s))
+            initialized = True
+            _OWNS_GROUP = True
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    _ENV = DistEnv(rank, world, local_rank, local_world, device, backend_name if initialized else None, initialized)
+    return _ENV
+
+
+def destroy() -> None:
+    """Tear down the process group this module created (not one it adopted)."""
+    global _ENV, _OWNS_GROUP
+    if _OWNS_GROUP and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _ENV = None
+    _OWNS_GROUP = False
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank src's object on every rank (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
