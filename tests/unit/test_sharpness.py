@@ -1,0 +1,56 @@
+"""Sharpness: Lanczos on Hessian-vector products finds the known top eigenvalues."""
+
+import pytest
+import torch
+
+from bigbatch.errors import UsageError
+from bigbatch.measure.sharpness import hessian_top_eigs
+
+
+def least_squares(n=200, d=30, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    # anisotropic inputs so the eigenvalues are well separated
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64) * torch.linspace(3.0, 0.1, d, dtype=torch.float64)
+    y = torch.randn(n, generator=gen, dtype=torch.float64)
+    model = torch.nn.Linear(d, 1, bias=False).double()
+    loss_fn = lambda out, t: 0.5 * ((out.squeeze(-1) - t) ** 2).mean()  # noqa: E731
+    hessian = x.T @ x / n  # exact Hessian of the mean squared error / 2
+    return model, loss_fn, x, y, torch.linalg.eigvalsh(hessian).flip(0)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_top_eigenvalues_of_least_squares_within_one_percent(k):
+    model, loss_fn, x, y, eigs = least_squares()
+    got = hessian_top_eigs(model, loss_fn, x, y, k=k, iters=100, tol=1e-6)
+    assert len(got) == k
+    for g, want in zip(got, eigs[:k].tolist()):
+        assert g == pytest.approx(want, rel=0.01)
+
+
+def test_an_mlp_top_eigenvalue_matches_the_dense_hessian():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    x, y = torch.randn(64, 4, dtype=torch.float64), torch.randint(0, 3, (64,))
+    loss_fn = torch.nn.functional.cross_entropy
+    params = list(model.parameters())
+    shapes = [p.shape for p in params]
+
+    def loss_of(flat):
+        chunks, i = [], 0
+        for s in shapes:
+            chunks.append(flat[i:i + s.numel()].reshape(s))
+            i += s.numel()
+        out = torch.func.functional_call(model, {n: c for (n, _), c in zip(model.named_parameters(), chunks)}, (x,))
+        return loss_fn(out, y)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    dense = torch.autograd.functional.hessian(loss_of, flat)
+    want = torch.linalg.eigvalsh(dense).flip(0)[:2].tolist()
+    got = hessian_top_eigs(model, loss_fn, x, y, k=2, iters=flat.numel(), tol=1e-8)
+    assert got == pytest.approx(want, rel=0.01)
+
+
+def test_k_larger_than_the_parameter_count_is_a_usage_error():
+    model, loss_fn, x, y, _ = least_squares(d=4)
+    with pytest.raises(UsageError, match="number of parameters \\(4\\)"):
+        hessian_top_eigs(model, loss_fn, x, y, k=5)
