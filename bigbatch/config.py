@@ -75,8 +75,6 @@ class DataConfig:
         _check(self.train_eval_samples >= 0, "data.train_eval_samples", "must be >= 0")
         if self.name in ("imagefolder", "cifar10"):
             _check(self.root is not None, "data.root", f"required for data.name = {self.name!r} (a local folder)")
-        if self.root is not None and self.name in ("imagefolder", "cifar10"):
-            _check(Path(self.root).expanduser().is_dir(), "data.root", f"folder {self.root!r} does not exist")
         if self.backend == "dali":
             _check(self.name == "imagefolder", "data.backend", "dali reads ImageNet-style folders: needs data.name = 'imagefolder'")
 
@@ -371,8 +369,11 @@ class Config:
         _check(not (self.train.steps is not None and self.train.epochs is not None), "train.steps",
                "set either train.steps or train.epochs, not both")
 
-    def validate(self, world_size: int = 1) -> None:
-        """Checks that span sections or need the world size. Raises ConfigError."""
+    def validate(self, world_size: int = 1, check_paths: bool = True) -> None:
+        """Checks that span sections, need the world size or touch the file system (skipped
+        with check_paths=False, e.g. for --dry-run or rendering a job script). Raises ConfigError."""
+        if check_paths and self.data.root is not None and self.data.name in ("imagefolder", "cifar10"):
+            _check(Path(self.data.root).expanduser().is_dir(), "data.root", f"folder {self.data.root!r} does not exist")
         derive_batch(self.batch.global_batch, world_size, self.batch.accum_steps, "batch.global_batch")
         for i, (_, b) in enumerate(self.batch.phases):
             derive_batch(b, world_size, self.batch.accum_steps, f"batch.phases[{i}]")
@@ -483,6 +484,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, parsed
 
 
+_EXCLUSIVE = {"steps": "epochs", "epochs": "steps"}
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for text in overrides:
@@ -494,6 +498,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raw.setdefault(path[0], {})
             _check(isinstance(raw[path[0]], dict), path[0], f"expected a [{path[0]}] table")
             raw[path[0]][path[1]] = value
+            if path[0] == "train" and path[1] in _EXCLUSIVE:  # --set train.steps replaces the file's epochs
+                raw["train"].pop(_EXCLUSIVE[path[1]], None)
     return raw
 
 
