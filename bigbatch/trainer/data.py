@@ -1,0 +1,347 @@
+"""Datasets and the sharded example stream.
+
+Datasets (no downloads, ever):
+- mnist1d: generated locally with `mnist1d.data.make_dataset` (Greydanus 2020), cached as .npz
+  keyed by its parameters;
+- digits: scikit-learn's 8x8 digits (ships with scikit-learn);
+- synthetic: Gaussian inputs labelled by a fixed random teacher network;
+- imagefolder: torchvision ImageFolder, ImageNet layout (root/train/<class>/*, root/val/<class>/*);
+- cifar10: the standard python pickles (cifar-10-batches-py) in a local folder.
+
+Small datasets are held as tensors ("in memory": a batch is one index operation). Image folders go
+through a DataLoader fed by the same stream.
+
+Data order: one stream of examples, the concatenation of per-epoch permutations, each drawn from a
+generator seeded by (seed, epoch) only. A step at global batch B takes the next B indices; rank r
+takes the r-th contiguous slice of them and splits it into accumulation micro-batches. So for one
+seed and global batch the examples of every step are the same on 1, 2 or 4 ranks and with any
+accumulation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from bigbatch.config import DataConfig
+from bigbatch.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class TensorData:
+    """Examples held in memory: x[i], y[i]; `augment(x)` runs per batch on the batch's device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class DataBundle:
+    train: TensorData | torch.utils.data.Dataset
+    test: TensorData | torch.utils.data.Dataset
+    num_classes: int
+    input_shape: tuple[int, ...]
+    name: str
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.train, TensorData)
+
+
+# --- the example stream ----------------------------------------------------------------------
+
+
+class ExampleStream:
+    """Global example indices for each step; depends only on (seed, epoch) and the position.
+
+    `position` is the number of examples consumed so far: the checkpointed sampler state.
+    """
+
+    def __init__(self, num_examples: int, seed: int, position: int = 0):
+        self.n = num_examples
+        self.seed = seed
+        self.position = position
+        self._epoch = -1
+        self._perm: torch.Tensor | None = None
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.n, generator=g)
+            self._epoch = epoch
+        assert self._perm is not None
+        return self._perm
+
+    def take(self, global_batch: int) -> torch.Tensor:
+        """The next `global_batch` global indices (may straddle an epoch boundary)."""
+        parts, need, pos = [], global_batch, self.position
+        while need > 0:
+            epoch, offset = divmod(pos, self.n)
+            chunk = self.permutation(epoch)[offset: offset + need]
+            parts.append(chunk)
+            need -= len(chunk)
+            pos += len(chunk)
+        self.position = pos
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.n
+
+
+def shard(indices: torch.Tensor, rank: int, world_size: int, accum_steps: int) -> list[torch.Tensor]:
+    """This rank's micro-batches of one global batch: contiguous slice, split `accum_steps` ways."""
+    per_rank = len(indices) // world_size
+    mine = indices[rank * per_rank: (rank + 1) * per_rank]
+    return list(mine.chunk(accum_steps)) if accum_steps > 1 else [mine]
+
+
+def eval_shard(n: int, rank: int, world_size: int) -> range:
+    """Contiguous shard of an evaluation set (sums are all-reduced, so uneven shards are fine)."""
+    per = -(-n // world_size)
+    return range(rank * per, min((rank + 1) * per, n))
+
+
+# --- datasets ------------------------------------------------------------------------------
+
+
+def cache_dir(cfg: DataConfig) -> Path:
+    if cfg.name == "mnist1d" and cfg.root:
+        return Path(cfg.root).expanduser()
+    return Path(os.environ.get("BIGBATCH_CACHE", Path.home() / ".cache" / "bigbatch"))
+
+
+def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    os.close(fd)
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(y))
+    n_test = max(int(round(len(y) * test_fraction)), 1)
+    te, tr = perm[:n_test], perm[n_test:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+def _tensor_bundle(name, xtr, ytr, xte, yte, num_classes) -> DataBundle:
+    tr = TensorData(torch.as_tensor(xtr, dtype=torch.float32), torch.as_tensor(ytr, dtype=torch.long))
+    te = TensorData(torch.as_tensor(xte, dtype=torch.float32), torch.as_tensor(yte, dtype=torch.long))
+    return DataBundle(tr, te, num_classes, tuple(tr.x.shape[1:]), name)
+
+
+def load_mnist1d(cfg: DataConfig) -> DataBundle:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = cfg.num_samples
+    args.train_split = 1.0 - cfg.test_fraction
+    args.seed = cfg.seed
+    key_src = {k: v for k, v in vars(args).items() if k != "url"}
+    key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir(cfg) / f"mnist1d-{cfg.num_samples}-{key}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            xtr, ytr, xte, yte = z["x"], z["y"], z["x_test"], z["y_test"]
+    else:
+        state = np.random.get_state()  # make_dataset reseeds numpy's global RNG
+        d = make_dataset(args)
+        np.random.set_state(state)
+        xtr, ytr = d["x"].astype(np.float32), d["y"].astype(np.int64)
+        xte, yte = d["x_test"].astype(np.float32), d["y_test"].astype(np.int64)
+        _atomic_save_npz(path, x=xtr, y=ytr, x_test=xte, y_test=yte)
+    return _tensor_bundle("mnist1d", xtr, ytr, xte, yte, 10)
+
+
+def load_digits(cfg: DataConfig) -> DataBundle:
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    xtr, ytr, xte, yte = _split(x, d.target.astype(np.int64), cfg.test_fraction, cfg.seed)
+    return _tensor_bundle("digits", xtr, ytr, xte, yte, 10)
+
+
+def load_synthetic(cfg: DataConfig) -> DataBundle:
+    """Inputs x ~ N(0, I); labels = argmax of a fixed random two-layer teacher network."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(cfg.num_samples, cfg.num_features, generator=g)
+    w1 = torch.randn(cfg.num_features, 64, generator=g) / cfg.num_features ** 0.5
+    w2 = torch.randn(64, cfg.num_classes, generator=g) / 8.0
+    y = (torch.tanh(x @ w1) @ w2).argmax(1)
+    if cfg.label_noise > 0:
+        flip = torch.rand(cfg.num_samples, generator=g) < cfg.label_noise
+        y[flip] = torch.randint(0, cfg.num_classes, (int(flip.sum()),), generator=g)
+    xtr, ytr, xte, yte = _split(x.numpy(), y.numpy(), cfg.test_fraction, cfg.seed)
+    return _tensor_bundle("synthetic", xtr, ytr, xte, yte, cfg.num_classes)
+
+
+def _cifar_folder(root: Path) -> Path:
+    for cand in (root / "cifar-10-batches-py", root):
+        if (cand / "data_batch_1").is_file() and (cand / "test_batch").is_file():
+            return cand
+    raise ConfigError("data.root", f"no CIFAR-10 python batches (data_batch_1..5, test_batch) under {str(root)!r}")
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with path.open("rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    return x, np.asarray(d[b"labels"], dtype=np.int64)
+
+
+def random_crop_flip(x: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    """Per-example random crop (zero padding) and horizontal flip of a batch of NCHW images."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None])[:, None, None, :]
+    out = padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(x.shape[1], device=x.device)[None, :, None, None], rows, cols]
+    flip = torch.rand(n, device=x.device) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def _normalizer(mean, std) -> Callable[[torch.Tensor], torch.Tensor]:
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+        s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+        return (x.float() / 255.0 - m) / s
+
+    return normalize
+
+
+def load_cifar10(cfg: DataConfig) -> DataBundle:
+    folder = _cifar_folder(Path(cfg.root).expanduser())
+    parts = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6) if (folder / f"data_batch_{i}").is_file()]
+    xtr = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    ytr = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    xte_np, yte_np = _read_cifar_batch(folder / "test_batch")
+    norm = _normalizer(CIFAR_MEAN, CIFAR_STD)
+    train = TensorData(xtr, ytr, augment=random_crop_flip if cfg.augment else None, normalize=norm)
+    test = TensorData(torch.from_numpy(xte_np), torch.from_numpy(yte_np), normalize=norm)
+    return DataBundle(train, test, 10, (3, 32, 32), "cifar10")
+
+
+def load_imagefolder(cfg: DataConfig) -> DataBundle:
+    from torchvision import datasets, transforms
+
+    root = Path(cfg.root).expanduser()
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ConfigError("data.root", f"expected ImageNet layout: {str(root / split)!r} does not exist")
+    size = cfg.image_size
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train_tf = (
+        transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize])
+        if cfg.augment
+        else transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size), transforms.ToTensor(), normalize])
+    )
+    test_tf = transforms.Compose([transforms.Resize(int(size * 256 / 224)), transforms.CenterCrop(size), transforms.ToTensor(), normalize])
+    train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+    test = datasets.ImageFolder(str(root / "val"), transform=test_tf)
+    if len(train) == 0:
+        raise ConfigError("data.root", f"no images under {str(root / 'train')!r}")
+    return DataBundle(train, test, len(train.classes), (3, size, size), "imagefolder")
+
+
+LOADERS = {
+    "mnist1d": load_mnist1d,
+    "digits": load_digits,
+    "synthetic": load_synthetic,
+    "cifar10": load_cifar10,
+    "imagefolder": load_imagefolder,
+}
+
+
+def build_data(cfg: DataConfig) -> DataBundle:
+    return LOADERS[cfg.name](cfg)
+
+
+# --- batches -------------------------------------------------------------------------------
+
+
+def tensor_batch(data: TensorData, idx: torch.Tensor, device: torch.device, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x = data.x[idx].to(device, non_blocking=True)
+    y = data.y[idx].to(device, non_blocking=True)
+    if train and data.augment is not None:
+        x = data.augment(x)
+    if data.normalize is not None:
+        x = data.normalize(x)
+    return x, y
+
+
+class FolderBatches:
+    """Micro-batches of a map-style dataset (image folders) through a DataLoader.
+
+    The loader's batch sampler pulls index lists from a copy of the example stream, so loading
+    runs ahead in worker processes while the order stays the stream's. `restart` rebuilds it at a
+    new position (after a resume or a batch-size change).
+    """
+
+    def __init__(self, dataset, num_workers: int, pin_memory: bool):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self._it = None
+
+    def restart(self, stream: ExampleStream, batch_fn: Callable[[int], int], start_step: int, rank: int, world: int, accum: Callable[[int], int]):
+        shadow = ExampleStream(stream.n, stream.seed, stream.position)
+
+        def sampler():
+            step = start_step
+            while True:
+                for micro in shard(shadow.take(batch_fn(step)), rank, world, accum(step)):
+                    yield micro.tolist()
+                step += 1
+
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler(), num_workers=self.num_workers, pin_memory=self.pin_memory,
+            persistent_workers=False, prefetch_factor=4 if self.num_workers > 0 else None,
+        )
+        self._it = iter(loader)
+
+    def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._it is not None, "restart() first"
+        x, y = next(self._it)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def eval_batches(data, rank: int, world_size: int, batch_size: int, device: torch.device, limit: int = 0, num_workers: int = 0):
+    """Yield (x, y) over this rank's shard of an evaluation set (the first `limit` examples if > 0)."""
+    n = len(data) if not limit else min(limit, len(data))
+    idx = eval_shard(n, rank, world_size)
+    if isinstance(data, TensorData):
+        for start in range(idx.start, idx.stop, batch_size):
+            sel = torch.arange(start, min(start + batch_size, idx.stop))
+            yield tensor_batch(data, sel, device, train=False)
+    else:
+        subset = torch.utils.data.Subset(data, list(idx))
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -1,0 +1,98 @@
+"""Models: an MLP, a small 1D CNN for MNIST-1D, and torchvision ResNets (weights=None).
+
+`zero_init_residual` zero-initialises the last BatchNorm gamma of every residual block, so each
+block starts as the identity (Goyal et al. 2017, section 5.1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from bigbatch.config import ModelConfig
+from bigbatch.errors import ConfigError
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 256, depth: int = 2):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CNN1D(nn.Module):
+    """Three strided 1D conv layers with BatchNorm, then a linear head (MNIST-1D: 40 -> 10).
+
+    A signal of length L enters as one channel; BatchNorm makes large learning rates usable,
+    which large-batch training needs.
+    """
+
+    def __init__(self, length: int, num_classes: int, channels: int = 32):
+        super().__init__()
+        c = channels
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv1d(cin, cout, 5, stride=2, padding=2, bias=False), nn.BatchNorm1d(cout), nn.ReLU())
+
+        self.features = nn.Sequential(block(1, c), block(c, c), block(c, c))
+        out_len = length
+        for _ in range(3):
+            out_len = math.floor((out_len + 2 * 2 - 5) / 2) + 1
+        self.head = nn.Linear(c * out_len, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
+        return self.head(self.features(x).flatten(1))
+
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def build_resnet(name: str, num_classes: int, zero_init_residual: bool, small_input: bool) -> nn.Module:
+    import torchvision
+
+    model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
+    if small_input:  # 32x32 inputs: a 3x3 stem without max-pool keeps the spatial resolution
+        model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    return model
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The model named by cfg for inputs of `input_shape` (without the batch dimension)."""
+    if cfg.name == "mlp":
+        return MLP(math.prod(input_shape), num_classes, cfg.hidden, cfg.depth)
+    if cfg.name == "cnn1d":
+        if len(input_shape) != 1:
+            raise ConfigError("model.name", f"cnn1d needs 1D inputs (mnist1d, digits, synthetic); got input shape {input_shape}")
+        return CNN1D(input_shape[0], num_classes, cfg.channels)
+    if cfg.name in RESNETS:
+        if len(input_shape) != 3:
+            raise ConfigError("model.name", f"{cfg.name} needs images (imagefolder, cifar10); got input shape {input_shape}")
+        return build_resnet(cfg.name, num_classes, cfg.zero_init_residual, cfg.small_input)
+    raise ConfigError("model.name", f"unknown model {cfg.name!r}")
+
+
+def residual_last_bn(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """The last BatchNorm of every torchvision residual block (the ones zero-init touches)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    out = []
+    for m in model.modules():
+        if isinstance(m, Bottleneck):
+            out.append(m.bn3)
+        elif isinstance(m, BasicBlock):
+            out.append(m.bn2)
+    return out
