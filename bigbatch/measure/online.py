@@ -1,0 +1,357 @@
+"""What the training loop measures while it trains, and the batch size it derives from it.
+
+The loop holds one `OnlineMeasures` and calls it at a few marked places:
+
+    measures = OnlineMeasures(cfg, env, model, ddp_model, bundle, loss_fn)   # after DDP wrap
+    global_batch = measures.global_batch(step, schedule.batch_at)            # batch.adaptive
+    measures.begin_step(step)                                                # before the micro-batches
+    measures.after_backward(global_batch, per_device, accum, scale)          # before optimizer.step
+    measures.after_step(step_done)                                           # after zero_grad
+    row.update(measures.metrics())                                           # log rows
+    metrics.update(measures.at_eval())                                       # eval rows
+
+`validate(cfg, world_size)` checks the measure/adaptive settings before any work starts.
+
+Online gradient noise scale (McCandlish et al. 2018, appendix A.1): two squared gradient norms at
+two batch sizes per step.
+- DDP (world > 1): the small batch is each rank's local batch. A tap inside the DDP comm hook sees
+  every bucket's local gradient before the all-reduce and sums its squared norm in float64; after
+  backward that one scalar is averaged over ranks with one all-reduce. The big batch is the
+  global batch: the all-reduced (averaged) gradient left in `.grad`.
+- One process: the micro-batches of gradient accumulation are the small batches. A hook on each
+  parameter sees that micro-batch's gradient before it is added into `.grad`.
+The loop divides every micro-batch loss by `accum`, and the AMP GradScaler multiplies it by its
+scale; both are undone here so the norms are of mean gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bigbatch.errors import ConfigError
+from bigbatch.measure.noise import GNSEstimator
+from bigbatch.measure.sharpness import hessian_top_eigs
+from bigbatch.measure.tails import noise_from_gradients, tail_index
+
+log = logging.getLogger("bigbatch")
+
+
+def _is_power_of_two_multiple(b: int, base: int) -> bool:
+    return b % base == 0 and (b // base) & (b // base - 1) == 0
+
+
+def validate(cfg, world_size: int) -> None:
+    """ConfigError for measure/adaptive settings that cannot work, before any work starts."""
+    accum = cfg.batch.accum_steps or 1
+    if cfg.measure.gns and world_size == 1 and accum == 1:
+        # One gradient per step gives one batch size: the two-batch estimator is undefined
+        # (AdaptDL issue 98). Micro-batches or ranks supply the small batch.
+        raise ConfigError("measure.gns", "needs two batch sizes per step: in one process set batch.accum_steps >= 2 "
+                          "(the micro-batches are the small batches), or train on >= 2 ranks")
+    if cfg.batch.adaptive == "gns":
+        if not cfg.measure.gns:
+            raise ConfigError("batch.adaptive", '"gns" steers the batch by the noise scale: set measure.gns = true')
+        lo, hi = adaptive_range(cfg)
+        if lo > hi:
+            raise ConfigError("batch.max", f"must be >= batch.min ({lo}), got {hi}")
+        unit = world_size * accum
+        if lo % unit:
+            raise ConfigError("batch.min", f"{lo} is not divisible by world size {world_size} x accum_steps {accum}")
+    if cfg.measure.tail_every and cfg.measure.tail_samples < 4:
+        raise ConfigError("measure.tail_samples", "must be >= 4")
+
+
+def adaptive_range(cfg) -> tuple[int, int]:
+    lo = cfg.batch.min if cfg.batch.min is not None else cfg.batch.global_batch
+    hi = cfg.batch.max if cfg.batch.max is not None else 64 * cfg.batch.global_batch
+    return lo, hi
+
+
+class GradNormTap:
+    """Sums squared L2 norms of the gradients it is shown, in float64, while enabled."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.total: torch.Tensor | None = None
+        self.calls = 0
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        if not self.enabled or grad is None:
+            return
+        sq = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+        self.total = sq if self.total is None else self.total + sq
+        self.calls += 1
+
+    def take(self) -> torch.Tensor | None:
+        total, self.total, self.calls = self.total, None, 0
+        return total
+
+
+def grad_sq_norm(params: list[nn.Parameter]) -> torch.Tensor | None:
+    """Squared L2 norm of all `.grad`s, float64 (None when no parameter has a gradient)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).square().sum()
+
+
+def _tap_comm_hook(tap: Callable[[torch.Tensor], None]):
+    """A DDP comm hook = the builtin averaging all-reduce with a tap on the local bucket first.
+    Used when bigbatch.distributed.hooks (the custom all-reduce hooks) is not available."""
+
+    def hook(state, bucket):
+        tensor = bucket.buffer()
+        tap(tensor)
+        tensor.div_(dist.get_world_size())
+        fut = dist.all_reduce(tensor, async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    return hook
+
+
+def install_tap(ddp_model: nn.Module, cfg, env, tap: GradNormTap) -> None:
+    """Put `tap` into ddp_model's comm hook (the custom all-reduce hooks when they exist)."""
+    try:
+        from bigbatch.distributed.hooks import install_comm_hook
+    except ImportError:
+        ddp_model.register_comm_hook(None, _tap_comm_hook(tap))
+        return
+    install_comm_hook(ddp_model, cfg.dist, env, local_grad_tap=tap)
+
+
+class OnlineGNS:
+    """Online B_simple from the two-batch estimator; see the module docstring for the batches."""
+
+    def __init__(self, cfg, env, model: nn.Module, ddp_model: nn.Module):
+        self.every = cfg.measure.gns_every
+        self.env = env
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.estimator = GNSEstimator(cfg.measure.gns_ema)
+        self.tap = GradNormTap()
+        self.distributed = env.initialized and env.world_size > 1
+        if self.distributed:
+            install_tap(ddp_model, cfg, env, self.tap)
+        else:
+            # micro-batch gradients, before accumulation into .grad
+            self._handles = [p.register_hook(self._param_hook) for p in self.params]
+
+    def _param_hook(self, grad: torch.Tensor) -> None:
+        self.tap(grad)
+
+    def begin_step(self, step: int) -> None:
+        self.tap.take()
+        self.tap.enabled = step % self.every == 0
+
+    def after_backward(self, global_batch: int, per_device: int, accum: int, scale: float = 1.0) -> bool:
+        """Feed this step's two norms to the estimator; False when the step was not measured."""
+        if not self.tap.enabled:
+            return False
+        self.tap.enabled = False
+        calls, local = self.tap.calls, self.tap.take()
+        big = grad_sq_norm(self.params)
+        if big is None or (local is None and not self.distributed):
+            return False
+        if self.distributed:
+            # |local mean gradient|^2 on each rank (loss/accum summed over micro-batches = the
+            # mean over the rank's per_device x accum examples), averaged over ranks: one scalar.
+            local = local if local is not None else torch.zeros((), dtype=torch.float64, device=big.device)
+            dist.all_reduce(local)
+            sq_small = float(local) / self.env.world_size
+            b_small = per_device * accum
+        else:
+            # each micro-batch gradient carries the 1/accum of the loss: |g_i|^2 = accum^2 |tap_i|^2;
+            # the mean over the accum micro-batches is then accum x the tapped sum.
+            sq_small = float(local) * accum
+            b_small = per_device
+        if b_small >= global_batch:
+            return False
+        return self.estimator.update(sq_small, b_small, float(big), global_batch, scale=scale)
+
+    def metrics(self) -> dict[str, float]:
+        return self.estimator.metrics()
+
+
+class TailProbe:
+    """Every `measure.tail_every` steps: alpha of minibatch gradient noise (Simsekli et al. 2019).
+
+    Draws `measure.tail_samples` minibatches of the current micro-batch size from the training set
+    (its own generator), takes their gradients with the unwrapped model (no DDP, no tap), and
+    measures their noise against their mean, the large-batch reference. BatchNorm buffers and the
+    global RNG are restored afterwards so training is not disturbed. Each rank estimates alpha on
+    its own draws; the estimates are averaged over ranks (one scalar all-reduce).
+    Memory: tail_samples x parameters floats on the device.
+    """
+
+    def __init__(self, cfg, env, model: nn.Module, train_data, loss_fn):
+        self.every = cfg.measure.tail_every
+        self.samples = cfg.measure.tail_samples
+        self.env, self.model, self.data, self.loss_fn = env, model, train_data, loss_fn
+        self.seed = cfg.train.seed
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def measure(self, step: int, batch: int) -> float:
+        from bigbatch.trainer.data import tensor_batch
+
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 101 + self.env.rank)
+        n = len(self.data)
+        rows = []
+        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+        devices = [self.env.device] if self.env.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            was_training = self.model.training
+            self.model.train()
+            for _ in range(self.samples):
+                idx = torch.randint(0, n, (batch,), generator=gen)
+                x, y = tensor_batch(self.data, idx, self.env.device, train=True)
+                grads = torch.autograd.grad(self.loss_fn(self.model(x), y), self.params, allow_unused=True)
+                rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                                       for g, p in zip(grads, self.params)]))
+            self.model.train(was_training)
+        with torch.no_grad():
+            for k, v in self.model.named_buffers():
+                v.copy_(buffers[k])
+        alpha = tail_index(noise_from_gradients(torch.stack(rows)))
+        if self.env.initialized and self.env.world_size > 1:
+            t = torch.tensor([alpha], dtype=torch.float64, device=self.env.device)
+            dist.all_reduce(t)
+            alpha = float(t) / self.env.world_size
+        return alpha
+
+
+class SharpnessProbe:
+    """Top Hessian eigenvalue of the training loss at each evaluation, on a fixed subset of
+    `measure.sharpness_samples` training examples, in eval mode (deterministic BatchNorm).
+    Computed on rank 0 only (the replicas are identical); other ranks get nothing to log."""
+
+    def __init__(self, cfg, env, model: nn.Module, train_data, loss_fn):
+        self.env, self.model, self.data, self.loss_fn = env, model, train_data, loss_fn
+        self.iters = cfg.measure.sharpness_iters
+        n = min(cfg.measure.sharpness_samples, len(train_data))
+        self.idx = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.data.seed))[:n]
+
+    def measure(self) -> float | None:
+        if not self.env.is_main:
+            return None
+        from bigbatch.trainer.data import tensor_batch
+
+        x, y = tensor_batch(self.data, self.idx, self.env.device, train=False)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            top = hessian_top_eigs(self.model, self.loss_fn, x, y, k=1, iters=self.iters, tol=1e-3)[0]
+        finally:
+            self.model.train(was_training)
+        return top
+
+
+class GNSBatchController:
+    """batch.adaptive = "gns": double the global batch, every batch.adapt_every steps, while the
+    measured B_simple is larger than the current batch (between batch.min and batch.max).
+
+    McCandlish et al. 2018: B_crit ~ B_noise, so while B_simple > B a larger batch still buys
+    nearly proportionally fewer steps. The lr follows through the loop's scaling rule
+    (`Schedule.lr_at(step, global_batch)`).
+    """
+
+    def __init__(self, cfg):
+        self.lo, self.hi = adaptive_range(cfg)
+        self.every = cfg.batch.adapt_every
+        self.batch = self.lo
+        self.changes: list[dict[str, Any]] = []
+
+    def decide(self, step: int, b_simple: float | None) -> int | None:
+        """After `step` completed steps; returns the new batch when it changes."""
+        if step % self.every or b_simple is None or b_simple <= self.batch or self.batch * 2 > self.hi:
+            return None
+        old, self.batch = self.batch, self.batch * 2
+        self.changes.append({"step": step, "from": old, "to": self.batch, "b_simple": b_simple})
+        return self.batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batch": self.batch, "changes": list(self.changes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch = int(state["batch"])
+        self.changes = list(state["changes"])
+
+
+class OnlineMeasures:
+    """The one object the training loop talks to (see the module docstring for the call sites)."""
+
+    def __init__(self, cfg, env, model: nn.Module, ddp_model: nn.Module, bundle, loss_fn, schedule=None):
+        m = cfg.measure
+        self.cfg = cfg
+        self.gns = OnlineGNS(cfg, env, model, ddp_model) if m.gns else None
+        needs_tensors = m.tail_every or m.sharpness
+        if needs_tensors and not bundle.in_memory:
+            raise ConfigError("measure.tail_every" if m.tail_every else "measure.sharpness",
+                              "the tail and sharpness probes need an in-memory dataset (mnist1d, digits, synthetic, cifar10)")
+        self.tail = TailProbe(cfg, env, model, bundle.train, loss_fn) if m.tail_every else None
+        self.sharpness = SharpnessProbe(cfg, env, model, bundle.train, loss_fn) if m.sharpness else None
+        self.controller = GNSBatchController(cfg) if cfg.batch.adaptive == "gns" else None
+        self.schedule = schedule
+        self.num_train = len(bundle.train)
+        self._micro = 1
+        self._extra: dict[str, float] = {}
+
+    def global_batch(self, step: int, batch_at: Callable[[int], int]) -> int:
+        return self.controller.batch if self.controller is not None else batch_at(step)
+
+    def finished(self, examples: int) -> bool:
+        """Adaptive runs with train.epochs stop at that many epochs of examples (the step count
+        the schedule derived from the first batch would overshoot once the batch grows)."""
+        epochs = self.cfg.train.epochs
+        return self.controller is not None and epochs is not None and examples >= epochs * self.num_train
+
+    def begin_step(self, step: int) -> None:
+        if self.gns is not None:
+            self.gns.begin_step(step)
+
+    def after_backward(self, global_batch: int, per_device: int, accum: int, scale: float = 1.0) -> None:
+        self._micro = per_device
+        if self.gns is not None:
+            self.gns.after_backward(global_batch, per_device, accum, scale)
+
+    def after_step(self, step: int) -> None:
+        """After `step` completed optimizer steps (gradients already zeroed)."""
+        if self.tail is not None and self.tail.due(step):
+            self._extra["noise/alpha"] = self.tail.measure(step, self._micro)
+        if self.controller is not None:
+            new = self.controller.decide(step, self.gns.estimator.b_simple)
+            if new is not None:
+                log.info("batch.adaptive: B_simple %.0f > batch %d at step %d: global batch -> %d",
+                         self.controller.changes[-1]["b_simple"], new // 2, step, new)
+
+    def metrics(self) -> dict[str, float]:
+        out = dict(self.gns.metrics()) if self.gns is not None else {}
+        out.update(self._extra)
+        return out
+
+    def at_eval(self) -> dict[str, float]:
+        if self.sharpness is None:
+            return {}
+        top = self.sharpness.measure()
+        return {} if top is None else {"sharpness/top": top}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "gns": self.gns.estimator.state_dict() if self.gns is not None else None,
+            "controller": self.controller.state_dict() if self.controller is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if not state:
+            return
+        if self.gns is not None and state.get("gns"):
+            self.gns.estimator.load_state_dict(state["gns"])
+        if self.controller is not None and state.get("controller"):
+            self.controller.load_state_dict(state["controller"])
