@@ -1,0 +1,158 @@
+"""The large-minibatch recipe: Goyal et al.'s linear scaling and gradual warmup, the decays,
+Mikami et al.'s batch-size phases, and the errors a bad recipe gets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bigbatch import config
+from bigbatch.errors import ConfigError
+from bigbatch.trainer.recipe import Schedule, batch_phases, lr_at, scaled_lr
+
+IMAGENET_TRAIN = 1_281_167
+
+
+# --- scaled_lr -----------------------------------------------------------------------------------
+
+
+def test_linear_rule_gives_goyals_lr_at_8k():
+    assert scaled_lr(0.1, 8192) == pytest.approx(3.2)  # Goyal et al. 2017: 0.1 * 8192 / 256
+    assert scaled_lr(0.1, 256) == pytest.approx(0.1)
+    assert scaled_lr(0.05, 4096, base_batch=128) == pytest.approx(1.6)
+
+
+def test_sqrt_and_none_rules():
+    assert scaled_lr(0.1, 8192, rule="sqrt") == pytest.approx(0.1 * math.sqrt(32))
+    assert scaled_lr(0.1, 64, rule="sqrt") == pytest.approx(0.05)
+    assert scaled_lr(0.1, 8192, rule="none") == 0.1
+
+
+def test_unknown_rule_names_the_field():
+    with pytest.raises(ConfigError, match="optim.scaling"):
+        scaled_lr(0.1, 512, rule="cubic")
+
+
+# --- lr_at: warmup ---------------------------------------------------------------------------------
+
+
+def test_gradual_warmup_from_the_base_lr_to_the_peak():
+    kw = dict(peak_lr=3.2, total_steps=1000, warmup_steps=100, warmup_start_lr=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.1)  # start: the small-batch lr
+    assert lr_at(50, **kw) == pytest.approx(0.1 + 3.1 * 0.5)  # inside: linear
+    assert lr_at(25, **kw) == pytest.approx(0.1 + 3.1 * 0.25)
+    assert lr_at(99, **kw) < 3.2
+    assert lr_at(100, **kw) == pytest.approx(3.2)  # end: the peak
+
+
+def test_warmup_from_zero_and_no_warmup():
+    assert lr_at(0, peak_lr=2.0, total_steps=100, warmup_steps=10, warmup_start_lr=0.0) == 0.0
+    assert lr_at(5, peak_lr=2.0, total_steps=100, warmup_steps=10, warmup_start_lr=0.0) == pytest.approx(1.0)
+    assert lr_at(0, peak_lr=2.0, total_steps=100) == 2.0
+
+
+# --- lr_at: decays ---------------------------------------------------------------------------------
+
+
+def test_step_decay_divides_at_each_milestone():
+    kw = dict(peak_lr=3.2, total_steps=90, warmup_steps=5, decay="step", milestones=[30, 60, 80], factor=0.1)
+    assert lr_at(29, **kw) == pytest.approx(3.2)
+    assert lr_at(30, **kw) == pytest.approx(0.32)
+    assert lr_at(60, **kw) == pytest.approx(0.032)
+    assert lr_at(89, **kw) == pytest.approx(0.0032)
+
+
+@pytest.mark.parametrize("decay", ["cosine", "poly"])
+def test_cosine_and_poly_run_from_the_peak_to_the_end_lr(decay):
+    kw = dict(peak_lr=2.0, total_steps=110, warmup_steps=10, decay=decay, end_lr=1e-4, power=2.0)
+    assert lr_at(10, **kw) == pytest.approx(2.0)  # right after warmup: the peak
+    assert lr_at(110, **kw) == pytest.approx(1e-4)  # the last step: end_lr
+    assert lr_at(500, **kw) == pytest.approx(1e-4)  # and it stays there
+    mid = lr_at(60, **kw)  # halfway: cosine (1 + cos(pi/2))/2 = 1/2, poly (1 - 1/2)^2 = 1/4
+    assert mid == pytest.approx(1e-4 + (2.0 - 1e-4) * (0.5 if decay == "cosine" else 0.25))
+
+
+def test_poly_power_one_is_linear_and_constant_stays_at_the_peak():
+    assert lr_at(30, peak_lr=1.0, total_steps=40, decay="poly", power=1.0) == pytest.approx(0.25)
+    assert lr_at(39, peak_lr=1.0, total_steps=40, warmup_steps=4, decay="constant") == 1.0
+
+
+# --- batch phases and the Schedule ----------------------------------------------------------------
+
+
+def _cfg(**sections) -> config.Config:
+    return config.from_dict(sections)
+
+
+def test_goyal_8k_schedule_on_imagenet():
+    cfg = _cfg(batch={"global_batch": 8192}, optim={"base_lr": 0.1, "base_batch": 256},
+               schedule={"name": "step", "warmup_epochs": 5, "milestones": [30, 60, 80]}, train={"epochs": 90})
+    s = Schedule(cfg, IMAGENET_TRAIN)
+    assert s.peak_lr() == pytest.approx(3.2)
+    assert s.warmup_steps == round(5 * IMAGENET_TRAIN / 8192)  # 782
+    assert s.total_steps == math.ceil(90 * IMAGENET_TRAIN / 8192)
+    assert s.milestones == tuple(math.ceil(e * IMAGENET_TRAIN / 8192) for e in (30, 60, 80))
+    assert s.lr_at(0) == pytest.approx(0.1)  # Goyal's gradual warmup starts at the unscaled lr
+    assert s.lr_at(s.warmup_steps) == pytest.approx(3.2)
+    assert s.lr_at(s.milestones[0]) == pytest.approx(0.32)
+    assert s.lr_at(s.total_steps - 1) == pytest.approx(0.0032)
+
+
+def test_batch_phases_become_steps_on_the_example_stream():
+    # 1000 examples; batch 100 for epochs [0, 2), then 250 from epoch 2, then 500 from epoch 2.5
+    phases = batch_phases([[0, 100], [2, 250], [2.5, 500]], default_batch=100, num_train=1000)
+    assert [(p.start_step, p.start_examples, p.global_batch) for p in phases] == [(0, 0, 100), (20, 2000, 250), (22, 2500, 500)]
+    # a phase boundary inside a batch: the new batch starts at the first step at or after it
+    phases = batch_phases([[0, 300], [1, 600]], default_batch=300, num_train=1000)
+    assert [(p.start_step, p.start_examples) for p in phases] == [(0, 0), (4, 1200)]
+
+
+def test_lr_follows_the_batch_through_the_phases_unless_told_not_to():
+    sections = dict(batch={"global_batch": 100, "phases": [[0, 100], [2, 400]]},
+                    optim={"base_lr": 0.1, "base_batch": 100}, schedule={"name": "constant"}, train={"epochs": 4})
+    s = Schedule(_cfg(**sections), 1000)
+    assert [s.batch_at(k) for k in (0, 19, 20, 24)] == [100, 100, 400, 400]
+    assert s.lr_at(19) == pytest.approx(0.1) and s.lr_at(20) == pytest.approx(0.4)
+    assert s.total_steps == 20 + 5 and s.examples_at(s.total_steps) == 4000
+    sections["batch"]["lr_follows_batch"] = False
+    s = Schedule(_cfg(**sections), 1000)
+    assert s.lr_at(20) == pytest.approx(0.1)  # Smith et al.: grow the batch instead of the lr
+
+
+def test_describe_is_one_line_with_the_derived_numbers():
+    cfg = _cfg(batch={"global_batch": 1024, "phases": [[0, 1024], [1, 2048]]}, optim={"base_lr": 0.2, "base_batch": 256},
+               schedule={"name": "poly", "warmup_epochs": 1}, train={"epochs": 2})
+    line = Schedule(cfg, 10240).describe()
+    assert "\n" not in line
+    for text in ("base 0.2 per 256", "linear", "peak 0.8", "global batch 1024", "warmup 10 steps", "15 steps", "2048 @ lr 1.6"):
+        assert text in line, line
+
+
+# --- bad recipes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sections, field", [
+    ({"optim": {"base_lr": -0.1}}, "optim.base_lr"),
+    ({"optim": {"base_lr": 0.0}}, "optim.base_lr"),
+    ({"optim": {"name": "adamax"}}, "optim.name"),
+    ({"schedule": {"name": "exponential"}}, "schedule.name"),
+    ({"batch": {"phases": [[0, 128], [3, 256], [2, 512]]}}, "batch.phases[2]"),
+    ({"batch": {"phases": [[1, 128]]}}, "batch.phases[0]"),
+    ({"schedule": {"warmup_start": "zero"}}, "schedule.warmup_start"),
+])
+def test_bad_recipe_config_names_the_field(sections, field):
+    with pytest.raises(ConfigError) as e:
+        config.from_dict(sections)
+    assert e.value.field == field
+
+
+@pytest.mark.parametrize("schedule, field", [
+    ({"warmup_epochs": 6}, "schedule.warmup_epochs"),
+    ({"warmup_steps": 50}, "schedule.warmup_steps"),
+])
+def test_warmup_longer_than_training_is_an_error(schedule, field):
+    cfg = _cfg(batch={"global_batch": 100}, schedule=schedule, train={"epochs": 4})
+    with pytest.raises(ConfigError, match="longer than training") as e:
+        Schedule(cfg, 1000)
+    assert e.value.field == field
