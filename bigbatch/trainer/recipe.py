@@ -152,7 +152,9 @@ class Schedule:
             raise ConfigError(key, f"warmup ({self.warmup_steps} steps) is longer than training ({self.total_steps} steps)")
         self.milestones = tuple(step_at_examples(self.phases, m * num_train) for m in self.sched.milestones)
         ws = self.sched.warmup_start
-        self.warmup_start_lr = self.optim.base_lr if ws == "base" else float(ws)
+        # Goyal's gradual warmup ramps up from the small-batch lr; below base_batch the scaled
+        # peak is smaller than base_lr, and a "warmup" from base_lr would ramp down.
+        self.warmup_start_lr = min(self.optim.base_lr, self.peak_lr()) if ws == "base" else float(ws)
 
     def batch_at(self, step: int) -> int:
         return phase_at(self.phases, step).global_batch

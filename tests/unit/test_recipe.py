@@ -156,3 +156,11 @@ def test_warmup_longer_than_training_is_an_error(schedule, field):
     with pytest.raises(ConfigError, match="longer than training") as e:
         Schedule(cfg, 1000)
     assert e.value.field == field
+
+
+def test_gradual_warmup_below_the_base_batch_never_ramps_down():
+    cfg = _cfg(batch={"global_batch": 64}, optim={"base_lr": 0.1, "base_batch": 256},
+               schedule={"warmup_steps": 10}, train={"steps": 100})
+    s = Schedule(cfg, 10000)
+    assert s.peak_lr() == pytest.approx(0.025)
+    assert [s.lr_at(k) for k in (0, 5, 10)] == pytest.approx([0.025] * 3)
