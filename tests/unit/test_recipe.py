@@ -164,3 +164,29 @@ def test_gradual_warmup_below_the_base_batch_never_ramps_down():
     s = Schedule(cfg, 10000)
     assert s.peak_lr() == pytest.approx(0.025)
     assert [s.lr_at(k) for k in (0, 5, 10)] == pytest.approx([0.025] * 3)
+
+
+# --- the published recipes as configs ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, peak, warmup_epochs, batches", [
+    ("imagenet-resnet50-goyal-8k", 3.2, 5, [8192]),
+    ("imagenet-resnet50-lars-32k", 31.2, 25, [32768]),
+    ("imagenet-resnet50-mikami", 31.2, 25, [34816, 69632]),
+])
+def test_imagenet_recipes_dry_run_without_the_data(capsys, tmp_path, name, peak, warmup_epochs, batches):
+    """`bigbatch train CONFIG --dry-run` prints the derived schedule; data.root is a placeholder."""
+    import json
+    from pathlib import Path
+
+    from bigbatch.cli import main
+
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.toml"
+    missing = tmp_path / "no-imagenet-here"  # the data folder is never needed
+    assert main(["train", str(path), "--dry-run", "--set", f"data.root='{missing}'"]) == 0
+    out = capsys.readouterr().out
+    s = json.loads(out[out.index("{"):])
+    assert s["peak_lr"] == pytest.approx(peak)
+    assert s["warmup_steps"] == round(warmup_epochs * IMAGENET_TRAIN / batches[0])
+    assert [p["global_batch"] for p in s["batch_phases"]] == batches
+    assert s["epochs"] == pytest.approx(90, abs=0.01)
