@@ -1,0 +1,501 @@
+"""`bigbatch slurm`: render and submit sbatch jobs for training, Ray sweeps and job-array sweeps.
+
+    bigbatch slurm render CONFIG --nodes 2 --gpus-per-node 8      print the sbatch script
+    bigbatch slurm submit CONFIG --nodes 2 --gpus-per-node 8      submit it, print the job id
+    bigbatch slurm submit-sweep SWEEP --nodes 4                   Ray head + workers, `bigbatch sweep`
+    bigbatch slurm array SWEEP                                    one trial per array task + a collector
+    bigbatch slurm status [JOB...] / cancel JOB... [--signal USR2]
+
+The scripts come from the templates in slurm/ (train.sbatch, sweep.sbatch). Every value that
+reaches the shell part of a script is quoted with `shlex.quote`; values that reach `#SBATCH`
+lines (which sbatch reads without a shell) must match a strict pattern, checked here. Bad input
+(nodes < 1, a malformed time limit, a partition sbatch rejects, no sbatch) is a `UsageError`:
+one line, exit 2, before anything is submitted.
+
+Preemption (train.sbatch): SLURM sends `--signal` (USR2, 90 s before the time limit by default)
+to the batch script, which passes SIGTERM to the training processes; they checkpoint and exit
+with code 3, and the script requeues the job. The requeued job runs the same
+`bigbatch train CONFIG --out RUN_DIR --auto-resume`, which resumes from RUN_DIR/checkpoint.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bigbatch.errors import UsageError
+
+TEMPLATE_DIR = Path(os.environ.get("BIGBATCH_SLURM_TEMPLATES", Path(__file__).resolve().parents[2] / "slurm"))
+
+# Patterns for values written into #SBATCH lines. sbatch parses those lines itself (no shell),
+# so a value must not be able to end the option or start another one.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_PARTITION = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
+_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+@=,-]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_JOB_ID = re.compile(r"\d+(_\d+)?")
+# SLURM --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+# days-hours:minutes, days-hours:minutes:seconds.
+_TIME = re.compile(r"(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+                   r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)")
+SIGNALS = ("USR2", "TERM")
+
+
+def time_limit_seconds(text: str) -> int:
+    """Seconds of a SLURM --time value; UsageError naming --time when malformed."""
+    m = _TIME.fullmatch(text.strip()) if isinstance(text, str) else None
+    if not m:
+        raise UsageError("--time", f"expected minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS; got {text!r}")
+    g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
+    if "d" in g:
+        parts = [("hours", g["dh"], 24), ("minutes", g.get("dm", 0), 60), ("seconds", g.get("ds", 0), 60)]
+        total = g["d"] * 86400 + g["dh"] * 3600 + g.get("dm", 0) * 60 + g.get("ds", 0)
+    elif "c" in g:  # H:M:S
+        parts = [("minutes", g["b"], 60), ("seconds", g["c"], 60)]
+        total = g["a"] * 3600 + g["b"] * 60 + g["c"]
+    elif "b" in g:  # M:S
+        parts = [("seconds", g["b"], 60)]
+        total = g["a"] * 60 + g["b"]
+    else:
+        parts, total = [], g["a"] * 60
+    for unit, value, limit in parts:
+        if value >= limit:
+            raise UsageError("--time", f"{unit} must be < {limit} in {text!r}")
+    if total <= 0:
+        raise UsageError("--time", f"must be a positive time limit, got {text!r}")
+    return total
+
+
+def _match(pattern: re.Pattern, value: str, key: str, expected: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise UsageError(key, f"expected {expected}; got {value!r}")
+    return value
+
+
+@dataclass
+class JobSpec:
+    """What the allocation looks like: everything that becomes an #SBATCH line or a job setting."""
+
+    job_name: str
+    nodes: int = 1
+    gpus_per_node: int = 0
+    procs_per_node: int | None = None
+    """Training processes per node (torchrun --nproc-per-node): default gpus_per_node, or 1 on CPU."""
+    cpus_per_task: int | None = None
+    """CPUs of the one task per node: default procs_per_node on CPU partitions, unset on GPU ones."""
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None
+    signal: str = "USR2"
+    signal_time: int = 90
+    """Seconds before the time limit at which SLURM sends `signal` to the batch script."""
+    max_requeues: int = 20
+    log_dir: str = "slurm-logs"
+    python: str = "python3"
+    env: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _match(_NAME, self.job_name, "--job-name", "letters, digits, '.', '_' or '-' (at most 128, not starting with a symbol)")
+        for key, v, low in (("--nodes", self.nodes, 1), ("--gpus-per-node", self.gpus_per_node, 0),
+                            ("--signal-time", self.signal_time, 1), ("--max-requeues", self.max_requeues, 0)):
+            if not isinstance(v, int) or v < low:
+                raise UsageError(key, f"must be an integer >= {low}, got {v!r}")
+        if self.procs_per_node is None:
+            self.procs_per_node = self.gpus_per_node or 1
+        if self.procs_per_node < 1:
+            raise UsageError("--procs-per-node", f"must be >= 1, got {self.procs_per_node}")
+        if self.gpus_per_node and self.procs_per_node > self.gpus_per_node:
+            raise UsageError("--procs-per-node", f"{self.procs_per_node} processes would share {self.gpus_per_node} GPUs; "
+                                                 "use at most one process per GPU")
+        if self.cpus_per_task is None and not self.gpus_per_node:
+            self.cpus_per_task = self.procs_per_node
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise UsageError("--cpus-per-task", f"must be >= 1, got {self.cpus_per_task}")
+        if self.partition is not None:
+            _match(_PARTITION, self.partition, "--partition", "a partition name (letters, digits, '.', '_', '-'; comma-separated)")
+        if self.account is not None:
+            _match(_NAME, self.account, "--account", "an account name (letters, digits, '.', '_', '-')")
+        if self.signal not in SIGNALS:
+            raise UsageError("--signal", f"expected one of {', '.join(SIGNALS)}; got {self.signal!r}")
+        if self.time is not None and time_limit_seconds(self.time) <= self.signal_time:
+            raise UsageError("--time", f"{self.time!r} is not longer than --signal-time {self.signal_time} s: "
+                                       "the job would be signalled as it starts")
+        _match(_SAFE_PATH, self.log_dir, "--log-dir",
+               "a path of letters, digits and ./_-+@=, (it goes into an #SBATCH line, which has no quoting)")
+        if not self.python:
+            raise UsageError("--python", "must not be empty")
+        for name, _ in self.env:
+            _match(_ENV_NAME, name, "--env", "NAME=VALUE with NAME a shell variable name")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    def header(self, array: str | None = None) -> str:
+        """The #SBATCH lines (values validated in __post_init__)."""
+        lines = [f"--job-name={self.job_name}", f"--nodes={self.nodes}", "--ntasks-per-node=1"]
+        if self.cpus_per_task:
+            lines.append(f"--cpus-per-task={self.cpus_per_task}")
+        if self.gpus_per_node:
+            lines.append(f"--gpus-per-node={self.gpus_per_node}")
+        lines += [f"--partition={self.partition}"] if self.partition else []
+        lines += [f"--account={self.account}"] if self.account else []
+        lines += [f"--time={self.time}"] if self.time else []
+        if array:
+            lines += [f"--array={array}", f"--output={self.log_dir}/%x-%A_%a.out"]
+        else:
+            lines.append(f"--output={self.log_dir}/%x-%j.out")
+        lines += ["--open-mode=append", f"--signal=B:{self.signal}@{self.signal_time}", "--requeue"]
+        return "\n".join(f"#SBATCH {line}" for line in lines)
+
+    def user_env(self) -> str:
+        return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in self.env)
+
+
+def _assign(name: str, value: str | int) -> str:
+    return f"{name}={shlex.quote(str(value))}"
+
+
+def _bash_array(name: str, items: list[str]) -> str:
+    return f"{name}=(" + " ".join(shlex.quote(i) for i in items) + ")"
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    """Replace {{key}} placeholders; every placeholder must be given and every value used."""
+    path = TEMPLATE_DIR / template
+    if not path.is_file():
+        raise UsageError("BIGBATCH_SLURM_TEMPLATES", f"sbatch template {str(path)!r} not found (set it to the slurm/ folder of a bigbatch checkout)")
+    text = path.read_text()
+    used = set(re.findall(r"\{\{(\w+)\}\}", text))
+    if used != set(values):
+        raise RuntimeError(f"template {template}: placeholders {sorted(used)} != values {sorted(values)}")  # a bug here
+    for k, v in values.items():
+        text = text.replace("{{" + k + "}}", v)
+    return text.replace("\n\n\n", "\n\n")
+
+
+def _abs(path: str | os.PathLike) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+# --- training job ----------------------------------------------------------------------------
+
+
+def render_train(config_path: str, overrides: list[str], job: JobSpec, out: str | None) -> str:
+    """The sbatch script of one (multi-node) training run; the config is loaded and validated here."""
+    from bigbatch import config as config_mod
+
+    cfg = config_mod.load(config_path, overrides)
+    cfg.validate(job.world_size, check_paths=False)
+    if out is not None:
+        run_dir = _assign("RUN_DIR", _abs(out))
+    else:  # stable across requeues: the job id does not change
+        run_dir = f'RUN_DIR="$SLURM_SUBMIT_DIR"/runs/{shlex.quote(cfg.name)}-"$SLURM_JOB_ID"'
+    train_args = [a for o in overrides for a in ("--set", o)]
+    settings = [
+        _assign("CONFIG", _abs(config_path)), run_dir, _assign("NPROC_PER_NODE", job.procs_per_node),
+        _assign("PYTHON", job.python), _assign("STOP_SIGNAL", job.signal), _assign("MAX_REQUEUES", job.max_requeues),
+        _bash_array("TRAIN_ARGS", train_args),
+    ]
+    return fill("train.sbatch", {"header": job.header(), "settings": "\n".join(settings), "user_env": job.user_env()})
+
+
+# --- sweeps ------------------------------------------------------------------------------------
+
+
+def _load_sweep(path: str):
+    from bigbatch.study import spec as spec_mod
+    from bigbatch.study.sweep import load_spec_dict
+
+    spec_dict = load_spec_dict(path)
+    return spec_mod.from_dict(spec_dict), spec_dict
+
+
+def render_sweep(sweep_path: str, job: JobSpec, out: str | None) -> str:
+    """Ray head on the first node, workers on the others, then `bigbatch sweep --ray-address`."""
+    spec, _ = _load_sweep(sweep_path)
+    out_dir = (_assign("OUT_DIR", _abs(out)) if out is not None
+               else f'OUT_DIR="$SLURM_SUBMIT_DIR"/sweeps/{shlex.quote(spec.name)}-"$SLURM_JOB_ID"')
+    settings = [_assign("SWEEP_CONFIG", _abs(sweep_path)), out_dir, _assign("GPUS_PER_NODE", job.gpus_per_node),
+                _assign("PYTHON", job.python)]
+    return fill("sweep.sbatch", {"header": job.header(), "settings": "\n".join(settings), "user_env": job.user_env()})
+
+
+ARRAY_DIR = "slurm"  # inside the sweep folder: one config per trial and the index -> trial table
+
+
+def prepare_array(sweep_path: str, out: str) -> tuple[int, list[str]]:
+    """Write SWEEP/slurm/trial-<i>.toml and trials.txt (line i+1: trial i's name); returns (n, names).
+
+    Each array task trains one grid point with plain `bigbatch train`, so it is checkpointed and
+    requeued like any training job; `bigbatch slurm collect SWEEP` then writes trials.jsonl,
+    critical.json and the report the way `bigbatch sweep` does.
+    """
+    from bigbatch import config as config_mod
+
+    spec, spec_dict = _load_sweep(sweep_path)
+    d = Path(out) / ARRAY_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    (Path(out) / "sweep.json").write_text(json.dumps(spec_dict, indent=2) + "\n")
+    names = []
+    for i, point in enumerate(spec.points()):
+        config_mod.save(spec.trial_config(point), d / f"trial-{i}.toml")
+        names.append(spec.trial_name(point))
+    (d / "trials.txt").write_text("".join(f"{n}\n" for n in names))
+    return len(names), names
+
+
+def render_array(out: str, n_trials: int, job: JobSpec, max_parallel: int | None) -> str:
+    """One `bigbatch train` per array task, config and run folder picked by SLURM_ARRAY_TASK_ID."""
+    if max_parallel is not None and max_parallel < 1:
+        raise UsageError("--max-parallel", f"must be >= 1, got {max_parallel}")
+    array = f"0-{n_trials - 1}" + (f"%{max_parallel}" if max_parallel else "")
+    sweep_dir = _abs(out)
+    settings = [
+        _assign("SWEEP_DIR", sweep_dir),
+        'CONFIG="$SWEEP_DIR"/slurm/trial-"$SLURM_ARRAY_TASK_ID".toml',
+        'RUN_DIR="$SWEEP_DIR"/runs/"$(sed -n "$(( SLURM_ARRAY_TASK_ID + 1 ))p" "$SWEEP_DIR"/slurm/trials.txt)"',
+        _assign("NPROC_PER_NODE", job.procs_per_node), _assign("PYTHON", job.python),
+        _assign("STOP_SIGNAL", job.signal), _assign("MAX_REQUEUES", job.max_requeues), "TRAIN_ARGS=()",
+    ]
+    return fill("train.sbatch", {"header": job.header(array), "settings": "\n".join(settings), "user_env": job.user_env()})
+
+
+def collect_array(sweep_dir: str) -> dict:
+    """trials.jsonl + critical.json + report from the array tasks' run folders."""
+    from bigbatch.study import spec as spec_mod
+    from bigbatch.study.report import write_report
+    from bigbatch.study.sweep import RUNS_DIR, TRIAL_RECORD, collect, read_rows, trial_record
+
+    root = Path(sweep_dir)
+    if not (root / "sweep.json").is_file():
+        raise UsageError("SWEEP_DIR", f"{sweep_dir!r} is not an array sweep folder (no sweep.json)")
+    spec = spec_mod.from_dict(json.loads((root / "sweep.json").read_text()))
+    for point in spec.points():
+        run_dir = root / RUNS_DIR / spec.trial_name(point)
+        summary_path = run_dir / "summary.json"
+        if not summary_path.is_file():
+            continue  # `collect` records it as failed
+        summary = json.loads(summary_path.read_text())
+        status = "ok" if summary.get("steps_to_target") is not None else "not_reached"
+        rec = trial_record(point, summary, read_rows(run_dir / "metrics.jsonl"), spec.trial.gap_epochs, status)
+        rec["run_dir"] = str(run_dir)
+        (run_dir / TRIAL_RECORD).write_text(json.dumps(rec) + "\n")
+    analysis = collect(spec, root)
+    write_report(root)
+    return analysis
+
+
+# --- talking to SLURM --------------------------------------------------------------------------
+
+
+def _slurm_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise UsageError(name, "not found on PATH: run on a SLURM login node (Debian/Ubuntu: apt-get install slurm-client)")
+    return path
+
+
+_SBATCH_FIELDS = (("partition", "--partition"), ("account", "--account"), ("time limit", "--time"),
+                  ("node count", "--nodes"), ("gres", "--gpus-per-node"), ("gpu", "--gpus-per-node"))
+
+
+def sbatch(script: str, extra: list[str] | None = None) -> str:
+    """Submit a script on stdin; the job id. A rejected submission is a UsageError naming the option."""
+    cmd = [_slurm_tool("sbatch"), "--parsable", *(extra or [])]
+    proc = subprocess.run(cmd, input=script, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        lines = [l.strip() for l in proc.stderr.splitlines() if l.strip()] or [f"exit code {proc.returncode}"]
+        message = re.sub(r"^sbatch: (error|fatal): ", "", lines[-1])
+        key = next((opt for word, opt in _SBATCH_FIELDS if word in message.lower()), "sbatch")
+        raise UsageError(key, f"sbatch rejected the job: {message}")
+    job_id = proc.stdout.strip().split(";")[0]
+    if not _JOB_ID.fullmatch(job_id):
+        raise RuntimeError(f"unexpected sbatch output: {proc.stdout!r}")
+    return job_id
+
+
+def _submit(script: str, job: JobSpec, extra: list[str] | None = None) -> str:
+    log_dir = Path(job.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output folder
+    job_id = sbatch(script, extra)
+    (log_dir / f"{job.job_name}-{job_id}.sbatch").write_text(script)
+    return job_id
+
+
+def queue(job_ids: list[str]) -> list[dict]:
+    """squeue rows (job_id, name, state, time, time_limit, nodes, reason) for the given jobs, or the user's."""
+    fmt = "%i|%j|%T|%M|%l|%D|%R"
+    cmd = [_slurm_tool("squeue"), "-h", "-o", fmt]
+    cmd += ["-j", ",".join(job_ids)] if job_ids else ["--me"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+        raise UsageError("squeue", proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+    keys = ("job_id", "name", "state", "time", "time_limit", "nodes", "reason")
+    return [dict(zip(keys, line.split("|", 6))) for line in proc.stdout.splitlines() if line.strip()]
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def _job_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0 = a CPU-only partition)")
+    p.add_argument("--procs-per-node", type=int, help="training processes per node (default: GPUs per node, or 1)")
+    p.add_argument("--cpus-per-task", type=int, help="CPUs per node's task (default: processes per node on CPU)")
+    p.add_argument("--partition", help="SLURM partition")
+    p.add_argument("--account", help="SLURM account")
+    p.add_argument("--time", help="time limit: minutes, HH:MM:SS, D-HH:MM, ...")
+    p.add_argument("--job-name", help="job name (default: the config's name)")
+    p.add_argument("--signal", default="USR2", choices=SIGNALS, help="preemption signal sent to the batch script (default USR2)")
+    p.add_argument("--signal-time", type=int, default=90, help="seconds before the time limit to send it (default 90)")
+    p.add_argument("--max-requeues", type=int, default=20, help="requeue at most this many times (default 20)")
+    p.add_argument("--log-dir", default="slurm-logs", help="folder of the job's output files, named by job id (default slurm-logs)")
+    p.add_argument("--python", default="python3", help="Python interpreter on the nodes (default python3)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="export a variable in the job (e.g. NCCL_SOCKET_IFNAME=ib0); repeatable")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, help_ in (("render", "print the sbatch script of a training run"),
+                        ("submit", "submit a training run; prints the job id")):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("config", help="training config (TOML)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="config override passed to `bigbatch train --set` (repeatable)")
+        p.add_argument("--out", help="run folder (default $SLURM_SUBMIT_DIR/runs/<name>-<job id>)")
+        _job_arguments(p)
+    p = sub.add_parser("submit-sweep", help="a Ray sweep inside one allocation (head on the first node)",
+                       description="Ray head on the first node, workers on the others, then `bigbatch sweep --ray-address`.")
+    p.add_argument("config", help="sweep config (TOML)")
+    p.add_argument("--out", help="sweep folder (default $SLURM_SUBMIT_DIR/sweeps/<name>-<job id>)")
+    p.add_argument("--print", dest="print_only", action="store_true", help="print the script, submit nothing")
+    _job_arguments(p)
+    p = sub.add_parser("array", help="a sweep as a job array: one trial per task, then a collector job",
+                       description="One `bigbatch train` per array task; a dependent job writes trials.jsonl, "
+                                   "critical.json and the report (`bigbatch slurm collect`).")
+    p.add_argument("config", help="sweep config (TOML)")
+    p.add_argument("--out", required=True, help="sweep folder (trial configs are written there before submitting)")
+    p.add_argument("--max-parallel", type=int, help="array tasks running at once (--array=0-N%%K)")
+    p.add_argument("--print", dest="print_only", action="store_true", help="print the array script, submit nothing")
+    _job_arguments(p)
+    p = sub.add_parser("collect", help="trials.jsonl, critical.json and report from an array sweep folder")
+    p.add_argument("sweep_dir", metavar="SWEEP_DIR")
+    p = sub.add_parser("status", help="state of jobs (squeue)")
+    p.add_argument("job_ids", nargs="*", metavar="JOB_ID", help="job ids (default: your jobs)")
+    p.add_argument("--json", action="store_true", help="one JSON object per job")
+    p = sub.add_parser("cancel", help="cancel jobs (scancel), or signal them to checkpoint and requeue")
+    p.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    p.add_argument("--signal", choices=SIGNALS, help="send this signal to the batch script instead of cancelling: "
+                                                      "the job checkpoints and requeues (what preemption does)")
+
+
+def _parse_env(items: list[str]) -> list[tuple[str, str]]:
+    env = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError("--env", f"expected NAME=VALUE, got {item!r}")
+        env.append((name, value))
+    return env
+
+
+def job_from_args(args: argparse.Namespace, default_name: str) -> JobSpec:
+    return JobSpec(job_name=args.job_name or default_name, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                   procs_per_node=args.procs_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
+                   account=args.account, time=args.time, signal=args.signal, signal_time=args.signal_time,
+                   max_requeues=args.max_requeues, log_dir=args.log_dir, python=args.python, env=_parse_env(args.env))
+
+
+def _check_ids(ids: list[str]) -> list[str]:
+    for i in ids:
+        _match(_JOB_ID, i, "JOB_ID", "a job id such as 1234 or 1234_5")
+    return ids
+
+
+def _print_or_submit(script: str, job: JobSpec, print_only: bool) -> int:
+    if print_only:
+        sys.stdout.write(script)
+    else:
+        print(_submit(script, job))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from bigbatch import config as config_mod
+
+    job = job_from_args(args, config_mod.load(args.config, args.overrides).name)
+    return _print_or_submit(render_train(args.config, args.overrides, job, args.out), job, args.action == "render")
+
+
+def _submit_sweep(args: argparse.Namespace) -> int:
+    spec, _ = _load_sweep(args.config)
+    job = job_from_args(args, spec.name)
+    return _print_or_submit(render_sweep(args.config, job, args.out), job, args.print_only)
+
+
+def _array_sweep(args: argparse.Namespace) -> int:
+    spec, _ = _load_sweep(args.config)
+    job = job_from_args(args, spec.name)
+    if job.nodes != 1:
+        raise UsageError("--nodes", "an array task trains one trial on one node; use submit-sweep for multi-node trials")
+    script = render_array(args.out, len(spec.points()), job, args.max_parallel)
+    if args.print_only:
+        return _print_or_submit(script, job, True)
+    _slurm_tool("sbatch")
+    prepare_array(args.config, args.out)
+    array_id = _submit(script, job)
+    collector = [job.python, "-m", "bigbatch", "slurm", "collect", _abs(args.out)]
+    extra = [f"--dependency=afterany:{array_id}", f"--job-name={job.job_name}-collect",
+             f"--output={job.log_dir}/%x-%j.out", "--ntasks=1"]
+    extra += [f"--partition={job.partition}"] if job.partition else []
+    extra += [f"--account={job.account}"] if job.account else []
+    collect_id = sbatch("#!/bin/bash\n" + " ".join(shlex.quote(c) for c in collector) + "\n", extra)
+    print(array_id)
+    print(f"collector job {collect_id} writes {_abs(args.out)}/trials.jsonl when the array ends", file=sys.stderr)
+    return 0
+
+
+def _collect(args: argparse.Namespace) -> int:
+    analysis = collect_array(args.sweep_dir)
+    print(json.dumps({"trials": analysis.get("trials"), "b_crit": analysis.get("b_crit")}))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    rows = queue(_check_ids(args.job_ids))
+    seen = {r["job_id"] for r in rows}
+    for r in rows:
+        print(json.dumps(r) if args.json else f"{r['job_id']:>10} {r['state']:<11} {r['time']:>10} {r['name']} ({r['reason']})")
+    for j in args.job_ids:
+        if j not in seen:
+            print(json.dumps({"job_id": j, "state": "NOT_IN_QUEUE"}) if args.json
+                  else f"{j:>10} not in the queue (finished, cancelled or unknown)")
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    cmd = [_slurm_tool("scancel")]
+    if args.signal:  # to the batch script, which checkpoints and requeues (train.sbatch)
+        cmd += ["--batch", f"--signal={args.signal}"]
+    proc = subprocess.run(cmd + _check_ids(args.job_ids), capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise UsageError("JOB_ID", proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"scancel exit {proc.returncode}")
+    return 0
+
+
+ACTIONS = {"render": _train, "submit": _train, "submit-sweep": _submit_sweep, "array": _array_sweep,
+           "collect": _collect, "status": _status, "cancel": _cancel}
+
+
+def main(args: argparse.Namespace) -> int:
+    return ACTIONS[args.action](args)
