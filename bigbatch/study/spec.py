@@ -1,0 +1,252 @@
+"""The sweep config: which training runs a study makes, checked before any of them starts.
+
+A sweep TOML names a base training config (a file, or an inline [base] table), the global batch
+sizes, a learning-rate grid given as multipliers of the base config's scaled lr (so the grid
+moves with the batch: peak lr = multiplier x scaled_lr(base_lr, B), Goyal et al. 2017; Shallue
+et al. 2018 re-tune the lr at every batch size), seeds, the target, and a budget per trial:
+
+    name = "mnist1d-cnn"
+    base = "mnist1d-cnn.toml"            # relative to this file
+    overrides = ["data.num_samples=20000"]
+    batch_sizes = [8, 16, 32, 64, 128, 256, 512, 1024]
+    lr_multipliers = [0.5, 1.0, 2.0]
+    seeds = [0]
+
+    [target]
+    test_acc = 0.9
+
+    [trial]
+    max_steps = 20000                    # step budget of every trial
+    max_examples = 2_000_000             # and an examples budget: the tighter one wins
+    eval_every_examples = 8192           # evaluation interval, the same in examples for every batch
+    gap_epochs = 2.0                     # the train/test gap is also read at this epoch budget
+    workers_per_trial = 1                # > 1: DDP inside the trial (Ray Train TorchTrainer)
+
+Strict like `bigbatch.config`: an unknown key, a wrong type or an empty grid raises ConfigError
+naming the field. Every trial's training config is built and validated here, so a bad override
+or a batch that does not split over the workers fails before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bigbatch import config as config_mod
+from bigbatch.config import Config
+from bigbatch.errors import ConfigError
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class TargetSpec:
+    test_acc: float | None = None
+    """Steps to target count up to the first evaluation with test accuracy >= this."""
+    test_loss: float | None = None
+    """Or: the first evaluation with test loss <= this."""
+
+    def __post_init__(self) -> None:
+        _check(self.test_acc is not None or self.test_loss is not None, "target",
+               "no target defined: set target.test_acc (a fraction in (0, 1]) or target.test_loss")
+        if self.test_acc is not None:
+            _check(_is_number(self.test_acc) and 0 < self.test_acc <= 1, "target.test_acc",
+                   f"expected a fraction in (0, 1], got {self.test_acc!r}")
+        if self.test_loss is not None:
+            _check(_is_number(self.test_loss) and self.test_loss > 0, "target.test_loss",
+                   f"expected a positive number, got {self.test_loss!r}")
+
+
+@dataclass
+class TrialSpec:
+    max_steps: int | None = None
+    """Step budget of every trial (a trial that has not reached the target by then ends as not_reached)."""
+    max_examples: int | None = None
+    """Examples budget of every trial; with max_steps, the tighter of the two wins at each batch."""
+    eval_every_examples: int | None = None
+    """Evaluate every this many examples (rounded to whole steps, at least 1): the same resolution
+    of steps-to-target in examples at every batch. None = the base config's train.eval_every."""
+    gap_epochs: float | None = None
+    """Also record the train/test gap at the last evaluation within this many epochs (a fixed
+    epoch budget for every batch size, Keskar et al. 2016). None = only at the end of each trial."""
+    stop_at_target: bool = True
+    """End each trial at the target (train.stop_at_target)."""
+    workers_per_trial: int = 1
+    """Processes per trial; > 1 runs DDP inside the trial with Ray Train's TorchTrainer (gloo on CPU)."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves per worker (and so how many trials run at once)."""
+    gpus_per_worker: float = 0.0
+    """GPUs Ray reserves per worker (fractions share a GPU)."""
+    torch_threads: int = 1
+    """torch intra-op threads in each worker (1 keeps parallel trials from oversubscribing the CPU)."""
+    max_concurrent: int = 0
+    """Trials running at once; 0 = as many as the cluster's resources allow."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "max_examples", "eval_every_examples"):
+            v = getattr(self, key)
+            if v is not None:
+                _check(_is_int(v) and v >= 1, f"trial.{key}", f"expected a positive integer, got {v!r}")
+        _check(self.max_steps is not None or self.max_examples is not None, "trial.max_steps",
+               "no budget per trial: set trial.max_steps and/or trial.max_examples")
+        if self.gap_epochs is not None:
+            _check(_is_number(self.gap_epochs) and self.gap_epochs > 0, "trial.gap_epochs",
+                   f"expected a positive number of epochs, got {self.gap_epochs!r}")
+        _check(_is_int(self.workers_per_trial) and self.workers_per_trial >= 1, "trial.workers_per_trial",
+               f"expected a positive integer, got {self.workers_per_trial!r}")
+        _check(_is_number(self.cpus_per_worker) and self.cpus_per_worker > 0, "trial.cpus_per_worker",
+               f"expected a positive number, got {self.cpus_per_worker!r}")
+        _check(_is_number(self.gpus_per_worker) and self.gpus_per_worker >= 0, "trial.gpus_per_worker",
+               f"expected a number >= 0, got {self.gpus_per_worker!r}")
+        _check(_is_int(self.torch_threads) and self.torch_threads >= 1, "trial.torch_threads",
+               f"expected a positive integer, got {self.torch_threads!r}")
+        _check(_is_int(self.max_concurrent) and self.max_concurrent >= 0, "trial.max_concurrent",
+               f"expected an integer >= 0, got {self.max_concurrent!r}")
+        _check(isinstance(self.stop_at_target, bool), "trial.stop_at_target", "expected true or false")
+
+    def steps_for(self, batch: int) -> int:
+        """The step budget at `batch`: the tighter of max_steps and max_examples / batch."""
+        budgets = []
+        if self.max_steps is not None:
+            budgets.append(self.max_steps)
+        if self.max_examples is not None:
+            budgets.append(max(1, math.ceil(self.max_examples / batch)))
+        return min(budgets)
+
+    def eval_every_for(self, batch: int, default: int) -> int:
+        if self.eval_every_examples is None:
+            return default
+        return max(1, round(self.eval_every_examples / batch))
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    """Sweep name: the W&B group of its trials and the default output folder."""
+    base: dict
+    """The base training config as a dict (from the `base` file or the inline [base] table)."""
+    batch_sizes: list
+    """Global batch sizes (positive integers; powers of 2 by convention)."""
+    lr_multipliers: list = field(default_factory=lambda: [1.0])
+    """Peak lr = multiplier x the base config's scaled lr at each batch (optim.base_lr, base_batch, scaling)."""
+    seeds: list = field(default_factory=lambda: [0])
+    overrides: list = field(default_factory=list)
+    """`section.key=value` applied to the base config (as `bigbatch train --set`)."""
+    wandb: bool = False
+    """Log every trial to W&B (offline without an API key), grouped under the sweep's name."""
+    target: TargetSpec = field(default_factory=TargetSpec)
+    trial: TrialSpec = field(default_factory=TrialSpec)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name),
+               "name", f"expected letters, digits, '-', '_' or '.', got {self.name!r}")
+        _check(isinstance(self.batch_sizes, list) and len(self.batch_sizes) > 0, "batch_sizes",
+               "empty: list at least one global batch size, e.g. batch_sizes = [32, 64, 128]")
+        for i, b in enumerate(self.batch_sizes):
+            _check(_is_int(b) and b >= 1, f"batch_sizes[{i}]", f"expected a positive integer, got {b!r}")
+        _check(len(set(self.batch_sizes)) == len(self.batch_sizes), "batch_sizes", f"repeated batch size in {self.batch_sizes}")
+        self.batch_sizes = sorted(self.batch_sizes)
+        _check(isinstance(self.lr_multipliers, list) and len(self.lr_multipliers) > 0, "lr_multipliers",
+               "empty: list at least one multiplier of the scaled lr, e.g. [0.5, 1.0, 2.0]")
+        for i, m in enumerate(self.lr_multipliers):
+            _check(_is_number(m) and m > 0, f"lr_multipliers[{i}]", f"expected a positive number, got {m!r}")
+        self.lr_multipliers = [float(m) for m in self.lr_multipliers]
+        _check(len(set(self.lr_multipliers)) == len(self.lr_multipliers), "lr_multipliers", "repeated multiplier")
+        _check(isinstance(self.seeds, list) and len(self.seeds) > 0, "seeds", "empty: list at least one seed")
+        for i, s in enumerate(self.seeds):
+            _check(_is_int(s) and s >= 0, f"seeds[{i}]", f"expected an integer >= 0, got {s!r}")
+        _check(isinstance(self.overrides, list) and all(isinstance(o, str) for o in self.overrides), "overrides",
+               'expected a list of "section.key=value" strings')
+        _check(isinstance(self.wandb, bool), "wandb", "expected true or false")
+
+    def points(self) -> list[dict[str, Any]]:
+        """The grid, longest trials (smallest batch) first so parallel slots stay busy."""
+        return [{"batch": b, "lr_multiplier": m, "seed": s}
+                for b in self.batch_sizes for m in self.lr_multipliers for s in self.seeds]
+
+    def trial_name(self, point: dict[str, Any]) -> str:
+        return f"b{point['batch']}-lr{point['lr_multiplier']:g}-s{point['seed']}"
+
+    def trial_config(self, point: dict[str, Any]) -> Config:
+        """The training config of one grid point (validated; raises ConfigError naming the field)."""
+        raw = config_mod.apply_overrides(self.base, self.overrides)
+        base_cfg = config_mod.from_dict(raw)  # errors in the base itself name its field
+        batch = point["batch"]
+        raw = config_mod.to_dict(base_cfg)
+        raw["name"] = f"{self.name}-{self.trial_name(point)}"
+        raw["batch"]["global_batch"] = batch
+        raw["batch"]["phases"] = []
+        raw["optim"]["base_lr"] = base_cfg.optim.base_lr * point["lr_multiplier"]
+        train = raw["train"]
+        train.pop("epochs", None)
+        train["steps"] = self.trial.steps_for(batch)
+        train["seed"] = point["seed"]
+        train["stop_at_target"] = self.trial.stop_at_target
+        train["eval_every"] = self.trial.eval_every_for(batch, base_cfg.train.eval_every or train["steps"])
+        train["log_every"] = train["eval_every"]
+        raw["target"] = {k: v for k, v in dataclasses.asdict(self.target).items() if v is not None}
+        raw["track"]["wandb"] = self.wandb or base_cfg.track.wandb
+        raw["track"]["group"] = self.name
+        raw["track"]["progress"] = "off"
+        cfg = config_mod.from_dict(raw)
+        try:
+            cfg.validate(self.trial.workers_per_trial)
+        except ConfigError as e:
+            raise ConfigError(e.field, f"{e.message} (batch_sizes entry {batch}, trial.workers_per_trial "
+                                       f"{self.trial.workers_per_trial})") from None
+        return cfg
+
+
+SECTIONS = {"target": TargetSpec, "trial": TrialSpec}
+TOP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)} - set(SECTIONS)
+
+
+def from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
+    """Build a SweepSpec from a parsed TOML dict; `base` paths are relative to `base_dir`."""
+    raw = dict(raw)
+    for k in raw:
+        _check(k in TOP_KEYS | set(SECTIONS), k, f"unknown key; expected one of {', '.join(sorted(TOP_KEYS | set(SECTIONS)))}")
+    _check("name" in raw, "name", "missing: the sweep's name")
+    _check("batch_sizes" in raw, "batch_sizes", "missing: list the global batch sizes, e.g. batch_sizes = [32, 64, 128]")
+    _check("base" in raw, "base", "missing: a base training config (a TOML path or an inline [base] table)")
+    base = raw.pop("base")
+    if isinstance(base, str):
+        path = Path(base).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        _check(path.is_file(), "base", f"training config {str(path)!r} not found")
+        base = config_mod.read_toml(path)
+    _check(isinstance(base, dict), "base", "expected a TOML path or an inline [base] table")
+    if "target" not in raw and isinstance(base.get("target"), dict):
+        raw["target"] = base["target"]  # the base config's target, when the sweep names none
+    kwargs: dict[str, Any] = {}
+    for sec, cls in SECTIONS.items():
+        values = raw.pop(sec, {})
+        _check(isinstance(values, dict), sec, f"expected a [{sec}] table")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for k in values:
+            _check(k in known, f"{sec}.{k}", f"unknown key in [{sec}]; expected one of {', '.join(sorted(known))}")
+        kwargs[sec] = cls(**values)
+    spec = SweepSpec(base=base, **raw, **kwargs)
+    for point in spec.points():
+        spec.trial_config(point)  # every trial's config, validated before anything runs
+    return spec
+
+
+def load(path: str | Path) -> SweepSpec:
+    p = Path(path)
+    return from_dict(config_mod.read_toml(p), p.parent)
