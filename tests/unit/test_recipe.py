@@ -190,3 +190,63 @@ def test_imagenet_recipes_dry_run_without_the_data(capsys, tmp_path, name, peak,
     assert s["warmup_steps"] == round(warmup_epochs * IMAGENET_TRAIN / batches[0])
     assert [p["global_batch"] for p in s["batch_phases"]] == batches
     assert s["epochs"] == pytest.approx(90, abs=0.01)
+
+
+# --- the schedule in a real run: metrics.jsonl, and resuming after a batch change -----------------
+
+
+def _phase_run_config(tmp_path) -> config.Config:
+    # 1600 training examples: batch 100 for epoch 0 (16 steps), then 400 (4 steps an epoch)
+    return _cfg(
+        data={"name": "synthetic", "num_samples": 2000, "num_features": 16, "seed": 3},
+        model={"name": "mlp", "hidden": 32, "depth": 1},
+        batch={"global_batch": 100, "phases": [[0, 100], [1, 400]]},
+        optim={"name": "lars", "base_lr": 1.0, "base_batch": 100, "weight_decay": 1e-4},
+        schedule={"name": "poly", "warmup_epochs": 0.5, "warmup_start": 0.0, "end_lr": 0.01},
+        train={"epochs": 3, "log_every": 1, "eval_every": 0, "seed": 5},
+        track={"progress": "off"},
+    )
+
+
+def test_metrics_follow_the_schedule_and_a_run_resumes_after_the_batch_change(tmp_path):
+    """Done when 3: the lr and global batch in metrics.jsonl are the schedule's, and a run
+    preempted (SIGTERM) after the batch phase change resumes to the same losses as one that was not."""
+    import json
+    import os
+    import signal
+
+    from bigbatch.trainer.loop import run
+
+    cfg = _phase_run_config(tmp_path)
+    schedule = Schedule(cfg, 1600)
+    assert schedule.total_steps == 16 + 8 and schedule.phases[1].start_step == 16
+
+    def rows(run_dir):
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+    straight = run(cfg, tmp_path / "straight")
+    assert straight["status"] == "completed" and straight["steps"] == 24 and straight["examples"] == 1600 + 3200
+    ref = rows(tmp_path / "straight")
+    assert [r["step"] for r in ref] == list(range(1, 25))
+    for r in ref:  # the row of step k reports the lr and batch that step k-1 (0-based) trained with
+        assert r["global_batch"] == schedule.batch_at(r["step"] - 1)
+        assert r["lr"] == pytest.approx(schedule.lr_at(r["step"] - 1))
+    assert [r["global_batch"] for r in ref] == [100] * 16 + [400] * 8
+    # poly after an 8-step warmup over 16 steps; the linear rule takes the peak from 1.0 to 4.0 at step 16
+    assert ref[15]["lr"] == pytest.approx(0.01 + (1.0 - 0.01) * (1 - 7 / 16) ** 2)
+    assert ref[16]["lr"] == pytest.approx(0.01 + (4.0 - 0.01) * (1 - 8 / 16) ** 2)
+
+    def preempt_at_19(row):
+        if row.get("step") == 19 and "loss" in row:
+            os.kill(os.getpid(), signal.SIGTERM)  # what SLURM/torchrun send; the loop checkpoints
+
+    first = run(cfg, tmp_path / "resumed", reporter=preempt_at_19)
+    assert first["status"] == "preempted" and first["steps"] == 19
+    second = run(cfg, tmp_path / "resumed", resume=True)
+    assert second["status"] == "completed" and second["steps"] == 24
+    got = rows(tmp_path / "resumed")
+    assert [r["step"] for r in got] == list(range(1, 25))  # no duplicated or missing rows
+    for a, b in zip(ref, got):
+        assert (a["global_batch"], a["lr"]) == (b["global_batch"], pytest.approx(b["lr"]))
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
+    assert second["test_acc"] == pytest.approx(straight["test_acc"])
