@@ -36,13 +36,14 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 @dataclass
 class DataConfig:
-    name: Literal["mnist1d", "digits", "synthetic", "imagefolder", "cifar10"] = "mnist1d"
-    """Dataset. mnist1d/digits/synthetic are generated locally; imagefolder and cifar10 read `root`."""
+    name: Literal["mnist1d", "digits", "synthetic", "fake_images", "imagefolder", "cifar10"] = "mnist1d"
+    """Dataset. mnist1d/digits/synthetic are generated locally; fake_images are random images for
+    throughput benchmarks (like torchvision's FakeData); imagefolder and cifar10 read `root`."""
     root: str | None = None
     """imagefolder: folder with train/ and val/ (ImageNet layout). cifar10: folder holding
     cifar-10-batches-py/ (or its files). mnist1d: cache folder (default ~/.cache/bigbatch)."""
     num_samples: int = 10000
-    """mnist1d/synthetic: total examples generated (train + test)."""
+    """mnist1d/synthetic/fake_images: total examples generated (train + test)."""
     test_fraction: float = 0.2
     """mnist1d/digits/synthetic: fraction held out as the test set."""
     seed: int = 0
@@ -54,7 +55,7 @@ class DataConfig:
     label_noise: float = 0.0
     """synthetic: fraction of labels replaced by random ones."""
     image_size: int = 224
-    """imagefolder: crop size."""
+    """imagefolder: crop size; fake_images: image side."""
     augment: bool = True
     """imagefolder/cifar10: random crop + flip on the training set."""
     num_workers: int = 4

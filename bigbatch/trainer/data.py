@@ -5,6 +5,7 @@ Datasets (no downloads, ever):
   keyed by its parameters;
 - digits: scikit-learn's 8x8 digits (ships with scikit-learn);
 - synthetic: Gaussian inputs labelled by a fixed random teacher network;
+- fake_images: random images and labels (throughput benchmarks only);
 - imagefolder: torchvision ImageFolder, ImageNet layout (root/train/<class>/*, root/val/<class>/*);
 - cifar10: the standard python pickles (cifar-10-batches-py) in a local folder.
 
@@ -199,6 +200,20 @@ def load_synthetic(cfg: DataConfig) -> DataBundle:
     return _tensor_bundle("synthetic", xtr, ytr, xte, yte, cfg.num_classes)
 
 
+def load_fake_images(cfg: DataConfig) -> DataBundle:
+    """Random uint8 images with random labels, held in memory: for throughput, not accuracy."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    n_test = max(int(round(cfg.num_samples * cfg.test_fraction)), 1)
+    shape = (3, cfg.image_size, cfg.image_size)
+
+    def make(n: int) -> TensorData:
+        x = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+        y = torch.randint(0, cfg.num_classes, (n,), generator=g)
+        return TensorData(x, y, normalize=_normalizer(IMAGENET_MEAN, IMAGENET_STD))
+
+    return DataBundle(make(cfg.num_samples - n_test), make(n_test), cfg.num_classes, shape, "fake_images")
+
+
 def _cifar_folder(root: Path) -> Path:
     for cand in (root / "cifar-10-batches-py", root):
         if (cand / "data_batch_1").is_file() and (cand / "test_batch").is_file():
@@ -274,6 +289,7 @@ LOADERS = {
     "mnist1d": load_mnist1d,
     "digits": load_digits,
     "synthetic": load_synthetic,
+    "fake_images": load_fake_images,
     "cifar10": load_cifar10,
     "imagefolder": load_imagefolder,
 }
