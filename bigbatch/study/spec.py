@@ -95,6 +95,10 @@ class TrialSpec:
     """torch intra-op threads in each worker (1 keeps parallel trials from oversubscribing the CPU)."""
     max_concurrent: int = 0
     """Trials running at once; 0 = as many as the cluster's resources allow."""
+    b_simple_samples: int = 4096
+    """When a trial reaches the target without the online estimate (measure.gns) in its metrics,
+    B_simple at the target is computed exactly from per-example gradients on this many training
+    examples at the final (target) weights; 0 = off."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "max_examples", "eval_every_examples"):
@@ -116,6 +120,8 @@ class TrialSpec:
                f"expected a positive integer, got {self.torch_threads!r}")
         _check(_is_int(self.max_concurrent) and self.max_concurrent >= 0, "trial.max_concurrent",
                f"expected an integer >= 0, got {self.max_concurrent!r}")
+        _check(_is_int(self.b_simple_samples) and (self.b_simple_samples == 0 or self.b_simple_samples >= 2),
+               "trial.b_simple_samples", f"expected 0 (off) or an integer >= 2, got {self.b_simple_samples!r}")
         _check(isinstance(self.stop_at_target, bool), "trial.stop_at_target", "expected true or false")
 
     def steps_for(self, batch: int) -> int:

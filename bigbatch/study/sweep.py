@@ -45,6 +45,10 @@ TUNE_DIR = "tune"
 RUNS_DIR = "runs"
 
 
+class Interrupted(Exception):
+    """The sweep was stopped (Ctrl-C / SIGINT) before every trial finished; Ray Tune saved its state."""
+
+
 class Diverged(Exception):
     """The training loss became non-finite: the trial stops and is recorded as diverged."""
 
@@ -57,7 +61,8 @@ def _eval_row(row: dict[str, Any]) -> bool:
 
 
 def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: list[dict[str, Any]],
-                 gap_epochs: float | None, status: str, error: str | None = None) -> dict[str, Any]:
+                 gap_epochs: float | None, status: str, error: str | None = None,
+                 b_simple_exact: float | None = None) -> dict[str, Any]:
     """One line of trials.jsonl from a trial's summary.json and metrics.jsonl rows."""
     s = summary or {}
     evals = [r for r in rows if _eval_row(r)]
@@ -90,7 +95,8 @@ def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: li
     # B_simple (measure.gns) nearest the target: the last value logged up to steps_to_target.
     upto = rec["steps_to_target"] if rec["steps_to_target"] is not None else math.inf
     b_simple = [r["gns/b_simple"] for r in rows if r.get("gns/b_simple") is not None and r.get("step", 0) <= upto]
-    rec["b_simple_at_target"] = b_simple[-1] if b_simple else None
+    rec["b_simple_at_target"] = b_simple[-1] if b_simple else b_simple_exact
+    rec["b_simple_source"] = "online" if b_simple else ("per_example" if b_simple_exact is not None else None)
     sharp = [r["sharpness/top"] for r in rows if r.get("sharpness/top") is not None]
     rec["sharpness"] = sharp[-1] if sharp else None
     return rec
@@ -116,8 +122,9 @@ def _status(summary: dict[str, Any]) -> str:
 
 
 def _finish_trial(run_dir: Path, point: dict[str, Any], gap_epochs: float | None, summary: dict[str, Any] | None,
-                  status: str) -> dict[str, Any]:
-    rec = trial_record(point, summary, read_rows(run_dir / "metrics.jsonl"), gap_epochs, status)
+                  status: str, b_simple_exact: float | None = None) -> dict[str, Any]:
+    rec = trial_record(point, summary, read_rows(run_dir / "metrics.jsonl"), gap_epochs, status,
+                       b_simple_exact=b_simple_exact)
     rec["run_dir"] = str(run_dir)
     tmp = run_dir / (TRIAL_RECORD + ".tmp")
     tmp.write_text(json.dumps(rec) + "\n")
@@ -135,6 +142,37 @@ def _prepare_run_dir(run_dir: Path) -> tuple[bool, dict[str, Any] | None]:
     if run_dir.is_dir():
         shutil.rmtree(run_dir)  # a partial attempt without a checkpoint starts over
     return False, None
+
+
+def exact_b_simple(cfg, run_dir: Path, samples: int) -> float | None:
+    """B_simple = tr(Sigma)/|G|^2 from per-example gradients at the run's final weights.
+
+    With train.stop_at_target the final checkpoint is the state at the target, which is where
+    McCandlish et al. 2018 compare B_noise with B_crit. Used when the run did not log the online
+    estimate (measure.gns); None for data that is not held in memory.
+
+    |mean of n per-example gradients|^2 over-estimates |G|^2 by tr(Sigma)/n, which near a
+    target (small |G|) is a large fraction of it: subtract it (McCandlish et al. 2018, A.1).
+    """
+    import torch
+    from torch import nn
+
+    from bigbatch.measure.noise import per_sample_stats
+    from bigbatch.trainer import checkpoint as ckpt
+    from bigbatch.trainer.data import build_data, tensor_batch
+    from bigbatch.trainer.models import build_model
+
+    bundle = build_data(cfg.data)
+    if not bundle.in_memory:
+        return None
+    model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
+    model.load_state_dict(ckpt.load(run_dir / ckpt.FILENAME)["model"])
+    model.eval()
+    idx = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(0))[:samples]
+    x, y = tensor_batch(bundle.train, idx, torch.device("cpu"), train=False)
+    grad_sq, trace_sigma = per_sample_stats(model, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), x, y)
+    grad_sq_unbiased = grad_sq - trace_sigma / len(idx)
+    return trace_sigma / grad_sq_unbiased if grad_sq_unbiased > 0 else None
 
 
 def _tune_reporter(row: dict[str, Any]) -> None:
@@ -221,7 +259,12 @@ def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str
             rec = _finish_trial(run_dir, point, spec.trial.gap_epochs, None, "diverged")
             tune.report(_numeric(rec) | {"done": True})
             return
-    rec = _finish_trial(run_dir, point, spec.trial.gap_epochs, summary, _status(summary))
+    exact = None
+    rows = read_rows(run_dir / "metrics.jsonl")
+    if (spec.trial.b_simple_samples and summary.get("status") == "target_reached"
+            and not any(r.get("gns/b_simple") is not None for r in rows)):
+        exact = exact_b_simple(cfg, run_dir, spec.trial.b_simple_samples)
+    rec = _finish_trial(run_dir, point, spec.trial.gap_epochs, summary, _status(summary), exact)
     tune.report(_numeric(rec) | {"done": True})
 
 
@@ -333,7 +376,7 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
             tuner = tune.Tuner(
                 trainable,
                 param_space={"point": tune.grid_search(points)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=t.max_concurrent or None,
+                tune_config=tune.TuneConfig(max_concurrent_trials=t.max_concurrent or None, reuse_actors=True,
                                             trial_name_creator=lambda tr: spec.trial_name(tr.config["point"]),
                                             trial_dirname_creator=lambda tr: spec.trial_name(tr.config["point"])),
                 run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out_dir), verbose=0, callbacks=callbacks,
@@ -343,6 +386,10 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
         errors = {spec.trial_name(r.config["point"]): r.error for r in results if r.error is not None}
     finally:
         ray.shutdown()
+    unfinished = [spec.trial_name(p) for p in points
+                  if spec.trial_name(p) not in errors and not (out_dir / RUNS_DIR / spec.trial_name(p) / TRIAL_RECORD).is_file()]
+    if unfinished:  # Tune returns normally after SIGINT, with the state saved for Tuner.restore
+        raise Interrupted(f"{len(points) - len(unfinished)} of {len(points)} trials finished")
     return collect(spec, out_dir, errors)
 
 
@@ -410,18 +457,22 @@ def default_out(name: str) -> Path:
     return Path("sweeps") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def load_spec_dict(path: str) -> dict[str, Any]:
+def load_spec_dict(path: str, overrides: list[str] = ()) -> dict[str, Any]:
     """The sweep config as a self-contained dict (the base config read in), for the trials."""
     from bigbatch import config as config_mod
 
     p = Path(path)
     raw = config_mod.read_toml(p)
+    if overrides:
+        raw["overrides"] = list(raw.get("overrides", [])) + list(overrides)
     spec = spec_mod.from_dict(raw, p.parent)  # validates everything, names the field on error
     return {**raw, "base": spec.base}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="sweep config (TOML): base config, batch_sizes, lr_multipliers, seeds, target, trial budget")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a value of the base training config in every trial (repeatable)")
     parser.add_argument("--out", help="sweep folder (default sweeps/<name>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --out (finished trials are kept)")
     parser.add_argument("--ray-address", help="a running Ray cluster (HOST:PORT or auto); default: a local Ray on this machine")
@@ -433,19 +484,25 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("--resume", "needs --out SWEEP_DIR (the folder of the sweep to continue)")
     if args.ray_address:
         check_ray_address(args.ray_address)  # before the config's trials are built: seconds, not minutes
-    spec_dict = load_spec_dict(args.config)
+    spec_dict = load_spec_dict(args.config, args.set)
     spec = spec_mod.from_dict(spec_dict)
     out = Path(args.out) if args.out else default_out(spec.name)
-    return finish(spec, spec_dict, out, args.resume, args.ray_address, args.num_cpus)
+    command = "bigbatch sweep " + " ".join([args.config] + [f"--set {o}" for o in args.set]
+                                           + ([f"--ray-address {args.ray_address}"] if args.ray_address else []))
+    return finish(spec, spec_dict, out, args.resume, args.ray_address, args.num_cpus, command)
 
 
 def finish(spec: SweepSpec, spec_dict: dict[str, Any], out: Path, resume: bool, ray_address: str | None,
-           num_cpus: int | None) -> int:
+           num_cpus: int | None, resume_command: str) -> int:
     """Run the sweep, write the report, print the headline; the exit code."""
     from bigbatch.study.report import write_report
 
     t0 = time.perf_counter()
-    analysis = run_sweep(spec, spec_dict, out, resume=resume, ray_address=ray_address, num_cpus=num_cpus)
+    try:
+        analysis = run_sweep(spec, spec_dict, out, resume=resume, ray_address=ray_address, num_cpus=num_cpus)
+    except Interrupted as e:
+        print(f"interrupted: {e}; continue with: {resume_command} --out {out} --resume", file=sys.stderr)
+        return 130
     report = write_report(out)
     counts = analysis["trials"]
     print(f"sweep {spec.name}: {sum(counts.values())} trials ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) "
