@@ -1,0 +1,129 @@
+"""Real Ray Tune sweeps, small: digits + a tiny MLP, a few trials each.
+
+- a trial that raises is recorded as failed and the others complete; with W&B offline every
+  trial's run is in the sweep's group;
+- a sweep interrupted mid-way (SIGINT, as Ctrl-C) resumes without re-running finished trials;
+- a trial with workers_per_trial = 2 trains as 2 gloo processes inside Ray (Ray Train).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from _wandb_offline import records
+from bigbatch.study import spec as spec_mod
+from bigbatch.study.report import write_report
+from bigbatch.study.sweep import TRIAL_RECORD, run_sweep
+
+BASE = {
+    "data": {"name": "digits", "train_eval_samples": 300},
+    "model": {"name": "mlp", "hidden": 32, "depth": 1},
+    "optim": {"base_lr": 0.1, "base_batch": 64},
+    "train": {"amp": "off"},
+}
+
+
+def sweep_dict(name: str, **over) -> dict:
+    d = {"name": name, "base": BASE, "batch_sizes": [16, 32, 64], "lr_multipliers": [1.0], "seeds": [0],
+         "target": {"test_acc": 0.7}, "trial": {"max_steps": 60, "eval_every_examples": 256, "gap_epochs": 0.2}}
+    for k, v in over.items():
+        d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
+    return d
+
+
+def read_trials(out: Path) -> dict[str, dict]:
+    return {t["trial"]: t for t in map(json.loads, (out / "trials.jsonl").read_text().splitlines())}
+
+
+def test_failed_trial_is_recorded_others_complete_and_wandb_groups_trials(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    d = sweep_dict("grouped", wandb=True)
+    out = tmp_path / "sweep"
+    # A file where trial b32's run folder must go: its training run raises (FileExistsError).
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "b32-lr1-s0").write_text("in the way")
+    analysis = run_sweep(spec_mod.from_dict(d), d, out, num_cpus=2, quiet=True)
+
+    trials = read_trials(out)
+    assert set(trials) == {"b16-lr1-s0", "b32-lr1-s0", "b64-lr1-s0"}
+    failed = trials["b32-lr1-s0"]
+    assert failed["status"] == "failed" and "FileExistsError" in failed["error"]
+    for name in ("b16-lr1-s0", "b64-lr1-s0"):
+        t = trials[name]
+        assert t["status"] == "ok", t
+        assert t["steps_to_target"] * t["batch"] == t["examples_to_target"]
+        assert t["test_acc"] >= 0.7 and t["lr"] == pytest.approx(0.1 * t["batch"] / 64)
+        assert t["b_simple_at_target"] > 0  # exact per-example estimate at the target weights
+        assert t["gap"] == pytest.approx(t["train_acc"] - t["test_acc"])
+    assert analysis["trials"] == {"ok": 2, "failed": 1}
+    assert json.loads((out / "critical.json").read_text())["best"][0]["batch"] == 16
+
+    # W&B offline: one run per finished trial, each in the sweep's group.
+    for name in ("b16-lr1-s0", "b64-lr1-s0"):
+        files = sorted((out / "runs" / name / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(files) == 1, files
+        groups = [r.run.run_group for r in records(files[0]) if r.WhichOneof("record_type") == "run"]
+        assert groups and set(groups) == {"grouped"}
+
+    html = write_report(out)
+    assert html.is_file() and (out / "report.md").is_file() and (out / "steps_vs_batch.png").is_file()
+    assert "data:image/png;base64," in html.read_text()
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    # Target out of reach: every trial trains its whole budget, one at a time.
+    d = sweep_dict("resumable", batch_sizes=[16, 32, 64, 128], target={"test_acc": 1.0},
+                   trial={"max_steps": 150, "max_concurrent": 1, "eval_every_examples": 512})
+    cfg, out = tmp_path / "sweep.toml", tmp_path / "sweep"
+    cfg.write_text(tomli_w.dumps(d))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "bigbatch", "sweep", str(cfg), "--out", str(out), "--num-cpus", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(out.glob(f"runs/*/{TRIAL_RECORD}"))) < 2:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no trial finished"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        log, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, log
+    assert "--resume" in log
+    finished = {p.parent.name: (p.parent / "summary.json").stat().st_mtime_ns for p in out.glob(f"runs/*/{TRIAL_RECORD}")}
+    assert 2 <= len(finished) < 4
+
+    spec = spec_mod.from_dict(d)
+    run_sweep(spec, d, out, resume=True, num_cpus=2, quiet=True)
+    trials = read_trials(out)
+    assert [t["status"] for t in trials.values()] == ["not_reached"] * 4
+    assert all(t["steps"] == min(150, 10**9) for t in trials.values())
+    for name, mtime in finished.items():  # finished trials were not trained again
+        assert (out / "runs" / name / "summary.json").stat().st_mtime_ns == mtime
+    for name in trials:  # and the restarted one logged each step once
+        steps = [r["step"] for r in map(json.loads, (out / "runs" / name / "metrics.jsonl").read_text().splitlines())
+                 if "loss" in r]
+        assert steps == sorted(set(steps))
+
+
+def test_trial_with_two_workers_trains_ddp_with_two_gloo_processes_inside_ray(tmp_path):
+    d = sweep_dict("ddp", batch_sizes=[32],
+                   trial={"workers_per_trial": 2, "cpus_per_worker": 0.5, "max_steps": 40, "b_simple_samples": 0})
+    out = tmp_path / "sweep"
+    run_sweep(spec_mod.from_dict(d), d, out, num_cpus=2, quiet=True)
+    t = read_trials(out)["b32-lr1-s0"]
+    assert t["status"] == "ok", t
+    assert t["world_size"] == 2
+    log = (out / "runs" / "b32-lr1-s0" / "train.log").read_text()
+    assert "2 rank(s) x 16 per device" in log and "backend gloo" in log
