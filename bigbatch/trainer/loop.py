@@ -35,6 +35,7 @@ from bigbatch import config as config_mod
 from bigbatch.config import Config, derive_batch
 from bigbatch.distributed import env as dist_env
 from bigbatch.errors import ConfigError
+from bigbatch.measure import online as measure_online
 from bigbatch.track import JSONL, make_tracker, truncate_after
 from bigbatch.trainer import checkpoint as ckpt
 from bigbatch.trainer.data import DataBundle, ExampleStream, FolderBatches, build_data, eval_batches, shard, tensor_batch
@@ -174,6 +175,7 @@ def run(cfg: Config, out_dir: str | Path | None = None, *, resume: bool = False,
     """
     env = dist_env.init(cfg.dist.backend, cfg.dist.timeout_s)
     cfg.validate(env.world_size)
+    measure_online.validate(cfg, env.world_size)  # measure: GNS / tail / sharpness / adaptive batch
     if cfg.data.backend == "dali":
         from bigbatch.trainer.dali import require_dali
 
@@ -211,6 +213,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
     ddp_model = wrap_ddp(model, cfg, env)
     train_model = torch.compile(ddp_model) if cfg.train.compile else ddp_model
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    measures = measure_online.OnlineMeasures(cfg, env, model, ddp_model, bundle, loss_fn)  # measure: (bigbatch.measure.online)
     autocast = (lambda: torch.autocast(env.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
     st = LoopState()
@@ -221,6 +224,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         st = LoopState(**saved["loop"])
+        measures.load_state_dict(saved.get("measure"))  # measure: GNS EMAs, adaptive batch
         stream.position = st.examples
         rngs = saved["rng"]
         ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
@@ -254,6 +258,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                 "scaler": scaler.state_dict(),
                 "loop": {**st.to_dict(), "wall_s": st.wall_s + (time.perf_counter() - t_start)},
                 "rng": rngs,
+                "measure": measures.state_dict(),
             })
         dist_env.barrier()
 
@@ -261,15 +266,16 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
     train_model.train()
     last_log_step, last_log_examples, interval_train_s = st.step, st.examples, 0.0
     with StopFlag() as stop:
-        while st.step < schedule.total_steps:
+        while st.step < schedule.total_steps and not measures.finished(st.examples):
             t0 = time.perf_counter()
             step = st.step
-            global_batch = schedule.batch_at(step)
+            global_batch = measures.global_batch(step, schedule.batch_at)  # measure: batch.adaptive = "gns"
             per_device, accum = derive_batch(global_batch, world, cfg.batch.accum_steps)
             lr = schedule.lr_at(step, global_batch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
+            measures.begin_step(step)  # measure
             for i, idx in enumerate(shard(stream.take(global_batch), rank, world, accum)):
                 if folder is None:
                     x, y = tensor_batch(bundle.train, idx, env.device, train=True)
@@ -284,18 +290,20 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                         loss = loss_fn(train_model(x), y)
                     scaler.scale(loss / accum).backward()
                 interval_loss += loss.detach() * len(idx)
+            measures.after_backward(global_batch, per_device, accum, scaler.get_scale)  # measure: GNS norms
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
             st.step += 1
             st.examples += global_batch
+            measures.after_step(st.step)  # measure: tail probe, adaptive batch decision
             st.interval_count += per_device * accum
             dt = time.perf_counter() - t0
             st.train_time_s += dt
             interval_train_s += dt
 
-            last = st.step == schedule.total_steps
+            last = st.step == schedule.total_steps or measures.finished(st.examples)
             epoch = st.examples / len(bundle.train)
             if st.step % cfg.train.log_every == 0 or last:
                 loss_mean = _mean_over_ranks(interval_loss, st.interval_count, env)
@@ -306,6 +314,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                     "global_batch": global_batch, "loss": loss_mean,
                     "samples_per_s": (st.examples - last_log_examples) / max(interval_train_s, 1e-9),
                     "time/step(s)": interval_train_s / max(st.step - last_log_step, 1),
+                    **measures.metrics(),
                 })
                 tracker.progress(st.step, f"loss {loss_mean:.4f}")
                 last_log_step, last_log_examples, interval_train_s = st.step, st.examples, 0.0
@@ -315,7 +324,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                 if st.steps_to_target is None and reached_target(cfg, st.last_eval):
                     st.steps_to_target, st.examples_to_target = st.step, st.examples
                 tracker.log({"step": st.step, "examples": st.examples, "epoch": epoch, "lr": lr,
-                             "global_batch": global_batch, **st.last_eval})
+                             "global_batch": global_batch, **st.last_eval, **measures.at_eval()})
                 if cfg.train.stop_at_target and st.steps_to_target is not None:
                     status = "target_reached"
                     break
