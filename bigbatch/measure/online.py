@@ -5,8 +5,8 @@ The loop holds one `OnlineMeasures` and calls it at a few marked places:
     measures = OnlineMeasures(cfg, env, model, ddp_model, bundle, loss_fn)   # after DDP wrap
     global_batch = measures.global_batch(step, schedule.batch_at)            # batch.adaptive
     measures.begin_step(step)                                                # before the micro-batches
-    measures.after_backward(global_batch, per_device, accum, scale)          # before optimizer.step
-    measures.after_step(step_done)                                           # after zero_grad
+    measures.after_backward(global_batch, per_device, accum, scaler.get_scale)  # before optimizer.step
+    measures.after_step(steps_done)                                          # after zero_grad
     row.update(measures.metrics())                                           # log rows
     metrics.update(measures.at_eval())                                       # eval rows
 
@@ -63,8 +63,13 @@ def validate(cfg, world_size: int) -> None:
         unit = world_size * accum
         if lo % unit:
             raise ConfigError("batch.min", f"{lo} is not divisible by world size {world_size} x accum_steps {accum}")
-    if cfg.measure.tail_every and cfg.measure.tail_samples < 4:
-        raise ConfigError("measure.tail_samples", "must be >= 4")
+    # the probes draw their own examples, and the adaptive batch re-slices the example stream:
+    # both need the in-memory datasets (image folders stream through a DataLoader)
+    if cfg.data.name == "imagefolder":
+        for key, on in (("measure.tail_every", cfg.measure.tail_every), ("measure.sharpness", cfg.measure.sharpness),
+                        ("batch.adaptive", cfg.batch.adaptive != "none")):
+            if on:
+                raise ConfigError(key, "needs an in-memory dataset (mnist1d, digits, synthetic, cifar10), not imagefolder")
 
 
 def adaptive_range(cfg) -> tuple[int, int]:
@@ -101,27 +106,19 @@ def grad_sq_norm(params: list[nn.Parameter]) -> torch.Tensor | None:
     return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).square().sum()
 
 
-def _tap_comm_hook(tap: Callable[[torch.Tensor], None]):
-    """A DDP comm hook = the builtin averaging all-reduce with a tap on the local bucket first.
-    Used when bigbatch.distributed.hooks (the custom all-reduce hooks) is not available."""
-
-    def hook(state, bucket):
-        tensor = bucket.buffer()
-        tap(tensor)
-        tensor.div_(dist.get_world_size())
-        fut = dist.all_reduce(tensor, async_op=True).get_future()
-        return fut.then(lambda f: f.value()[0])
-
-    return hook
-
-
 def install_tap(ddp_model: nn.Module, cfg, env, tap: GradNormTap) -> None:
-    """Put `tap` into ddp_model's comm hook (the custom all-reduce hooks when they exist)."""
-    try:
-        from bigbatch.distributed.hooks import install_comm_hook
-    except ImportError:
-        ddp_model.register_comm_hook(None, _tap_comm_hook(tap))
-        return
+    """Put `tap` into ddp_model's comm hook (bigbatch.distributed.hooks), whichever all-reduce it
+    runs. If the loop already registered bigbatch's hook, the tap joins its state (DDP allows one
+    comm hook per model)."""
+    from bigbatch.distributed.hooks import CommHookState, install_comm_hook
+
+    registered = getattr(ddp_model, "_comm_hooks", [])
+    for _, state in registered:
+        if isinstance(state, CommHookState):
+            state.local_grad_tap = tap
+            return
+    if registered:
+        raise ConfigError("measure.gns", "another DDP comm hook is registered; the GNS tap needs bigbatch's own")
     install_comm_hook(ddp_model, cfg.dist, env, local_grad_tap=tap)
 
 
@@ -148,10 +145,14 @@ class OnlineGNS:
         self.tap.take()
         self.tap.enabled = step % self.every == 0
 
-    def after_backward(self, global_batch: int, per_device: int, accum: int, scale: float = 1.0) -> bool:
-        """Feed this step's two norms to the estimator; False when the step was not measured."""
+    def after_backward(self, global_batch: int, per_device: int, accum: int,
+                       scale: float | Callable[[], float] = 1.0) -> bool:
+        """Feed this step's two norms to the estimator; False when the step was not measured.
+        `scale`: the AMP loss scale, or a function returning it (called only on measured steps,
+        as reading a GPU GradScaler's scale synchronises)."""
         if not self.tap.enabled:
             return False
+        scale = scale() if callable(scale) else scale
         self.tap.enabled = False
         calls, local = self.tap.calls, self.tap.take()
         big = grad_sq_norm(self.params)
@@ -287,18 +288,13 @@ class GNSBatchController:
 class OnlineMeasures:
     """The one object the training loop talks to (see the module docstring for the call sites)."""
 
-    def __init__(self, cfg, env, model: nn.Module, ddp_model: nn.Module, bundle, loss_fn, schedule=None):
+    def __init__(self, cfg, env, model: nn.Module, ddp_model: nn.Module, bundle, loss_fn):
         m = cfg.measure
         self.cfg = cfg
         self.gns = OnlineGNS(cfg, env, model, ddp_model) if m.gns else None
-        needs_tensors = m.tail_every or m.sharpness
-        if needs_tensors and not bundle.in_memory:
-            raise ConfigError("measure.tail_every" if m.tail_every else "measure.sharpness",
-                              "the tail and sharpness probes need an in-memory dataset (mnist1d, digits, synthetic, cifar10)")
         self.tail = TailProbe(cfg, env, model, bundle.train, loss_fn) if m.tail_every else None
         self.sharpness = SharpnessProbe(cfg, env, model, bundle.train, loss_fn) if m.sharpness else None
         self.controller = GNSBatchController(cfg) if cfg.batch.adaptive == "gns" else None
-        self.schedule = schedule
         self.num_train = len(bundle.train)
         self._micro = 1
         self._extra: dict[str, float] = {}
@@ -316,7 +312,8 @@ class OnlineMeasures:
         if self.gns is not None:
             self.gns.begin_step(step)
 
-    def after_backward(self, global_batch: int, per_device: int, accum: int, scale: float = 1.0) -> None:
+    def after_backward(self, global_batch: int, per_device: int, accum: int,
+                       scale: float | Callable[[], float] = 1.0) -> None:
         self._micro = per_device
         if self.gns is not None:
             self.gns.after_backward(global_batch, per_device, accum, scale)
@@ -332,8 +329,10 @@ class OnlineMeasures:
                          self.controller.changes[-1]["b_simple"], new // 2, step, new)
 
     def metrics(self) -> dict[str, float]:
+        """For a log row: the GNS EMAs, and a probe's value once (at the first row after it ran)."""
         out = dict(self.gns.metrics()) if self.gns is not None else {}
         out.update(self._extra)
+        self._extra = {}
         return out
 
     def at_eval(self) -> dict[str, float]:
