@@ -137,12 +137,17 @@ def prepare_model(cfg: Config, bundle: DataBundle, env: dist_env.DistEnv) -> nn.
 def wrap_ddp(model: nn.Module, cfg: Config, env: dist_env.DistEnv) -> nn.Module:
     if not env.initialized:
         return model
-    return nn.parallel.DistributedDataParallel(
+    ddp = nn.parallel.DistributedDataParallel(
         model,
         device_ids=[env.device.index] if env.device.type == "cuda" else None,
         bucket_cap_mb=cfg.dist.bucket_cap_mb,
         gradient_as_bucket_view=True,
     )
+    if cfg.dist.allreduce != "builtin":  # ring / 2D-torus / hierarchical inside DDP
+        from bigbatch.distributed.hooks import install_comm_hook
+
+        install_comm_hook(ddp, cfg.dist, env)
+    return ddp
 
 
 # --- the run ----------------------------------------------------------------------------------
