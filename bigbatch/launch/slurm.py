@@ -324,6 +324,7 @@ def sbatch(script: str, extra: list[str] | None = None) -> str:
 
 
 def _submit(script: str, job: JobSpec, extra: list[str] | None = None) -> str:
+    _slurm_tool("sbatch")  # before anything is written
     log_dir = Path(job.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output folder
     job_id = sbatch(script, extra)
