@@ -147,6 +147,26 @@ def test_bad_recipe_config_names_the_field(sections, field):
     assert e.value.field == field
 
 
+@pytest.mark.parametrize("override, message", [
+    ("optim.base_lr=-0.1", "optim.base_lr: must be a positive number"),
+    ("schedule.warmup_epochs=7", "schedule.warmup_epochs: warmup"),
+    ("batch.phases=[[0, 128], [4, 256], [2, 512]]", "batch.phases[2]: phases out of order"),
+    ("optim.name='adam'", "optim.name: expected one of"),
+    ("schedule.name='linear'", "schedule.name: expected one of"),
+])
+def test_bad_recipe_on_the_command_line_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch, override, message):
+    from pathlib import Path
+
+    from bigbatch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = Path(__file__).resolve().parents[2] / "configs" / "mnist1d-cnn.toml"
+    assert main(["train", str(path), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # nothing written, no data generated
+
+
 @pytest.mark.parametrize("schedule, field", [
     ({"warmup_epochs": 6}, "schedule.warmup_epochs"),
     ({"warmup_steps": 50}, "schedule.warmup_steps"),
@@ -250,3 +270,25 @@ def test_metrics_follow_the_schedule_and_a_run_resumes_after_the_batch_change(tm
         assert (a["global_batch"], a["lr"]) == (b["global_batch"], pytest.approx(b["lr"]))
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
     assert second["test_acc"] == pytest.approx(straight["test_acc"])
+
+
+def test_large_batch_config_reaches_94_percent_in_the_baselines_epochs(tmp_path, capsys):
+    """Done when 4: `bigbatch train configs/mnist1d-cnn-large-batch.toml` at global batch >= 4096
+    reaches >= 94 % test accuracy in the epoch budget of configs/mnist1d-cnn.toml."""
+    import json
+    from pathlib import Path
+
+    from bigbatch.cli import main
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    large = config.load(configs / "mnist1d-cnn-large-batch.toml")
+    small = config.load(configs / "mnist1d-cnn.toml")
+    assert large.batch.global_batch >= 4096 and not large.batch.phases
+    assert large.train.epochs == small.train.epochs and large.model == small.model and large.data == small.data
+    out = tmp_path / "run"
+    assert main(["train", str(configs / "mnist1d-cnn-large-batch.toml"), "--out", str(out),
+                 "--set", "train.eval_every=0", "--set", "track.progress='off'"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_batch"] >= 4096
+    assert summary["epochs"] <= small.train.epochs + 4096 / 40000  # at most one batch past the budget
+    assert summary["test_acc"] >= 0.94, summary
