@@ -101,6 +101,10 @@ class JobSpec:
     log_dir: str = "slurm-logs"
     python: str = "python3"
     env: list[tuple[str, str]] = field(default_factory=list)
+    container_image: str | None = None
+    """pyxis/enroot: run the training steps in this image (srun --container-image)."""
+    container_mounts: str | None = None
+    """pyxis: SRC:DST[,SRC:DST...] mounted into the container (data, run folders)."""
 
     def __post_init__(self) -> None:
         _match(_NAME, self.job_name, "--job-name", "letters, digits, '.', '_' or '-' (at most 128, not starting with a symbol)")
@@ -156,6 +160,15 @@ class JobSpec:
         lines += ["--open-mode=append", f"--signal=B:{self.signal}@{self.signal_time}", "--requeue"]
         return "\n".join(f"#SBATCH {line}" for line in lines)
 
+    def srun_args(self) -> str:
+        """Extra srun options of the training step (pyxis container), as a bash array."""
+        args = []
+        if self.container_image:
+            args += [shlex.quote(f"--container-image={self.container_image}"), '--container-workdir="$SLURM_SUBMIT_DIR"']
+        if self.container_mounts:
+            args.append(shlex.quote(f"--container-mounts={self.container_mounts}"))
+        return "SRUN_ARGS=(" + " ".join(args) + ")"
+
     def user_env(self) -> str:
         return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in self.env)
 
@@ -203,7 +216,7 @@ def render_train(config_path: str, overrides: list[str], job: JobSpec, out: str 
     settings = [
         _assign("CONFIG", _abs(config_path)), run_dir, _assign("NPROC_PER_NODE", job.procs_per_node),
         _assign("PYTHON", job.python), _assign("STOP_SIGNAL", job.signal), _assign("MAX_REQUEUES", job.max_requeues),
-        _bash_array("TRAIN_ARGS", train_args),
+        _bash_array("TRAIN_ARGS", train_args), job.srun_args(),
     ]
     return fill("train.sbatch", {"header": job.header(), "settings": "\n".join(settings), "user_env": job.user_env()})
 
@@ -264,7 +277,7 @@ def render_array(out: str, n_trials: int, job: JobSpec, max_parallel: int | None
         'CONFIG="$SWEEP_DIR"/slurm/trial-"$SLURM_ARRAY_TASK_ID".toml',
         'RUN_DIR="$SWEEP_DIR"/runs/"$(sed -n "$(( SLURM_ARRAY_TASK_ID + 1 ))p" "$SWEEP_DIR"/slurm/trials.txt)"',
         _assign("NPROC_PER_NODE", job.procs_per_node), _assign("PYTHON", job.python),
-        _assign("STOP_SIGNAL", job.signal), _assign("MAX_REQUEUES", job.max_requeues), "TRAIN_ARGS=()",
+        _assign("STOP_SIGNAL", job.signal), _assign("MAX_REQUEUES", job.max_requeues), "TRAIN_ARGS=()", job.srun_args(),
     ]
     return fill("train.sbatch", {"header": job.header(array), "settings": "\n".join(settings), "user_env": job.user_env()})
 
@@ -361,6 +374,9 @@ def _job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-requeues", type=int, default=20, help="requeue at most this many times (default 20)")
     p.add_argument("--log-dir", default="slurm-logs", help="folder of the job's output files, named by job id (default slurm-logs)")
     p.add_argument("--python", default="python3", help="Python interpreter on the nodes (default python3)")
+    p.add_argument("--container-image", help="pyxis/enroot: run the training steps in this image, e.g. "
+                                              "nvcr.io#nvidia/pytorch:24.10-py3 or a .sqsh file (see docker/Dockerfile)")
+    p.add_argument("--container-mounts", help="pyxis: SRC:DST[,SRC:DST...] to mount (data and run folders)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="export a variable in the job (e.g. NCCL_SOCKET_IFNAME=ib0); repeatable")
 
@@ -414,7 +430,8 @@ def job_from_args(args: argparse.Namespace, default_name: str) -> JobSpec:
     return JobSpec(job_name=args.job_name or default_name, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                    procs_per_node=args.procs_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
                    account=args.account, time=args.time, signal=args.signal, signal_time=args.signal_time,
-                   max_requeues=args.max_requeues, log_dir=args.log_dir, python=args.python, env=_parse_env(args.env))
+                   max_requeues=args.max_requeues, log_dir=args.log_dir, python=args.python, env=_parse_env(args.env),
+                   container_image=args.container_image, container_mounts=args.container_mounts)
 
 
 def _check_ids(ids: list[str]) -> list[str]:

@@ -39,7 +39,9 @@ max_steps = 40
 VARIANTS = {
     "train-gpu-multinode": ["render", MLP, "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
                             "--account", "proj-1", "--time", "2-00:00:00", "--set", "batch.global_batch=4096",
-                            "--set", "optim.name=lars", "--env", "NCCL_SOCKET_IFNAME=ib0", "--out", "/scratch/runs/r1"],
+                            "--set", "optim.name=lars", "--env", "NCCL_SOCKET_IFNAME=ib0", "--out", "/scratch/runs/r1",
+                            "--container-image", "nvcr.io#nvidia/pytorch:24.10-py3",
+                            "--container-mounts", "/scratch:/scratch,/data:/data", "--python", "python"],
     "train-cpu": ["render", MLP, "--gpus-per-node", "0", "--procs-per-node", "4", "--time", "30", "--job-name", "cpu-job",
                   "--signal", "TERM", "--signal-time", "120", "--log-dir", "/scratch/logs"],
     "array": ["array", "{sweep}", "--out", "/scratch/sweeps/tiny", "--max-parallel", "2", "--print"],
@@ -118,16 +120,19 @@ def test_no_value_can_inject_shell(tmp_path, capsys):
     argv = ["render", str(cfg), "--out", str(evil_dir / "run $(touch PWNED)"), "--nodes", "2"]
     argv += [a for o in overrides for a in ("--set", o)]
     argv += ["--env", "EVIL_A=$(touch PWNED)", "--env", "EVIL_B=x'\n touch PWNED"]
+    argv += ["--container-image", "img;$(touch PWNED)", "--container-mounts", "/a:/b `touch PWNED`"]
     script = _render(capsys, argv)
     work = tmp_path / "work"
     work.mkdir()
     # Everything the script does before it starts srun (settings, rendezvous, exports).
     prefix = script[:script.index('\nmkdir -p "$RUN_DIR"')]
-    code = prefix + '\nprintf "%s\\0" "$CONFIG" "$RUN_DIR" "$EVIL_A" "$EVIL_B" "${TRAIN_ARGS[@]}"'
-    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1"}
+    code = prefix + '\nprintf "%s\\0" "$CONFIG" "$RUN_DIR" "$EVIL_A" "$EVIL_B" "${SRUN_ARGS[@]}" "${TRAIN_ARGS[@]}"'
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_SUBMIT_DIR": str(work)}
     values = _eval_in_bash(code, work, env).split("\0")[:-1]
     assert values[:4] == [str(cfg), str(evil_dir / "run $(touch PWNED)"), "$(touch PWNED)", "x'\n touch PWNED"]
-    assert values[4:] == [a for o in overrides for a in ("--set", o)]
+    assert values[4:7] == ["--container-image=img;$(touch PWNED)", "--container-workdir=" + str(work),
+                           "--container-mounts=/a:/b `touch PWNED`"]
+    assert values[7:] == [a for o in overrides for a in ("--set", o)]
     assert not list(work.iterdir()) and not (evil_dir / "PWNED").exists() and not (tmp_path / "PWNED").exists()
     for line in script.splitlines():  # #SBATCH lines hold validated words only
         if line.startswith("#SBATCH"):
