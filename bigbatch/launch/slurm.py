@@ -237,8 +237,11 @@ def render_sweep(sweep_path: str, job: JobSpec, out: str | None) -> str:
     spec, _ = _load_sweep(sweep_path)
     out_dir = (_assign("OUT_DIR", _abs(out)) if out is not None
                else f'OUT_DIR="$SLURM_SUBMIT_DIR"/sweeps/{shlex.quote(spec.name)}-"$SLURM_JOB_ID"')
+    if job.container_image or job.container_mounts:
+        raise UsageError("--container-image", "submit-sweep runs Ray on the nodes directly; use an allocation whose "
+                                              "nodes have bigbatch installed (or the array path)")
     settings = [_assign("SWEEP_CONFIG", _abs(sweep_path)), out_dir, _assign("GPUS_PER_NODE", job.gpus_per_node),
-                _assign("PYTHON", job.python)]
+                _assign("PYTHON", job.python), _assign("STOP_SIGNAL", job.signal), _assign("MAX_REQUEUES", job.max_requeues)]
     return fill("sweep.sbatch", {"header": job.header(), "settings": "\n".join(settings), "user_env": job.user_env()})
 
 
@@ -463,9 +466,13 @@ def _submit_sweep(args: argparse.Namespace) -> int:
 
 def _array_sweep(args: argparse.Namespace) -> int:
     spec, _ = _load_sweep(args.config)
+    if args.procs_per_node is None:
+        args.procs_per_node = spec.trial.workers_per_trial
     job = job_from_args(args, spec.name)
     if job.nodes != 1:
         raise UsageError("--nodes", "an array task trains one trial on one node; use submit-sweep for multi-node trials")
+    for point in spec.points():  # every trial's batch must split over the task's processes
+        spec.trial_config(point).validate(job.world_size, check_paths=False)
     script = render_array(args.out, len(spec.points()), job, args.max_parallel)
     if args.print_only:
         return _print_or_submit(script, job, True)
