@@ -187,6 +187,7 @@ def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True) -> dict[
         "fit_batches": batches,
         "excluded_batches": excluded,
         "b_simple_at_target": b_simple,
+        "b_simple_online_at_target": _median_of(t.get("b_simple_online_at_target") for e in best.values() for t in e["trials"]),
         "b_crit_over_b_simple": (fit["b_crit"] / b_simple) if fit and b_simple and math.isfinite(fit["b_crit"]) else None,
         "best": [
             {"batch": b, "lr": e["lr"], "steps_to_target": e["steps_to_target"],

@@ -94,7 +94,7 @@ def plot_steps_vs_batch(analysis: dict[str, Any], path: Path) -> bool:
                   label=f"S_min(1 + B_crit/B): B_crit={fmt(analysis['b_crit'])}, S_min={fmt(fit['s_min'])}")
         ax.axhline(fit["s_min"], color="C1", ls=":", lw=1)
         if analysis.get("b_crit"):
-            ax.axvline(analysis["b_crit"], color="C1", ls="--", lw=1)
+            ax.axvline(analysis["b_crit"], color="C1", ls="--", lw=1, label=f"B_crit = {fmt(analysis['b_crit'])}")
     if analysis.get("b_simple_at_target"):
         ax.axvline(analysis["b_simple_at_target"], color="C2", ls="--", lw=1, label=f"B_simple at target = {fmt(analysis['b_simple_at_target'])}")
     return _save(fig, ax, path, "global batch B", "steps to target", "Steps to target vs batch size")
@@ -140,10 +140,14 @@ def plot_lr_sensitivity(trials: list[dict[str, Any]], path: Path) -> bool:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(batches) + 2), max(3, 0.5 * len(mults) + 1.8)))
     im = ax.imshow(np.log10(grid), aspect="auto", origin="lower", cmap="viridis_r")
+    logs = np.log10(grid[~np.isnan(grid)])
+    lo, hi = (logs.min(), logs.max()) if logs.size else (0.0, 1.0)
     for i in range(len(mults)):
         for j in range(len(batches)):
-            ax.text(j, i, "-" if np.isnan(grid[i, j]) else fmt(float(grid[i, j]), 3), ha="center", va="center", fontsize=7,
-                    color="k" if np.isnan(grid[i, j]) else "w")
+            v = grid[i, j]
+            light = np.isnan(v) or (np.log10(v) - lo) < 0.5 * (hi - lo)  # the few-step end of viridis_r is yellow
+            ax.text(j, i, "-" if np.isnan(v) else fmt(float(v), 3), ha="center", va="center", fontsize=7,
+                    color="k" if light else "w")
     ax.set_xticks(range(len(batches)), [str(b) for b in batches])
     ax.set_yticks(range(len(mults)), [f"{m:g}x" for m in mults])
     fig.colorbar(im, ax=ax, label="log10 steps")

@@ -96,9 +96,9 @@ class TrialSpec:
     max_concurrent: int = 0
     """Trials running at once; 0 = as many as the cluster's resources allow."""
     b_simple_samples: int = 4096
-    """When a trial reaches the target without the online estimate (measure.gns) in its metrics,
-    B_simple at the target is computed exactly from per-example gradients on this many training
-    examples at the final (target) weights; 0 = off."""
+    """When a trial stops at the target, B_simple there is computed exactly from per-example
+    gradients on this many training examples at the final (target) weights; 0 = off (then the
+    online estimate of measure.gns, when logged, is used)."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "max_examples", "eval_every_examples"):

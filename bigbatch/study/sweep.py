@@ -95,8 +95,11 @@ def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: li
     # B_simple (measure.gns) nearest the target: the last value logged up to steps_to_target.
     upto = rec["steps_to_target"] if rec["steps_to_target"] is not None else math.inf
     b_simple = [r["gns/b_simple"] for r in rows if r.get("gns/b_simple") is not None and r.get("step", 0) <= upto]
-    rec["b_simple_at_target"] = b_simple[-1] if b_simple else b_simple_exact
-    rec["b_simple_source"] = "online" if b_simple else ("per_example" if b_simple_exact is not None else None)
+    # The per-example value at the target weights is exact; the online EMA (measure.gns) lags and
+    # is noisy, so it is the fallback and is kept beside it.
+    rec["b_simple_online_at_target"] = b_simple[-1] if b_simple and rec["steps_to_target"] is not None else None
+    rec["b_simple_at_target"] = b_simple_exact if b_simple_exact is not None else rec["b_simple_online_at_target"]
+    rec["b_simple_source"] = "per_example" if b_simple_exact is not None else ("online" if b_simple else None)
     sharp = [r["sharpness/top"] for r in rows if r.get("sharpness/top") is not None]
     rec["sharpness"] = sharp[-1] if sharp else None
     return rec
@@ -260,9 +263,7 @@ def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str
             tune.report(_numeric(rec) | {"done": True})
             return
     exact = None
-    rows = read_rows(run_dir / "metrics.jsonl")
-    if (spec.trial.b_simple_samples and summary.get("status") == "target_reached"
-            and not any(r.get("gns/b_simple") is not None for r in rows)):
+    if spec.trial.b_simple_samples and summary.get("status") == "target_reached":
         exact = exact_b_simple(cfg, run_dir, spec.trial.b_simple_samples)
     rec = _finish_trial(run_dir, point, spec.trial.gap_epochs, summary, _status(summary), exact)
     tune.report(_numeric(rec) | {"done": True})
@@ -440,7 +441,9 @@ def headline(analysis: dict[str, Any]) -> list[str]:
         f"E_min = {fmt(analysis['e_min'])} examples   (fit r2 = {fmt(analysis['r2'], 3)})",
         f"B_simple at target = {fmt(analysis['b_simple_at_target'])}"
         + (f"   B_crit / B_simple = {fmt(analysis['b_crit_over_b_simple'], 2)}"
-           if analysis.get("b_crit_over_b_simple") is not None else ""),
+           if analysis.get("b_crit_over_b_simple") is not None else "")
+        + (f"   (online EMA at target: {fmt(analysis['b_simple_online_at_target'])})"
+           if analysis.get("b_simple_online_at_target") is not None else ""),
     ]
     trend = analysis.get("gap_trend_per_doubling")
     if trend is not None:
