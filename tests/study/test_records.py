@@ -1,0 +1,76 @@
+"""trials.jsonl records from a run's summary and metrics rows, and the report from records (no Ray)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bigbatch.study import critical
+from bigbatch.study.report import write_report
+from bigbatch.study.sweep import trial_record
+
+POINT = {"batch": 64, "lr_multiplier": 0.5, "seed": 1}
+
+
+def rows():
+    # metrics.jsonl as the loop writes it: log rows (loss, online GNS) and eval rows.
+    out = []
+    for step, epoch, tr, te, gns in [(10, 0.25, 0.70, 0.69, 100.0), (20, 0.5, 0.82, 0.80, 150.0),
+                                      (30, 0.75, 0.90, 0.86, 200.0), (40, 1.0, 0.95, 0.90, 400.0)]:
+        out.append({"step": step, "epoch": epoch, "loss": 0.5, "gns/b_simple": gns})
+        out.append({"step": step, "epoch": epoch, "train_acc": tr, "test_acc": te, "train_loss": 1 - tr,
+                    "test_loss": 1 - te, "sharpness/top": 10.0 * step})
+    return out
+
+
+SUMMARY = {"status": "target_reached", "steps": 40, "epochs": 1.0, "peak_lr": 0.05, "steps_to_target": 30,
+           "examples_to_target": 1920, "train_acc": 0.95, "test_acc": 0.90, "train_loss": 0.05, "test_loss": 0.1,
+           "world_size": 1, "wall_s": 3.0}
+
+
+def test_record_reads_target_gap_budget_and_measurements():
+    rec = trial_record(POINT, SUMMARY, rows(), gap_epochs=0.6, status="ok")
+    assert (rec["batch"], rec["lr_multiplier"], rec["seed"], rec["lr"]) == (64, 0.5, 1, 0.05)
+    assert rec["steps_to_target"] == 30 and rec["examples_to_target"] == 1920
+    assert rec["gap"] == pytest.approx(0.05) and rec["loss_gap"] == pytest.approx(0.05)
+    # the last evaluation within 0.6 epochs is the one at 0.5
+    assert rec["train_acc_at_budget"] == 0.82 and rec["gap_at_budget"] == pytest.approx(0.02)
+    # online B_simple: the last value up to steps_to_target (30), not the one after it
+    assert rec["b_simple_online_at_target"] == 200.0 and rec["b_simple_at_target"] == 200.0
+    assert rec["b_simple_source"] == "online"
+    assert rec["sharpness"] == 400.0
+
+
+def test_exact_b_simple_wins_and_budget_beyond_the_run_is_not_invented():
+    rec = trial_record(POINT, SUMMARY, rows(), gap_epochs=2.0, status="ok", b_simple_exact=321.0)
+    assert rec["b_simple_at_target"] == 321.0 and rec["b_simple_source"] == "per_example"
+    assert rec["gap_at_budget"] is None  # the run stopped at 1 epoch, before the 2-epoch budget
+
+
+def test_failed_trial_without_summary():
+    rec = trial_record(POINT, None, [], gap_epochs=None, status="failed", error="RuntimeError: boom")
+    assert rec["status"] == "failed" and rec["steps_to_target"] is None and rec["error"] == "RuntimeError: boom"
+    assert rec["b_simple_at_target"] is None and rec["gap"] is None
+
+
+def test_report_from_records(tmp_path):
+    trials = []
+    for b, s in [(16, 4000), (64, 1100), (256, 400), (1024, 220), (4096, 260)]:
+        t = trial_record({"batch": b, "lr_multiplier": 1.0, "seed": 0},
+                         {**SUMMARY, "steps_to_target": s, "examples_to_target": s * b, "peak_lr": 0.01 * b},
+                         [], None, "ok", b_simple_exact=500.0)
+        trials.append({**t, "trial": f"b{b}", "run_dir": str(tmp_path / "none")})
+    trials.append({**trial_record({"batch": 64, "lr_multiplier": 2.0, "seed": 0}, None, [], None, "diverged"), "trial": "x"})
+    (tmp_path / "trials.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trials))
+    analysis = critical.analyse(trials)
+    (tmp_path / "critical.json").write_text(json.dumps(analysis))
+    html = write_report(tmp_path).read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert analysis["excluded_batches"] == [4096]
+    assert f"B_crit = {analysis['b_crit']:.4g}" in md and "B_simple at target = 500" in md
+    for name in ("steps_vs_batch", "pareto", "lr_sensitivity", "gap_vs_batch"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000 and f"{name}.png" in md
+    assert not (tmp_path / "b_simple.png").exists()  # no online GNS rows: not drawn, and said so
+    assert "Not plotted (no data): b_simple" in md
+    assert html.count("data:image/png;base64,") == 4 and "diverged" in html
