@@ -14,8 +14,6 @@ inside the hook and return a completed Future: correct, but the bucket's communi
 longer overlaps the backward pass; `bigbatch scaling` measures what that costs.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,7 +47,8 @@ def resolve(dist_cfg, env) -> CommHookState:
     return state
 
 
-def allreduce_mean_hook(state: CommHookState, bucket) -> torch.futures.Future:
+def allreduce_mean_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    # (no `from __future__ import annotations` here: DDP checks these annotations as objects)
     """The comm hook: tap the local gradient, sum with the chosen algorithm, divide by the world."""
     tensor = bucket.buffer()
     if state.local_grad_tap is not None:
@@ -59,7 +58,7 @@ def allreduce_mean_hook(state: CommHookState, bucket) -> torch.futures.Future:
         return fut.then(lambda f: f.value()[0].div_(state.world_size))
     ar.allreduce(tensor, state.algo, group=state.group, rows=state.rows, local_size=state.local_size)
     tensor.div_(state.world_size)
-    fut: torch.futures.Future = torch.futures.Future()
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     fut.set_result(tensor)
     return fut
 
