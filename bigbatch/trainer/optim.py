@@ -235,7 +235,8 @@ def _apex_optimizer(cfg: OptimConfig, groups: list[dict[str, Any]], lr: float, o
         # use_nvlamb=False: apex skips the trust ratio where weight decay is 0, which is exactly
         # our lars_adapt=False group (BatchNorm/bias, weight decay 0).
         return FusedLAMB(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps or 1e-6, weight_decay=cfg.weight_decay,
-                         bias_correction=True, use_nvlamb=not cfg.exclude_bn_bias)
+                         bias_correction=True, use_nvlamb=not cfg.exclude_bn_bias,
+                         max_grad_norm=float("inf"))  # apex clips the global grad norm at 1.0 by default; ours does not
     if cfg.exclude_bn_bias:
         raise ConfigError("optim.impl", "apex.parallel.LARC adapts every parameter, BatchNorm and biases included; "
                           "use optim.impl = \"torch\" (bigbatch's LARS honours optim.exclude_bn_bias) "
