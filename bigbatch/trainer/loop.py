@@ -293,8 +293,8 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():
                     with autocast():
                         loss = loss_fn(train_model(x), y)
-                    scaler.scale(loss / accum).backward()
-                interval_loss += loss.detach() * len(idx)
+                    scaler.scale(loss / accum if accum > 1 else loss).backward()
+                interval_loss.add_(loss.detach(), alpha=len(idx))
             measures.after_backward(global_batch, per_device, accum, scaler.get_scale)  # measure: GNS norms
             scaler.step(optimizer)
             scaler.update()
