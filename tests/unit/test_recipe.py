@@ -215,7 +215,7 @@ def test_imagenet_recipes_dry_run_without_the_data(capsys, tmp_path, name, peak,
 # --- the schedule in a real run: metrics.jsonl, and resuming after a batch change -----------------
 
 
-def _phase_run_config(tmp_path) -> config.Config:
+def _phase_run_config() -> config.Config:
     # 1600 training examples: batch 100 for epoch 0 (16 steps), then 400 (4 steps an epoch)
     return _cfg(
         data={"name": "synthetic", "num_samples": 2000, "num_features": 16, "seed": 3},
@@ -223,30 +223,41 @@ def _phase_run_config(tmp_path) -> config.Config:
         batch={"global_batch": 100, "phases": [[0, 100], [1, 400]]},
         optim={"name": "lars", "base_lr": 1.0, "base_batch": 100, "weight_decay": 1e-4},
         schedule={"name": "poly", "warmup_epochs": 0.5, "warmup_start": 0.0, "end_lr": 0.01},
-        train={"epochs": 3, "log_every": 1, "eval_every": 0, "seed": 5},
+        train={"epochs": 3, "log_every": 1, "eval_every": 0, "seed": 5, "amp": "off"},
         track={"progress": "off"},
     )
 
 
-def test_metrics_follow_the_schedule_and_a_run_resumes_after_the_batch_change(tmp_path):
+def _loss_rows(run_dir) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """One uninterrupted LARS run through a batch phase change (shared by the checks below)."""
+    from bigbatch.trainer.loop import run
+
+    out = tmp_path_factory.mktemp("straight")
+    summary = run(_phase_run_config(), out)
+    return summary, _loss_rows(out)
+
+
+def test_metrics_follow_the_schedule_and_a_run_resumes_after_the_batch_change(tmp_path, straight_run):
     """Done when 3: the lr and global batch in metrics.jsonl are the schedule's, and a run
     preempted (SIGTERM) after the batch phase change resumes to the same losses as one that was not."""
-    import json
     import os
     import signal
 
     from bigbatch.trainer.loop import run
 
-    cfg = _phase_run_config(tmp_path)
+    cfg = _phase_run_config()
     schedule = Schedule(cfg, 1600)
     assert schedule.total_steps == 16 + 8 and schedule.phases[1].start_step == 16
 
-    def rows(run_dir):
-        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-
-    straight = run(cfg, tmp_path / "straight")
+    straight, ref = straight_run
     assert straight["status"] == "completed" and straight["steps"] == 24 and straight["examples"] == 1600 + 3200
-    ref = rows(tmp_path / "straight")
     assert [r["step"] for r in ref] == list(range(1, 25))
     for r in ref:  # the row of step k reports the lr and batch that step k-1 (0-based) trained with
         assert r["global_batch"] == schedule.batch_at(r["step"] - 1)
@@ -264,12 +275,31 @@ def test_metrics_follow_the_schedule_and_a_run_resumes_after_the_batch_change(tm
     assert first["status"] == "preempted" and first["steps"] == 19
     second = run(cfg, tmp_path / "resumed", resume=True)
     assert second["status"] == "completed" and second["steps"] == 24
-    got = rows(tmp_path / "resumed")
+    got = _loss_rows(tmp_path / "resumed")
     assert [r["step"] for r in got] == list(range(1, 25))  # no duplicated or missing rows
     for a, b in zip(ref, got):
         assert (a["global_batch"], a["lr"]) == (b["global_batch"], pytest.approx(b["lr"]))
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
     assert second["test_acc"] == pytest.approx(straight["test_acc"])
+
+
+def test_two_gloo_ranks_follow_the_same_phases_and_losses(tmp_path, straight_run):
+    """`bigbatch train --nproc 2` (real torchrun, gloo): per-device batch 50 then 200, LARS on the
+    all-reduced gradient, so the same lr, batch and (up to summation order) loss at every step."""
+    from _helpers import bigbatch
+
+    path = tmp_path / "phases.toml"
+    config.save(_phase_run_config(), path)
+    p = bigbatch("train", str(path), "--nproc", "2", "--out", str(tmp_path / "two"), cwd=tmp_path,
+                 env={"OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    _, ref = straight_run
+    got = _loss_rows(tmp_path / "two")
+    assert [(r["step"], r["global_batch"]) for r in got] == [(r["step"], r["global_batch"]) for r in ref]
+    for a, b in zip(ref, got):
+        assert b["lr"] == pytest.approx(a["lr"])
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6), a["step"]
+    assert "2 rank(s) x 50 per device" in (tmp_path / "two" / "train.log").read_text()
 
 
 def test_large_batch_config_reaches_94_percent_in_the_baselines_epochs(tmp_path, capsys):
