@@ -219,3 +219,16 @@ def test_sbatch_missing_is_exit_2(tmp_path):
         assert proc.returncode == 2 and "\n" not in err, err
         assert "not found on PATH" in err and "slurm" in err, err
     assert not (tmp_path / "slurm-logs").exists()
+
+
+def test_sweep_jobs_refuse_what_they_cannot_run(capsys, sweep_file):
+    """Array tasks must split every trial's batch; the Ray job runs on the nodes, not in a container."""
+    for argv, expect in (
+        (["array", str(sweep_file), "--out", "/tmp/x", "--procs-per-node", "3", "--print"],
+         "batch.global_batch: global batch 32 is not divisible by world size 3"),
+        (["array", str(sweep_file), "--out", "/tmp/x", "--nodes", "2", "--print"], "--nodes:"),
+        (["submit-sweep", str(sweep_file), "--container-image", "img", "--print"], "--container-image:"),
+    ):
+        rc = main(["slurm", *argv])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and "\n" not in err and expect in err, err
