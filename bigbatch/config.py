@@ -378,6 +378,9 @@ class Config:
         derive_batch(self.batch.global_batch, world_size, self.batch.accum_steps, "batch.global_batch")
         for i, (_, b) in enumerate(self.batch.phases):
             derive_batch(b, world_size, self.batch.accum_steps, f"batch.phases[{i}]")
+        if self.data.backend == "dali":
+            _check(not self.batch.phases and self.batch.adaptive == "none", "data.backend",
+                   "dali builds its pipeline for one per-device batch: no batch.phases or batch.adaptive with it")
         if self.train.amp == "fp16":
             import torch
 

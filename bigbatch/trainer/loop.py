@@ -243,10 +243,12 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
     tracker = make_tracker(env.is_main, run_dir, config_mod.to_dict(cfg), cfg.track, schedule.total_steps,
                            st.step, reporter=reporter)
 
-    folder = None if bundle.in_memory else FolderBatches(bundle.train, cfg.data.num_workers, env.device.type == "cuda")
-    micro_count = lambda step: derive_batch(schedule.batch_at(step), world, cfg.batch.accum_steps)[1]  # noqa: E731
-    if folder is not None:
-        folder.restart(stream, schedule.batch_at, st.step, rank, world, micro_count)
+    # Image folders: a DataLoader fed by the example stream (rebuilt when the batch changes), or DALI,
+    # which shards and shuffles by itself (data.backend = "dali"; fixed per-device batch).
+    folder = None if bundle.in_memory or cfg.data.backend == "dali" else FolderBatches(
+        bundle.train, cfg.data.num_workers, env.device.type == "cuda")
+    dali_batches = _dali_train_batches(cfg, env, per_device) if cfg.data.backend == "dali" else None
+    loader_batch = None
 
     interval_loss = torch.tensor(st.interval_loss, device=env.device, dtype=torch.float64)
 
@@ -281,11 +283,16 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                 group["lr"] = lr
 
             measures.begin_step(step)  # measure
+            if folder is not None and global_batch != loader_batch:
+                folder.restart(stream, lambda s, b=global_batch: b, st.step, rank, world, lambda s, a=accum: a)
+                loader_batch = global_batch
             for i, idx in enumerate(shard(stream.take(global_batch), rank, world, accum)):
-                if folder is None:
-                    x, y = tensor_batch(bundle.train, idx, env.device, train=True)
-                else:
+                if dali_batches is not None:
+                    x, y = next(dali_batches)
+                elif folder is not None:
                     x, y = folder.next(env.device)
+                else:
+                    x, y = tensor_batch(bundle.train, idx, env.device, train=True)
                 if x.dim() == 4 and env.device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 # all-reduce only on the last micro-batch: one gradient exchange per step
@@ -401,6 +408,16 @@ def stop_requested(stop: StopFlag, step: int, env: dist_env.DistEnv) -> bool:
         return False
     flag = _all_reduce_sum([1.0 if stop.signum is not None else 0.0], env, env.device)
     return bool(flag.item() > 0)
+
+
+def _dali_train_batches(cfg: Config, env: dist_env.DistEnv, per_device: int):
+    """Endless (images, labels) micro-batches of this rank's DALI shard, epoch after epoch."""
+    from bigbatch.trainer.dali import build_dali_loader
+
+    loader = build_dali_loader(cfg.data.root, cfg.data.image_size, per_device, env.rank, env.world_size,
+                               cfg.train.seed, train=True, num_threads=max(cfg.data.num_workers, 1))
+    while True:
+        yield from loader
 
 
 def reached_target(cfg: Config, metrics: dict[str, float]) -> bool:
