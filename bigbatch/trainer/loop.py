@@ -38,7 +38,8 @@ from bigbatch.errors import ConfigError
 from bigbatch.measure import online as measure_online
 from bigbatch.track import JSONL, make_tracker, truncate_after
 from bigbatch.trainer import checkpoint as ckpt
-from bigbatch.trainer.data import DataBundle, ExampleStream, FolderBatches, build_data, eval_batches, shard, tensor_batch
+from bigbatch.trainer.data import (DataBundle, ExampleStream, FolderBatches, build_data, eval_batches, shard,
+                                   tensor_batch, train_size_hint)
 from bigbatch.trainer.models import build_model
 from bigbatch.trainer.optim import build_optimizer
 from bigbatch.trainer.recipe import Schedule
@@ -185,6 +186,7 @@ def run(cfg: Config, out_dir: str | Path | None = None, *, resume: bool = False,
         from bigbatch.trainer.dali import require_dali
 
         require_dali()
+    Schedule(cfg, train_size_hint(cfg.data))  # schedule errors (warmup > training) before loading any data
     bundle = build_data(cfg.data)
     schedule = Schedule(cfg, len(bundle.train))
     model = prepare_model(cfg, bundle, env)

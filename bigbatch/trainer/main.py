@@ -47,12 +47,10 @@ def _load(args) -> tuple[config_mod.Config, Path | None, bool]:
 def dry_run(cfg: config_mod.Config, world_size: int) -> dict:
     """The derived schedule without data: the training-set size comes from the config or a
     known dataset size (ImageNet-1k 1,281,167; CIFAR-10 50,000)."""
+    from bigbatch.trainer.data import train_size_hint
     from bigbatch.trainer.recipe import Schedule
 
-    known = {"imagefolder": 1_281_167, "cifar10": 50_000, "digits": 1797}
-    n = known.get(cfg.data.name) or cfg.data.num_samples
-    if cfg.data.name in ("mnist1d", "synthetic", "digits"):
-        n = round(n * (1 - cfg.data.test_fraction))
+    n = train_size_hint(cfg.data)
     sched = Schedule(cfg, n)
     per_device, accum = config_mod.derive_batch(sched.batch_at(0), world_size, cfg.batch.accum_steps)
     return {"num_train": n, "world_size": world_size, "per_device_batch": per_device, "accum_steps": accum,

@@ -72,6 +72,8 @@ def build_resnet(name: str, num_classes: int, zero_init_residual: bool, small_in
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The model named by cfg for inputs of `input_shape` (without the batch dimension)."""
+    if cfg.zero_init_residual and cfg.name not in RESNETS:
+        raise ConfigError("model.zero_init_residual", f"{cfg.name} has no residual blocks; only resnets do")
     if cfg.name == "mlp":
         return MLP(math.prod(input_shape), num_classes, cfg.hidden, cfg.depth)
     if cfg.name == "cnn1d":
