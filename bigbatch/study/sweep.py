@@ -75,7 +75,8 @@ def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: li
         "batch": point["batch"], "lr_multiplier": point["lr_multiplier"], "seed": point["seed"],
         "lr": s.get("peak_lr"), "status": status,
         "steps_to_target": s.get("steps_to_target"), "examples_to_target": s.get("examples_to_target"),
-        "steps": value("step") if not s else s.get("steps"), "epochs": s.get("epochs", last.get("epoch")),
+        "steps": s.get("steps", rows[-1].get("step") if rows else None),
+        "epochs": s.get("epochs", rows[-1].get("epoch") if rows else None),
         "train_loss": value("train_loss"), "test_loss": value("test_loss"),
         "train_acc": value("train_acc"), "test_acc": value("test_acc"),
         "world_size": s.get("world_size"), "wall_s": s.get("wall_s"), "error": error,
@@ -302,8 +303,13 @@ def check_ray_address(address: str, timeout_s: float = 3.0) -> None:
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Local Ray (no dashboard, no token auth) by default; a running cluster with `address`."""
+    import logging
+
     import ray
 
+    # Ray Tune's own progress tables and INFO lines would bury the one line per trial printed here.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray.tune").setLevel(logging.WARNING)
     env_vars = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
                 "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     os.environ.update(env_vars)
@@ -360,7 +366,9 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sweep.json").write_text(json.dumps(spec_dict, indent=2) + "\n")
 
-    init_ray(ray_address, num_cpus)
+    owns_ray = not ray.is_initialized()  # a caller's Ray session (a notebook, a test) is used as it is
+    if owns_ray:
+        init_ray(ray_address, num_cpus)
     try:
         t = spec.trial
         resources = {"cpu": t.cpus_per_worker, "gpu": t.gpus_per_worker}
@@ -386,7 +394,8 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
         results = tuner.fit()
         errors = {spec.trial_name(r.config["point"]): r.error for r in results if r.error is not None}
     finally:
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
     unfinished = [spec.trial_name(p) for p in points
                   if spec.trial_name(p) not in errors and not (out_dir / RUNS_DIR / spec.trial_name(p) / TRIAL_RECORD).is_file()]
     if unfinished:  # Tune returns normally after SIGINT, with the state saved for Tuner.restore

@@ -44,9 +44,22 @@ def read_trials(out: Path) -> dict[str, dict]:
     return {t["trial"]: t for t in map(json.loads, (out / "trials.jsonl").read_text().splitlines())}
 
 
-def test_failed_trial_is_recorded_others_complete_and_wandb_groups_trials(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    d = sweep_dict("grouped", wandb=True)
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the in-process sweeps (each start costs seconds of CPU); W&B offline in its workers."""
+    import ray
+
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    del os.environ["WANDB_MODE"]
+
+
+def test_failed_trial_is_recorded_others_complete_and_wandb_groups_trials(tmp_path, local_ray):
+    # 500x the scaled lr (lr 125..500): the loss blows up, the trial stops as diverged, not failed.
+    d = sweep_dict("grouped", wandb=True, lr_multipliers=[1.0, 500.0])
     out = tmp_path / "sweep"
     # A file where trial b32's run folder must go: its training run raises (FileExistsError).
     (out / "runs").mkdir(parents=True)
@@ -54,7 +67,10 @@ def test_failed_trial_is_recorded_others_complete_and_wandb_groups_trials(tmp_pa
     analysis = run_sweep(spec_mod.from_dict(d), d, out, num_cpus=2, quiet=True)
 
     trials = read_trials(out)
-    assert set(trials) == {"b16-lr1-s0", "b32-lr1-s0", "b64-lr1-s0"}
+    assert set(trials) == {f"b{b}-lr{m}-s0" for b in (16, 32, 64) for m in ("1", "500")}
+    for b in (16, 32, 64):
+        hot = trials[f"b{b}-lr500-s0"]
+        assert hot["status"] == "diverged" and hot["steps_to_target"] is None and hot["steps"] < 60, hot
     failed = trials["b32-lr1-s0"]
     assert failed["status"] == "failed" and "FileExistsError" in failed["error"]
     for name in ("b16-lr1-s0", "b64-lr1-s0"):
@@ -64,7 +80,7 @@ def test_failed_trial_is_recorded_others_complete_and_wandb_groups_trials(tmp_pa
         assert t["test_acc"] >= 0.7 and t["lr"] == pytest.approx(0.1 * t["batch"] / 64)
         assert t["b_simple_at_target"] > 0  # exact per-example estimate at the target weights
         assert t["gap"] == pytest.approx(t["train_acc"] - t["test_acc"])
-    assert analysis["trials"] == {"ok": 2, "failed": 1}
+    assert analysis["trials"] == {"ok": 2, "failed": 1, "diverged": 3}
     assert json.loads((out / "critical.json").read_text())["best"][0]["batch"] == 16
 
     # W&B offline: one run per finished trial, each in the sweep's group.
@@ -81,8 +97,8 @@ def test_failed_trial_is_recorded_others_complete_and_wandb_groups_trials(tmp_pa
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     # Target out of reach: every trial trains its whole budget, one at a time.
-    d = sweep_dict("resumable", batch_sizes=[16, 32, 64, 128], target={"test_acc": 1.0},
-                   trial={"max_steps": 150, "max_concurrent": 1, "eval_every_examples": 512})
+    d = sweep_dict("resumable", batch_sizes=[16, 32, 64], target={"test_acc": 1.0},
+                   trial={"max_steps": 120, "max_concurrent": 1, "eval_every_examples": 512})
     cfg, out = tmp_path / "sweep.toml", tmp_path / "sweep"
     cfg.write_text(tomli_w.dumps(d))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -90,7 +106,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
-        while len(list(out.glob(f"runs/*/{TRIAL_RECORD}"))) < 2:
+        while len(list(out.glob(f"runs/*/{TRIAL_RECORD}"))) < 1:
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "no trial finished"
             time.sleep(0.2)
@@ -102,13 +118,13 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert proc.returncode == 130, log
     assert "--resume" in log
     finished = {p.parent.name: (p.parent / "summary.json").stat().st_mtime_ns for p in out.glob(f"runs/*/{TRIAL_RECORD}")}
-    assert 2 <= len(finished) < 4
+    assert 1 <= len(finished) < 3
 
     spec = spec_mod.from_dict(d)
     run_sweep(spec, d, out, resume=True, num_cpus=2, quiet=True)
     trials = read_trials(out)
-    assert [t["status"] for t in trials.values()] == ["not_reached"] * 4
-    assert all(t["steps"] == min(150, 10**9) for t in trials.values())
+    assert [t["status"] for t in trials.values()] == ["not_reached"] * 3
+    assert all(t["steps"] == 120 for t in trials.values())
     for name, mtime in finished.items():  # finished trials were not trained again
         assert (out / "runs" / name / "summary.json").stat().st_mtime_ns == mtime
     for name in trials:  # and the restarted one logged each step once
@@ -117,7 +133,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
         assert steps == sorted(set(steps))
 
 
-def test_trial_with_two_workers_trains_ddp_with_two_gloo_processes_inside_ray(tmp_path):
+def test_trial_with_two_workers_trains_ddp_with_two_gloo_processes_inside_ray(tmp_path, local_ray):
     d = sweep_dict("ddp", batch_sizes=[32],
                    trial={"workers_per_trial": 2, "cpus_per_worker": 0.5, "max_steps": 40, "b_simple_samples": 0})
     out = tmp_path / "sweep"
