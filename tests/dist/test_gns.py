@@ -80,6 +80,7 @@ def _ddp_worker(rank, world, port, out):
         got = online_estimate(model, ddp, env, x, y, per_device=GLOBAL // world, accum=1)
         if rank == 0:
             torch.save({"b_simple": got, "reference": per_sample_b_simple(model, mse, x, y)}, out)
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 

@@ -1,0 +1,76 @@
+"""B_simple measured while training the MNIST-1D MLP (McCandlish et al. 2018, section 3).
+
+- The 2-rank DDP estimate (local batch = small batch, via the comm-hook tap) and the 1-process
+  estimate (micro-batches of accumulation = small batches) agree within a factor of 1.5 over the
+  run; both trainings see the same examples in the same order.
+- B_simple grows as the loss falls.
+- batch.adaptive = "gns" doubles the batch while B_simple exceeds it, rescales the lr with the
+  batch (linear rule), logs both, and reaches the target accuracy.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from statistics import median
+
+import pytest
+
+from bigbatch import config
+from bigbatch.trainer.loop import run
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist1d-mlp.toml"
+COMMON = ["data.num_samples=4000", "data.train_eval_samples=1000", "train.steps=300", "train.eval_every=0",
+          "train.log_every=20", "track.progress=off", "measure.gns=true", "batch.global_batch=128", "train.amp=off"]
+
+
+def rows(run_dir):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gns")
+    cfg = config.load(CONFIG, COMMON + ["batch.accum_steps=2"])
+    run(cfg, root / "accum")
+    sets = [a for s in COMMON for a in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "bigbatch", "train", str(CONFIG), "--nproc", "2", "--out", str(root / "ddp"), *sets],
+                   check=True, env=env, capture_output=True, timeout=240)
+    return rows(root / "accum"), rows(root / "ddp")
+
+
+def test_two_rank_ddp_and_one_process_accumulation_agree_within_1_5x(two_runs):
+    accum, ddp = two_runs
+    assert [r["step"] for r in accum] == [r["step"] for r in ddp] and len(accum) == 15
+    for a, d in zip(accum, ddp):
+        ratio = a["gns/b_simple"] / d["gns/b_simple"]
+        assert 1 / 1.5 <= ratio <= 1.5, (a["step"], a["gns/b_simple"], d["gns/b_simple"])
+        assert a["gns/grad_sq"] > 0 and a["gns/trace_sigma"] > 0
+
+
+def test_b_simple_grows_as_the_loss_falls(two_runs):
+    for r in two_runs:
+        early, late = r[1:7], r[-6:]  # skip the first row: the EMA has only a few steps in it
+        assert median(x["loss"] for x in late) < 0.8 * median(x["loss"] for x in early)
+        assert median(x["gns/b_simple"] for x in late) > 2 * median(x["gns/b_simple"] for x in early)
+
+
+def test_adaptive_batch_grows_rescales_the_lr_and_reaches_the_target(tmp_path):
+    cfg = config.load(CONFIG, [
+        "data.num_samples=10000", "data.train_eval_samples=1000", "train.epochs=10", "train.eval_every=50",
+        "train.log_every=10", "track.progress=off", "train.stop_at_target=true", "target.test_acc=0.6",
+        "schedule.name=constant", "measure.gns=true", "batch.accum_steps=2", "batch.global_batch=32",
+        "batch.adaptive=gns", "batch.max=1024", "batch.adapt_every=20",
+    ])
+    summary = run(cfg, tmp_path / "adaptive")
+    assert summary["status"] == "target_reached" and summary["test_acc"] >= 0.6
+    log = rows(tmp_path / "adaptive")
+    batches = [r["global_batch"] for r in log]
+    assert batches[0] == 32 and max(batches) >= 256
+    assert batches == sorted(batches) and all(b & (b - 1) == 0 for b in batches)
+    for r in log:  # linear rule: lr 0.1 per 128 examples (constant schedule)
+        assert r["lr"] == pytest.approx(0.1 * r["global_batch"] / 128)
+    changes = [line for line in (tmp_path / "adaptive" / "train.log").read_text().splitlines() if "batch.adaptive" in line]
+    assert len(changes) == len(set(batches)) - 1
