@@ -298,13 +298,14 @@ LOADERS = {
 KNOWN_TRAIN_SIZES = {"digits": 1797, "imagefolder": 1_281_167, "cifar10": 50_000}  # imagefolder: ImageNet-1k
 
 
-def train_size_hint(cfg: DataConfig) -> int:
-    """Training-set size without loading data: exact for generated sets, the standard size for
-    image folders (ImageNet-1k) and CIFAR-10. For checks before any work and for --dry-run."""
+def train_size_hint(cfg: DataConfig, exact: bool = False) -> int | None:
+    """Training-set size without loading data: exact for generated sets; for image folders and
+    CIFAR-10 the standard size (ImageNet-1k, CIFAR-10), or None when `exact` is asked for.
+    For checks before any work and for --dry-run."""
     if cfg.name in ("mnist1d", "synthetic", "fake_images", "digits"):
         n = KNOWN_TRAIN_SIZES.get(cfg.name, cfg.num_samples)
         return n - max(int(round(n * cfg.test_fraction)), 1)
-    return KNOWN_TRAIN_SIZES[cfg.name]
+    return None if exact else KNOWN_TRAIN_SIZES[cfg.name]
 
 
 def build_data(cfg: DataConfig) -> DataBundle:

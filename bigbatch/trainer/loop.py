@@ -186,7 +186,8 @@ def run(cfg: Config, out_dir: str | Path | None = None, *, resume: bool = False,
         from bigbatch.trainer.dali import require_dali
 
         require_dali()
-    Schedule(cfg, train_size_hint(cfg.data))  # schedule errors (warmup > training) before loading any data
+    if (n_hint := train_size_hint(cfg.data, exact=True)) is not None:
+        Schedule(cfg, n_hint)  # schedule errors (warmup > training) before generating or loading data
     bundle = build_data(cfg.data)
     schedule = Schedule(cfg, len(bundle.train))
     model = prepare_model(cfg, bundle, env)
