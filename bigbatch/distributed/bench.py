@@ -127,7 +127,7 @@ def expected_sum(count: int, world_size: int, device):
 
 
 def sweep(algos: list[str], sizes: list[int], dtype_name: str, iters: int, warmup: int,
-          rows: int | None, local_size: int | None) -> list[dict]:
+          rows: int | None, local_size: int | None, backend: str = "auto") -> list[dict]:
     """Run on every rank of the current process group; returns the rows (identical on all ranks)."""
     import torch
     import torch.distributed as dist
@@ -135,7 +135,7 @@ def sweep(algos: list[str], sizes: list[int], dtype_name: str, iters: int, warmu
     from bigbatch.distributed import allreduce as ar
     from bigbatch.distributed import env as dist_env
 
-    env = dist_env.init()
+    env = dist_env.init(backend)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     n, device = env.world_size, env.device
     cuda = device.type == "cuda"
@@ -273,7 +273,7 @@ def main(args: argparse.Namespace) -> int:
             raise UsageError("--nproc", f"{nproc} NCCL ranks need {nproc} GPUs; {torch.cuda.device_count()} visible")
 
     if launched_world > 1:
-        rows = sweep(**kwargs)
+        rows = sweep(**kwargs, backend=backend)
         is_main = dist_env.init().is_main
     else:
         rows = spawn_sweep(nproc, backend, kwargs)

@@ -5,10 +5,12 @@ line naming the option, before any rank starts)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from _helpers import ROOT, bigbatch
+from _helpers import ROOT, bigbatch, free_port
 
 MLP = str(ROOT / "configs" / "mnist1d-mlp.toml")
 KEYS = {"algo", "world_size", "dtype", "bytes", "time_us", "algbw_gbps", "busbw_gbps", "correct"}
@@ -32,6 +34,16 @@ def test_bench_all_algorithms_on_4_ranks_prints_correct_rows(bench_json):
     assert all(r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * 1.5, abs=2e-4) for r in rows)
     assert "busbw(GB/s)" in stdout and stdout.count('"algo"') == 12
     assert (d / "busbw.png").stat().st_size > 0
+
+
+def test_bench_runs_under_an_existing_torchrun_world(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+                        "-m", "bigbatch", "bench", "allreduce", "--algo", "ring,torus2d", "--sizes", "1K", "--iters", "1",
+                        "--warmup", "0", "--json", str(tmp_path / "rows.jsonl")], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [(r["algo"], r["world_size"], r["correct"]) for r in rows] == [("ring", 2, True), ("torus2d", 2, True)]
+    assert p.stdout.count('"algo"') == 2  # printed by rank 0 only
 
 
 def test_scaling_measures_1_and_2_ranks_and_extrapolates(bench_json, tmp_path):
