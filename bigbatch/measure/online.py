@@ -89,7 +89,7 @@ class GradNormTap:
     def __call__(self, grad: torch.Tensor) -> None:
         if not self.enabled or grad is None:
             return
-        sq = torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+        sq = torch.linalg.vector_norm(grad).double().square()  # fp32 norm: no float64 copy of the bucket
         self.total = sq if self.total is None else self.total + sq
         self.calls += 1
 
@@ -103,7 +103,7 @@ def grad_sq_norm(params: list[nn.Parameter]) -> torch.Tensor | None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
-    return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]).square().sum()
+    return torch.stack(torch._foreach_norm(grads)).double().square().sum()
 
 
 def install_tap(ddp_model: nn.Module, cfg, env, tap: GradNormTap) -> None:
@@ -123,13 +123,20 @@ def install_tap(ddp_model: nn.Module, cfg, env, tap: GradNormTap) -> None:
 
 
 class OnlineGNS:
-    """Online B_simple from the two-batch estimator; see the module docstring for the batches."""
+    """Online B_simple from the two-batch estimator; see the module docstring for the batches.
+
+    Nothing here waits on the device or the network inside a step: the norms stay tensors, and
+    under DDP the one scalar all-reduce is started asynchronously and collected at the next
+    measured step (or when a value is read), so it overlaps the next step's compute. Read the
+    estimate through `estimator` (it collects a pending measurement first).
+    """
 
     def __init__(self, cfg, env, model: nn.Module, ddp_model: nn.Module):
         self.every = cfg.measure.gns_every
         self.env = env
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.estimator = GNSEstimator(cfg.measure.gns_ema)
+        self._estimator = GNSEstimator(cfg.measure.gns_ema)
+        self._pending: tuple | None = None
         self.tap = GradNormTap()
         self.distributed = env.initialized and env.world_size > 1
         if self.distributed:
@@ -141,38 +148,52 @@ class OnlineGNS:
     def _param_hook(self, grad: torch.Tensor) -> None:
         self.tap(grad)
 
+    @property
+    def estimator(self) -> GNSEstimator:
+        self._collect()
+        return self._estimator
+
+    def _collect(self) -> None:
+        if self._pending is None:
+            return
+        work, small, big, b_small, b_big, scale = self._pending
+        self._pending = None
+        if work is not None:
+            work.wait()
+        self._estimator.update(float(small), b_small, float(big), b_big, scale=scale)
+
     def begin_step(self, step: int) -> None:
         self.tap.take()
         self.tap.enabled = step % self.every == 0
 
     def after_backward(self, global_batch: int, per_device: int, accum: int,
                        scale: float | Callable[[], float] = 1.0) -> bool:
-        """Feed this step's two norms to the estimator; False when the step was not measured.
+        """Queue this step's two norms for the estimator; False when the step is not measured.
         `scale`: the AMP loss scale, or a function returning it (called only on measured steps,
         as reading a GPU GradScaler's scale synchronises)."""
         if not self.tap.enabled:
             return False
-        scale = scale() if callable(scale) else scale
         self.tap.enabled = False
-        calls, local = self.tap.calls, self.tap.take()
+        local = self.tap.take()
         big = grad_sq_norm(self.params)
-        if big is None or (local is None and not self.distributed):
+        b_small = per_device * accum if self.distributed else per_device
+        if big is None or (local is None and not self.distributed) or b_small >= global_batch:
             return False
+        self._collect()
+        scale = scale() if callable(scale) else scale
+        work = None
         if self.distributed:
             # |local mean gradient|^2 on each rank (loss/accum summed over micro-batches = the
             # mean over the rank's per_device x accum examples), averaged over ranks: one scalar.
             local = local if local is not None else torch.zeros((), dtype=torch.float64, device=big.device)
-            dist.all_reduce(local)
-            sq_small = float(local) / self.env.world_size
-            b_small = per_device * accum
+            local = local / self.env.world_size
+            work = dist.all_reduce(local, async_op=True)
         else:
             # each micro-batch gradient carries the 1/accum of the loss: |g_i|^2 = accum^2 |tap_i|^2;
             # the mean over the accum micro-batches is then accum x the tapped sum.
-            sq_small = float(local) * accum
-            b_small = per_device
-        if b_small >= global_batch:
-            return False
-        return self.estimator.update(sq_small, b_small, float(big), global_batch, scale=scale)
+            local = local * accum
+        self._pending = (work, local, big, b_small, global_batch, scale)
+        return True
 
     def metrics(self) -> dict[str, float]:
         return self.estimator.metrics()
