@@ -7,8 +7,8 @@ online two-batch estimate, once its EMA has settled, is within 15 % of `per_samp
 - on 2 gloo ranks under DDP, with each rank's local batch as the small batch (comm-hook tap).
 """
 
-import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +21,7 @@ from bigbatch.measure.noise import per_sample_b_simple
 from bigbatch.measure.online import OnlineGNS
 
 N, D, GLOBAL, STEPS = 4096, 16, 256, 600
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist1d-mlp.toml"
 
 
 def regression_problem():
@@ -101,3 +102,16 @@ def test_one_process_without_accumulation_is_refused_naming_the_field():
     assert e.value.field == "measure.gns"
     validate(gns_cfg(["batch.accum_steps=2"]), world_size=1)
     validate(gns_cfg(), world_size=2)
+
+
+def test_bigbatch_train_refuses_gns_without_two_batch_sizes_before_any_work(tmp_path, capsys):
+    from bigbatch import cli
+
+    out = tmp_path / "run"
+    code = cli.main(["train", str(CONFIG), "--set", "measure.gns=true", "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "measure.gns" in err[0] and "accum_steps" in err[0]
+    assert not out.exists()
+    assert cli.main(["train", str(CONFIG), "--set", "batch.adaptive=gns", "--out", str(out)]) == 2
+    assert "batch.adaptive" in capsys.readouterr().err and not out.exists()
