@@ -228,6 +228,7 @@ def _spawned(rank: int, world: int, port: int, backend: str, kwargs: dict, queue
         rows = sweep(**kwargs)
         if rank == 0:
             queue.put(rows)
+        dist_env.barrier()  # leave together (see bench.main)
     finally:
         dist_env.destroy()
 
@@ -275,6 +276,9 @@ def main(args: argparse.Namespace) -> int:
     if launched_world > 1:
         rows = sweep(**kwargs, backend=backend)
         is_main = dist_env.init().is_main
+        # leave together: a rank whose peers have already gone can abort in gloo's teardown
+        dist_env.barrier()
+        dist_env.destroy()
     else:
         rows = spawn_sweep(nproc, backend, kwargs)
         is_main = True

@@ -247,6 +247,7 @@ def _spawned(rank: int, world: int, port: int, cfg, per_device: int, steps: int,
         res = measure_step_times(cfg, per_device, steps, warmup)
         if rank == 0:
             queue.put(res)
+        dist_env.barrier()  # leave together (see bench.main)
     finally:
         dist_env.destroy()
 

@@ -4,7 +4,7 @@ One spawn of 6 ranks runs every check: worlds of 1..5 ranks are subgroups of it 
 exercises the `group=` argument and subgroup caching under a parent subgroup), the world of 6
 is the default group. For each world size: ring, the torus on every factorisation rows x cols,
 hierarchical for every local size that divides the world; lengths that do not divide the world
-(down to fewer elements than ranks); a tiny chunk size so the ring pipeline runs many chunks per
+(down to fewer elements than ranks); a 16-byte chunk size so the ring pipeline runs many chunks per
 segment; a non-contiguous tensor; fp32, bf16 and fp16.
 
 Exactness: with small integer values every partial sum is representable in every dtype, so any
@@ -25,7 +25,7 @@ from bigbatch.distributed import allreduce as ar
 from bigbatch.errors import ConfigError
 
 WORLD = 6
-LENGTHS = (1, 5, 97, 1031)
+LENGTHS = (1, 5, 97)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ulp-scale tolerance per dtype for Gaussian inputs (relative to max |partial sum|, per hop)
 EPS = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}
