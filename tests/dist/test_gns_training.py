@@ -4,6 +4,7 @@
   estimate (micro-batches of accumulation = small batches) agree within a factor of 1.5 over the
   run; both trainings see the same examples in the same order.
 - B_simple grows as the loss falls.
+- The tail-index and sharpness probes log noise/alpha and sharpness/top.
 - batch.adaptive = "gns" doubles the batch while B_simple exceeds it, rescales the lr with the
   batch (linear rule), logs both, and reaches the target accuracy.
 """
@@ -32,8 +33,16 @@ def rows(run_dir):
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("gns")
-    cfg = config.load(CONFIG, COMMON + ["batch.accum_steps=2"])
+    # the probes ride along in the 1-process run: they must not change its training (RNG and
+    # BatchNorm buffers restored), so the two runs still see identical weights
+    probes = ["measure.tail_every=100", "measure.sharpness=true", "measure.sharpness_samples=256", "train.eval_every=150"]
+    cfg = config.load(CONFIG, COMMON + ["batch.accum_steps=2"] + probes)
     run(cfg, root / "accum")
+    all_rows = [json.loads(line) for line in (root / "accum" / "metrics.jsonl").read_text().splitlines()]
+    alphas = [r["noise/alpha"] for r in all_rows if "noise/alpha" in r]
+    sharp = [r["sharpness/top"] for r in all_rows if "sharpness/top" in r]
+    assert len(alphas) == 3 and all(0.5 < a < 3.0 for a in alphas)
+    assert len(sharp) == 2 and all(s > 0 for s in sharp)
     sets = [a for s in COMMON for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "bigbatch", "train", str(CONFIG), "--nproc", "2", "--out", str(root / "ddp"), *sets],
