@@ -361,7 +361,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
         "steps": st.step,
         "examples": st.examples,
         "epochs": st.examples / len(bundle.train),
-        "global_batch": schedule.batch_at(max(st.step - 1, 0)),
+        "global_batch": measures.global_batch(max(st.step - 1, 0), schedule.batch_at),  # measure: adaptive batch
         "world_size": world,
         "peak_lr": schedule.peak_lr(schedule.batch_at(0)),
         **{k: st.last_eval.get(k) for k in ("test_acc", "test_loss", "train_acc", "train_loss")},
