@@ -75,6 +75,7 @@ def test_adaptive_batch_grows_rescales_the_lr_and_reaches_the_target(tmp_path):
     ])
     summary = run(cfg, tmp_path / "adaptive")
     assert summary["status"] == "target_reached" and summary["test_acc"] >= 0.6
+    assert summary["global_batch"] >= 256  # the batch it ended at, not the one it started with
     log = rows(tmp_path / "adaptive")
     batches = [r["global_batch"] for r in log]
     assert batches[0] == 32 and max(batches) >= 256
