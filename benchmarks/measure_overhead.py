@@ -5,7 +5,7 @@ on MNIST-1D, alternating runs with measure.gns off and on (same seed, same data 
 compares the loop's own training time per step (evaluation excluded). Median over rounds.
 Prints one JSON object. Usage:
 
-    flock /tmp/bigbatch-cpu.lock python benchmarks/measure_overhead.py [--model mlp|cnn1d] [--steps 300] [--rounds 3]
+    flock /tmp/bigbatch-cpu.lock python benchmarks/measure_overhead.py [--model mlp|cnn1d] [--steps 300] [--rounds 3] [--gns-every 1]
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
                 cfg = config.load(CONFIGS / f"mnist1d-{args.model}.toml", [
                     f"train.steps={args.steps}", "train.eval_every=0", "train.log_every=50", "track.progress=off",
                     "data.train_eval_samples=500", f"batch.global_batch={args.global_batch}",
-                    f"measure.gns={'true' if mode == 'on' else 'false'}", "train.amp=off",
+                    f"measure.gns={'true' if mode == 'on' else 'false'}", f"measure.gns_every={args.gns_every}",
+                    "train.amp=off",
                 ])
                 summary = run(cfg, Path(tmp) / f"{mode}-{i}")
                 times[mode].append(summary["train_s"] / summary["steps"])
@@ -63,6 +64,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--global-batch", type=int, default=256)
+    p.add_argument("--gns-every", type=int, default=1, help="measure.gns_every (steps between measurements)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "times.json")
@@ -71,7 +73,7 @@ def main() -> int:
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     print(json.dumps({
         "benchmark": "measure_overhead", "world_size": 2, "backend": "gloo", "device": "cpu",
-        "model": args.model, "global_batch": args.global_batch, "steps": args.steps, "rounds": args.rounds,
+        "model": args.model, "global_batch": args.global_batch, "gns_every": args.gns_every, "steps": args.steps, "rounds": args.rounds,
         "torch": torch.__version__,
         "step_ms_gns_off": 1e3 * off, "step_ms_gns_on": 1e3 * on,
         "overhead_pct": 100.0 * (on / off - 1.0),
