@@ -84,3 +84,18 @@ def test_adaptive_batch_grows_rescales_the_lr_and_reaches_the_target(tmp_path):
         assert r["lr"] == pytest.approx(0.1 * r["global_batch"] / 128)
     changes = [line for line in (tmp_path / "adaptive" / "train.log").read_text().splitlines() if "batch.adaptive" in line]
     assert len(changes) == len(set(batches)) - 1
+
+
+def test_gns_emas_and_the_adaptive_batch_survive_a_resume(tmp_path):
+    sets = ["data.num_samples=4000", "data.train_eval_samples=500", "train.eval_every=0", "train.log_every=10",
+            "track.progress=off", "schedule.name=constant", "measure.gns=true", "batch.accum_steps=2",
+            "batch.global_batch=32", "batch.adaptive=gns", "batch.max=512", "batch.adapt_every=10"]
+    run(config.load(CONFIG, sets + ["train.steps=60"]), tmp_path / "straight")
+    run(config.load(CONFIG, sets + ["train.steps=30"]), tmp_path / "resumed")
+    run(config.load(CONFIG, sets + ["train.steps=60"]), tmp_path / "resumed", resume=True)
+    straight, resumed = rows(tmp_path / "straight"), rows(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    assert max(r["global_batch"] for r in straight) > 32
+    for a, b in zip(straight, resumed):
+        assert a["global_batch"] == b["global_batch"]
+        assert a["gns/b_simple"] == pytest.approx(b["gns/b_simple"], rel=1e-4)
