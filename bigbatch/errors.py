@@ -23,3 +23,4 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 3  # checkpointed after SIGTERM/SIGUSR2; `bigbatch train --resume RUN_DIR` continues
+EXIT_DIVERGED = 4  # the training loss became non-finite; summary.json has status "diverged"

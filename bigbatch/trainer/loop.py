@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -333,6 +334,11 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                 })
                 tracker.progress(st.step, f"loss {loss_mean:.4f}")
                 last_log_step, last_log_examples, interval_train_s = st.step, st.examples, 0.0
+                if not math.isfinite(loss_mean):  # the same all-reduced value on every rank
+                    status = "diverged"
+                    log.error("training loss is %s at step %d: stopped (lr %.4g); the last checkpoint is kept",
+                              loss_mean, st.step, lr)
+                    break
 
             if (cfg.train.eval_every and st.step % cfg.train.eval_every == 0) or last:
                 st.last_eval = evaluate(model, bundle, env, cfg)  # the plain module: no DDP collectives
@@ -352,7 +358,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                 break
             if cfg.checkpoint.every and st.step % cfg.checkpoint.every == 0 and not last:
                 save_checkpoint()
-        if status != "preempted":
+        if status not in ("preempted", "diverged"):
             save_checkpoint()  # the final state: `bigbatch interpolate` and fine-tuning read it
 
     wall = st.wall_s + time.perf_counter() - t_start
@@ -375,7 +381,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
         tmp = run_dir / (SUMMARY + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, run_dir / SUMMARY)
-    tracker.close(exit_code=0 if status != "preempted" else 1)
+    tracker.close(exit_code=1 if status in ("preempted", "diverged") else 0)
     log.info("%s after %d steps: test_acc %s, test_loss %s, %.0f samples/s, %.1f s", status, st.step,
              _fmt(summary["test_acc"]), _fmt(summary["test_loss"]), summary["samples_per_s"], wall)
     return summary

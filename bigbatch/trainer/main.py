@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from bigbatch import config as config_mod
-from bigbatch.errors import EXIT_FAILURE, EXIT_PREEMPTED, ConfigError, UsageError
+from bigbatch.errors import EXIT_DIVERGED, EXIT_FAILURE, EXIT_PREEMPTED, ConfigError, UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,11 +74,16 @@ def _launch_torchrun(args, cfg: config_mod.Config, run_dir: Path | None) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     env.setdefault("TORCHELASTIC_ERROR_FILE", str(Path(run_dir).resolve() / "error.json"))
     proc = subprocess.run(cmd, env=env)
-    if proc.returncode == 0:
-        summary = Path(run_dir) / "summary.json"
-        if not summary.exists():  # every rank stopped on a signal and checkpointed
-            return EXIT_PREEMPTED
-    return 0 if proc.returncode == 0 else EXIT_FAILURE
+    summary = Path(run_dir) / "summary.json"
+    if summary.exists():  # a rank that exits non-zero makes torchrun exit 1: the summary says why
+        status = json.loads(summary.read_text())["status"]
+        return EXIT_DIVERGED if status == "diverged" else _exit_code(status) if proc.returncode == 0 else EXIT_FAILURE
+    # every rank stopped on a signal and checkpointed (no summary is written then)
+    return EXIT_PREEMPTED if proc.returncode == 0 else EXIT_FAILURE
+
+
+def _exit_code(status: str) -> int:
+    return {"preempted": EXIT_PREEMPTED, "diverged": EXIT_DIVERGED}.get(status, 0)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -110,4 +115,4 @@ def main(args: argparse.Namespace) -> int:
         from bigbatch.distributed import env as dist_env
 
         dist_env.destroy()
-    return EXIT_PREEMPTED if summary["status"] == "preempted" else 0
+    return _exit_code(summary["status"])

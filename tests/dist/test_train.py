@@ -3,6 +3,7 @@ accumulation, exact resume after SIGTERM, one W&B run for a multi-process job.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -114,3 +115,17 @@ def test_cli_exits_3_on_sigterm_and_resumes(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert read_jsonl(out / "metrics.jsonl")[-1]["step"] == stopped + 7
     assert (out / "summary.json").exists()
+
+
+def test_a_diverged_run_stops_at_the_first_non_finite_loss_and_exits_4(tmp_path):
+    """lr 1e6 blows the MLP up within the first log interval: both ranks stop there (not after
+    200 steps of NaN), summary.json says diverged, no checkpoint of NaN weights is written."""
+    out = tmp_path / "run"
+    sets = ["data.num_samples=4000", "optim.base_lr=1e6", "train.steps=200", "train.log_every=10",
+            "track.progress='off'"]
+    p = bigbatch("train", MLP, "--nproc", "2", "--out", str(out), *sum((["--set", s] for s in sets), []))
+    assert p.returncode == 4, p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["steps"] == 10
+    assert read_jsonl(out / "metrics.jsonl")[-1]["loss"] is None  # non-finite is written as null
+    assert not (out / "checkpoint.pt").exists()
