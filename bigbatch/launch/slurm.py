@@ -301,7 +301,8 @@ def collect_array(sweep_dir: str) -> dict:
         if not summary_path.is_file():
             continue  # `collect` records it as failed
         summary = json.loads(summary_path.read_text())
-        status = "ok" if summary.get("steps_to_target") is not None else "not_reached"
+        status = ("diverged" if summary.get("status") == "diverged"
+                  else "ok" if summary.get("steps_to_target") is not None else "not_reached")
         rec = trial_record(point, summary, read_rows(run_dir / "metrics.jsonl"), spec.trial.gap_epochs, status)
         rec["run_dir"] = str(run_dir)
         (run_dir / TRIAL_RECORD).write_text(json.dumps(rec) + "\n")
