@@ -15,9 +15,9 @@ The loop holds one `OnlineMeasures` and calls it at a few marked places:
 Online gradient noise scale (McCandlish et al. 2018, appendix A.1): two squared gradient norms at
 two batch sizes per step.
 - DDP (world > 1): the small batch is each rank's local batch. A tap inside the DDP comm hook sees
-  every bucket's local gradient before the all-reduce and sums its squared norm in float64; after
-  backward that one scalar is averaged over ranks with one all-reduce. The big batch is the
-  global batch: the all-reduced (averaged) gradient left in `.grad`.
+  every bucket's local gradient before the all-reduce and sums its squared norm in float64; each
+  rank keeps EMAs of its own, averaged over ranks only when read (see `OnlineGNS`). The big batch
+  is the global batch: the all-reduced (averaged) gradient left in `.grad`.
 - One process: the micro-batches of gradient accumulation are the small batches. A hook on each
   parameter sees that micro-batch's gradient before it is added into `.grad`.
 The loop divides every micro-batch loss by `accum`, and the AMP GradScaler multiplies it by its
@@ -125,17 +125,21 @@ def install_tap(ddp_model: nn.Module, cfg, env, tap: GradNormTap) -> None:
 class OnlineGNS:
     """Online B_simple from the two-batch estimator; see the module docstring for the batches.
 
-    Nothing here waits on the device or the network inside a step: the norms stay tensors, and
-    under DDP the one scalar all-reduce is started asynchronously and collected at the next
-    measured step (or when a value is read), so it overlaps the next step's compute. Read the
-    estimate through `estimator` (it collects a pending measurement first).
+    Nothing here waits on the device or the network inside a step. The norms stay tensors until
+    the next measured step (or a read) turns them into floats. Under DDP there is no collective
+    per step at all: the estimator's EMAs are linear in the small-batch norm, and the big-batch
+    norm is the same on every rank, so each rank keeps EMAs of its own local norm and the
+    rank-average of those EMAs is exactly the EMA of the rank-averaged norm. The average is taken
+    (one all-reduce of two scalars) only when the estimate is read: at log rows, batch decisions
+    and checkpoints, which every rank reaches together. Read it through `estimator`.
     """
 
     def __init__(self, cfg, env, model: nn.Module, ddp_model: nn.Module):
         self.every = cfg.measure.gns_every
         self.env = env
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self._estimator = GNSEstimator(cfg.measure.gns_ema)
+        self._local = GNSEstimator(cfg.measure.gns_ema)  # this rank's EMAs (the estimate in one process)
+        self._synced: GNSEstimator | None = None  # rank average of _local, valid until the next update
         self._pending: tuple | None = None
         self.tap = GradNormTap()
         self.distributed = env.initialized and env.world_size > 1
@@ -150,17 +154,32 @@ class OnlineGNS:
 
     @property
     def estimator(self) -> GNSEstimator:
+        """The estimate over all ranks. Under DDP a collective: every rank must read it together."""
         self._collect()
-        return self._estimator
+        if not self.distributed:
+            return self._local
+        if self._synced is None:
+            local = self._local
+            t = torch.tensor([local._grad_sq, local._trace_sigma], dtype=torch.float64, device=self.env.device)
+            dist.all_reduce(t)
+            t = (t / self.env.world_size).tolist()
+            self._synced = GNSEstimator(local.decay)
+            self._synced.load_state_dict({**local.state_dict(), "grad_sq": t[0], "trace_sigma": t[1]})
+        return self._synced
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Every rank starts from the saved rank average (the average of identical states is that
+        state, so later averages stay exact)."""
+        self._local.load_state_dict(state)
+        self._synced = None
 
     def _collect(self) -> None:
         if self._pending is None:
             return
-        work, small, big, b_small, b_big, scale = self._pending
+        small, big, b_small, b_big, scale = self._pending
         self._pending = None
-        if work is not None:
-            work.wait()
-        self._estimator.update(float(small), b_small, float(big), b_big, scale=scale)
+        self._local.update(float(small), b_small, float(big), b_big, scale=scale)
+        self._synced = None
 
     def begin_step(self, step: int) -> None:
         self.tap.take()
@@ -181,18 +200,15 @@ class OnlineGNS:
             return False
         self._collect()
         scale = scale() if callable(scale) else scale
-        work = None
         if self.distributed:
-            # |local mean gradient|^2 on each rank (loss/accum summed over micro-batches = the
-            # mean over the rank's per_device x accum examples), averaged over ranks: one scalar.
+            # |this rank's mean gradient|^2 (loss/accum summed over micro-batches = the mean over
+            # the rank's per_device x accum examples); averaged over ranks when read.
             local = local if local is not None else torch.zeros((), dtype=torch.float64, device=big.device)
-            local = local / self.env.world_size
-            work = dist.all_reduce(local, async_op=True)
         else:
             # each micro-batch gradient carries the 1/accum of the loss: |g_i|^2 = accum^2 |tap_i|^2;
             # the mean over the accum micro-batches is then accum x the tapped sum.
             local = local * accum
-        self._pending = (work, local, big, b_small, global_batch, scale)
+        self._pending = (local, big, b_small, global_batch, scale)
         return True
 
     def metrics(self) -> dict[str, float]:
@@ -343,7 +359,7 @@ class OnlineMeasures:
         """After `step` completed optimizer steps (gradients already zeroed)."""
         if self.tail is not None and self.tail.due(step):
             self._extra["noise/alpha"] = self.tail.measure(step, self._micro)
-        if self.controller is not None:
+        if self.controller is not None and step % self.controller.every == 0:  # a collective under DDP
             new = self.controller.decide(step, self.gns.estimator.b_simple)
             if new is not None:
                 log.info("batch.adaptive: B_simple %.0f > batch %d at step %d: global batch -> %d",
@@ -372,6 +388,6 @@ class OnlineMeasures:
         if not state:
             return
         if self.gns is not None and state.get("gns"):
-            self.gns.estimator.load_state_dict(state["gns"])
+            self.gns.load_state_dict(state["gns"])
         if self.controller is not None and state.get("controller"):
             self.controller.load_state_dict(state["controller"])

@@ -261,6 +261,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
         if env.initialized:
             rngs = [None] * world
             dist.all_gather_object(rngs, ckpt.rng_state())
+        measure_state = measures.state_dict()  # on every rank: averaging the GNS EMAs is a collective
         if env.is_main:
             st.interval_loss = interval_loss.item()
             ckpt.save(run_dir / ckpt.FILENAME, {
@@ -269,7 +270,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                 "scaler": scaler.state_dict(),
                 "loop": {**st.to_dict(), "wall_s": st.wall_s + (time.perf_counter() - t_start)},
                 "rng": rngs,
-                "measure": measures.state_dict(),
+                "measure": measure_state,
             })
         dist_env.barrier()
 

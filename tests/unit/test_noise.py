@@ -52,6 +52,30 @@ def test_non_finite_steps_are_skipped():
     assert other.b_simple == est.b_simple
 
 
+def test_the_average_of_per_rank_emas_is_the_ema_of_the_rank_averaged_norm():
+    """Why DDP needs no all-reduce per step: each rank feeds its own small-batch norm (the big
+    one is shared), and averaging the EMAs afterwards, then resuming every rank from that
+    average, equals one estimator fed the rank-averaged norm at every step."""
+    gen = torch.Generator().manual_seed(0)
+    steps, ranks = 40, 4
+    small = torch.rand(steps, ranks, generator=gen, dtype=torch.float64) * 10 + 5
+    big = torch.rand(steps, generator=gen, dtype=torch.float64) + 2
+    b_small = [16 if t < 20 else 32 for t in range(steps)]  # the batch may change mid-way
+    want = GNSEstimator(decay=0.9)
+    per_rank = [GNSEstimator(decay=0.9) for _ in range(ranks)]
+    for t in range(steps):
+        want.update(float(small[t].mean()), b_small[t], float(big[t]), 8 * b_small[t])
+        for r, est in enumerate(per_rank):
+            est.update(float(small[t, r]), b_small[t], float(big[t]), 8 * b_small[t])
+        if t == 24:  # a checkpoint: every rank continues from the average
+            avg = {k: sum(e.state_dict()[k] for e in per_rank) / ranks for k in ("grad_sq", "trace_sigma")}
+            for est in per_rank:
+                est.load_state_dict({**est.state_dict(), **avg})
+    got = {k: sum(e.state_dict()[k] for e in per_rank) / ranks for k in ("grad_sq", "trace_sigma")}
+    assert got["grad_sq"] == pytest.approx(want.state_dict()["grad_sq"], rel=1e-12)
+    assert got["trace_sigma"] == pytest.approx(want.state_dict()["trace_sigma"], rel=1e-12)
+
+
 def test_per_sample_reference_equals_the_closed_form_on_linear_regression():
     torch.manual_seed(0)
     n, d = 300, 5
