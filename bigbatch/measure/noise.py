@@ -161,6 +161,11 @@ def per_sample_b_simple(
     y: torch.Tensor,
     chunk: int = 256,
 ) -> float:
-    """Exact B_simple = tr(Sigma)/|G|^2 on (x, y) from per-example gradients (see `per_sample_stats`)."""
+    """Exact B_simple = tr(Sigma)/|G|^2 on (x, y) from per-example gradients (see `per_sample_stats`).
+
+    Exact for the distribution "uniform over these n examples" (what the tests and a full
+    in-memory dataset give). When (x, y) is a sample of a larger training set, |mean gradient|^2
+    over-estimates |G|^2 by tr(Sigma)/n; subtract it as `bigbatch.study.sweep.exact_b_simple` does.
+    """
     grad_sq, trace_sigma = per_sample_stats(model, loss_fn, x, y, chunk)
     return trace_sigma / grad_sq
