@@ -289,7 +289,7 @@ def collect_array(sweep_dir: str) -> dict:
     """trials.jsonl + critical.json + report from the array tasks' run folders."""
     from bigbatch.study import spec as spec_mod
     from bigbatch.study.report import write_report
-    from bigbatch.study.sweep import RUNS_DIR, TRIAL_RECORD, collect, read_rows, trial_record
+    from bigbatch.study.sweep import RUNS_DIR, collect, finish_trial, trial_status
 
     root = Path(sweep_dir)
     if not (root / "sweep.json").is_file():
@@ -301,11 +301,7 @@ def collect_array(sweep_dir: str) -> dict:
         if not summary_path.is_file():
             continue  # `collect` records it as failed
         summary = json.loads(summary_path.read_text())
-        status = ("diverged" if summary.get("status") == "diverged"
-                  else "ok" if summary.get("steps_to_target") is not None else "not_reached")
-        rec = trial_record(point, summary, read_rows(run_dir / "metrics.jsonl"), spec.trial.gap_epochs, status)
-        rec["run_dir"] = str(run_dir)
-        (run_dir / TRIAL_RECORD).write_text(json.dumps(rec) + "\n")
+        finish_trial(run_dir, point, spec.trial.gap_epochs, summary, trial_status(summary))
     analysis = collect(spec, root)
     write_report(root)
     return analysis

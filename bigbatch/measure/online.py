@@ -159,12 +159,12 @@ class OnlineGNS:
         if not self.distributed:
             return self._local
         if self._synced is None:
-            local = self._local
-            t = torch.tensor([local._grad_sq, local._trace_sigma], dtype=torch.float64, device=self.env.device)
+            state = self._local.state_dict()
+            t = torch.tensor([state["grad_sq"], state["trace_sigma"]], dtype=torch.float64, device=self.env.device)
             dist.all_reduce(t)
-            t = (t / self.env.world_size).tolist()
-            self._synced = GNSEstimator(local.decay)
-            self._synced.load_state_dict({**local.state_dict(), "grad_sq": t[0], "trace_sigma": t[1]})
+            grad_sq, trace_sigma = (t / self.env.world_size).tolist()
+            self._synced = GNSEstimator(state["decay"])
+            self._synced.load_state_dict({**state, "grad_sq": grad_sq, "trace_sigma": trace_sigma})
         return self._synced
 
     def load_state_dict(self, state: dict[str, float]) -> None:

@@ -121,11 +121,14 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _status(summary: dict[str, Any]) -> str:
+def trial_status(summary: dict[str, Any]) -> str:
+    """A finished trial's status from its run's summary.json."""
+    if summary.get("status") == "diverged":
+        return "diverged"
     return "ok" if summary.get("steps_to_target") is not None else "not_reached"
 
 
-def _finish_trial(run_dir: Path, point: dict[str, Any], gap_epochs: float | None, summary: dict[str, Any] | None,
+def finish_trial(run_dir: Path, point: dict[str, Any], gap_epochs: float | None, summary: dict[str, Any] | None,
                   status: str, b_simple_exact: float | None = None) -> dict[str, Any]:
     rec = trial_record(point, summary, read_rows(run_dir / "metrics.jsonl"), gap_epochs, status,
                        b_simple_exact=b_simple_exact)
@@ -260,13 +263,13 @@ def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str
                 summary = _single_process_trial(cfg_dict, run_dir, resume)
         except Diverged:
             _close_wandb()
-            rec = _finish_trial(run_dir, point, spec.trial.gap_epochs, None, "diverged")
+            rec = finish_trial(run_dir, point, spec.trial.gap_epochs, None, "diverged")
             tune.report(_numeric(rec) | {"done": True})
             return
     exact = None
     if spec.trial.b_simple_samples and summary.get("status") == "target_reached":
         exact = exact_b_simple(cfg, run_dir, spec.trial.b_simple_samples)
-    rec = _finish_trial(run_dir, point, spec.trial.gap_epochs, summary, _status(summary), exact)
+    rec = finish_trial(run_dir, point, spec.trial.gap_epochs, summary, trial_status(summary), exact)
     tune.report(_numeric(rec) | {"done": True})
 
 

@@ -77,7 +77,7 @@ def _launch_torchrun(args, cfg: config_mod.Config, run_dir: Path | None) -> int:
     summary = Path(run_dir) / "summary.json"
     if summary.exists():  # a rank that exits non-zero makes torchrun exit 1: the summary says why
         status = json.loads(summary.read_text())["status"]
-        return EXIT_DIVERGED if status == "diverged" else _exit_code(status) if proc.returncode == 0 else EXIT_FAILURE
+        return _exit_code(status) if proc.returncode == 0 or status == "diverged" else EXIT_FAILURE
     # every rank stopped on a signal and checkpointed (no summary is written then)
     return EXIT_PREEMPTED if proc.returncode == 0 else EXIT_FAILURE
 
