@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -22,13 +21,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from bigbatch.distributed.env import free_port
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, args, out: str) -> None:
@@ -68,7 +63,7 @@ def main() -> int:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "times.json")
-        mp.spawn(_worker, args=(2, _free_port(), args, out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), args, out), nprocs=2, join=True)
         times = json.loads(Path(out).read_text())
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     print(json.dumps({

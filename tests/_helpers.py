@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
+
+from bigbatch.distributed.env import free_port  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,12 +28,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def step_losses(run_dir: str | Path) -> dict[int, float]:
     """step -> training loss from a run's metrics.jsonl (rows that carry a loss)."""
     return {r["step"]: r["loss"] for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out: Any) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import sys
@@ -215,36 +214,13 @@ def validate(args: argparse.Namespace, world_size: int) -> dict:
             "rows": rows, "local_size": local}
 
 
-def _spawned(rank: int, world: int, port: int, backend: str, kwargs: dict, queue) -> None:
-    import torch
-
-    from bigbatch.distributed import env as dist_env
-
-    torch.set_num_threads(1)  # one core's worth per rank, like one GPU per rank
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist_env.init(backend)
-    try:
-        rows = sweep(**kwargs)
-        if rank == 0:
-            queue.put(rows)
-        dist_env.barrier()  # leave together (see bench.main)
-    finally:
-        dist_env.destroy()
-
-
 def spawn_sweep(nproc: int, backend: str, kwargs: dict) -> list[dict]:
-    import socket
+    """`sweep(**kwargs)` on nproc spawned local ranks; rank 0's rows."""
+    from functools import partial
 
-    import torch.multiprocessing as mp
+    from bigbatch.distributed.env import spawn_local
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_spawned, args=(nproc, port, backend, kwargs, queue), nprocs=nproc, join=True, start_method="spawn")
-    return queue.get()
+    return spawn_local(nproc, partial(sweep, **kwargs), backend=backend)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -172,3 +172,37 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a local rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned_rank(rank: int, world: int, port: int, backend: str, timeout_s: float, fn, args: tuple, queue) -> None:
+    torch.set_num_threads(1)  # one core's worth per rank, like one GPU per rank
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init(backend, timeout_s)
+    try:
+        result = fn(*args)
+        if rank == 0:
+            queue.put(result)
+        barrier()  # leave together: a rank whose peers have already gone can abort in gloo's teardown
+    finally:
+        destroy()
+
+
+def spawn_local(world: int, fn, *args, backend: str = "auto", timeout_s: float = 600.0):
+    """Run fn(*args) on `world` spawned local processes that form one process group (127.0.0.1,
+    a free port, one torch thread each); returns rank 0's result. fn must be picklable."""
+    import torch.multiprocessing as mp
+
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_spawned_rank, args=(world, free_port(), backend, timeout_s, fn, args, queue), nprocs=world,
+                       join=True, start_method="spawn")
+    return queue.get()

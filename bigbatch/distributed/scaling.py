@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -234,37 +233,12 @@ def measure_step_times(cfg, per_device_batch: int, steps: int, warmup: int) -> d
             "grad_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "allreduce": cfg.dist.allreduce}
 
 
-def _spawned(rank: int, world: int, port: int, cfg, per_device: int, steps: int, warmup: int, queue) -> None:
-    import torch
-
-    from bigbatch.distributed import env as dist_env
-
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist_env.init(cfg.dist.backend, cfg.dist.timeout_s)
-    try:
-        res = measure_step_times(cfg, per_device, steps, warmup)
-        if rank == 0:
-            queue.put(res)
-        dist_env.barrier()  # leave together (see bench.main)
-    finally:
-        dist_env.destroy()
-
-
 def spawn_measure(world: int, cfg, per_device: int, steps: int, warmup: int) -> dict:
-    import socket
+    """`measure_step_times` on `world` spawned local ranks; rank 0's result."""
+    from bigbatch.distributed.env import spawn_local
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_spawned, args=(world, port, cfg, per_device, steps, warmup, queue), nprocs=world, join=True,
-                       start_method="spawn")
-    return queue.get()
+    return spawn_local(world, measure_step_times, cfg, per_device, steps, warmup,
+                       backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
 
 
 # --- the command ------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ online two-batch estimate, once its EMA has settled, is within 15 % of `per_samp
 - on 2 gloo ranks under DDP, with each rank's local batch as the small batch (comm-hook tap).
 """
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bigbatch import config
-from bigbatch.distributed.env import DistEnv
+from bigbatch.distributed.env import DistEnv, free_port
 from bigbatch.measure.noise import per_sample_b_simple
 from bigbatch.measure.online import OnlineGNS
 
@@ -65,12 +64,6 @@ def test_one_process_accumulation_matches_per_sample_reference():
     assert got == pytest.approx(want, rel=0.15)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -88,7 +81,7 @@ def _ddp_worker(rank, world, port, out):
 
 def test_two_rank_ddp_matches_per_sample_reference(tmp_path):
     out = tmp_path / "result.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
     res = torch.load(out)
     assert res["b_simple"] == pytest.approx(res["reference"], rel=0.15)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bigbatch import cli
+from bigbatch.distributed.env import free_port
 from bigbatch.errors import ConfigError
 from bigbatch.study import spec as spec_mod
 from bigbatch.study.study import default_sweep
@@ -106,12 +106,6 @@ def test_shipped_sweep_configs_and_the_study_default_load(tmp_path):
 
         spec = spec_mod.from_dict(load_spec_dict(str(ROOT / "configs" / name), [f"data.root='{tmp_path}'"]))
         assert spec.trial.workers_per_trial > 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ray_address_that_does_not_answer_exits_2(tmp_path):
