@@ -12,29 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
-from bigbatch.distributed.env import free_port
+from bigbatch.distributed.env import spawn_local
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _worker(rank: int, world: int, port: int, args, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def _rounds(args) -> dict[str, list[float]]:
+    """On every rank of the spawned group: alternate GNS off/on runs, seconds per training step."""
     from bigbatch import config
-    from bigbatch.distributed import env as dist_env
     from bigbatch.trainer.loop import run
 
-    dist_env.init("gloo")
     times: dict[str, list[float]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):
@@ -47,10 +41,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
                 ])
                 summary = run(cfg, Path(tmp) / f"{mode}-{i}")
                 times[mode].append(summary["train_s"] / summary["steps"])
-    if rank == 0:
-        Path(out).write_text(json.dumps(times))
-    dist_env.barrier()
-    dist_env.destroy()
+    return times
 
 
 def main() -> int:
@@ -61,10 +52,7 @@ def main() -> int:
     p.add_argument("--global-batch", type=int, default=256)
     p.add_argument("--gns-every", type=int, default=1, help="measure.gns_every (steps between measurements)")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "times.json")
-        mp.spawn(_worker, args=(2, free_port(), args, out), nprocs=2, join=True)
-        times = json.loads(Path(out).read_text())
+    times = spawn_local(2, _rounds, args, backend="gloo")
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     print(json.dumps({
         "benchmark": "measure_overhead", "world_size": 2, "backend": "gloo", "device": "cpu",
