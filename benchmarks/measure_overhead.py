@@ -5,7 +5,7 @@ on MNIST-1D, alternating runs with measure.gns off and on (same seed, same data 
 compares the loop's own training time per step (evaluation excluded). Median over rounds.
 Prints one JSON object. Usage:
 
-    flock /tmp/bigbatch-cpu.lock python benchmarks/measure_overhead.py [--model mlp|cnn1d] [--steps 300] [--rounds 3] [--gns-every 1]
+    flock /tmp/bigbatch-cpu.lock python benchmarks/measure_overhead.py [--model mlp|cnn] [--steps 300] [--rounds 3] [--gns-every 1]
 """
 
 from __future__ import annotations
