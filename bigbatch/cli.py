@@ -25,8 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "study": ("bigbatch.study.study", "the main job: a critical-batch-size study of MNIST-1D on this CPU, with a report"),
     "report": ("bigbatch.study.report", "plots and report.md/report.html from a sweep folder"),
     "bench": ("bigbatch.distributed.bench", "communication benchmarks (all-reduce algorithms, nccl-tests style)"),
-    "scaling": ("bigbatch.distributed.scaling", "weak-scaling throughput and efficiency per world size, alpha-beta model"),
-    "interpolate": ("bigbatch.measure.landscape", "loss and accuracy on the line between two trained runs"),
+    "scaling": ("bigbatch.study.scaling", "weak-scaling throughput and efficiency per world size, alpha-beta model"),
+    "interpolate": ("bigbatch.study.landscape", "loss and accuracy on the line between two trained runs"),
     "slurm": ("bigbatch.launch.slurm", "render and submit sbatch jobs (training, sweeps, job arrays)"),
 }
 

@@ -6,7 +6,7 @@ validation in ``__post_init__``; checks that span sections (warmup vs training l
 world size) live in `Config.validate`.
 
 The global batch is the quantity the user sets. Per-device batch and accumulation steps are
-derived from it and the world size (`derive_batch`), never the other way round.
+derived from it and the world size (`bigbatch.trainer.batching`), never the other way round.
 """
 
 from __future__ import annotations
@@ -372,31 +372,14 @@ class Config:
 
     def validate(self, world_size: int = 1, check_paths: bool = True) -> None:
         """Checks that span sections, need the world size or touch the file system (skipped
-        with check_paths=False, e.g. for --dry-run or rendering a job script). Raises ConfigError."""
+        with check_paths=False, e.g. for --dry-run or rendering a job script). Raises ConfigError.
+        Whether the batch divides over the ranks is `bigbatch.trainer.batching.validate`."""
         if check_paths and self.data.root is not None and self.data.name in ("imagefolder", "cifar10"):
             _check(Path(self.data.root).expanduser().is_dir(), "data.root", f"folder {self.data.root!r} does not exist")
-        derive_batch(self.batch.global_batch, world_size, self.batch.accum_steps, "batch.global_batch")
-        for i, (_, b) in enumerate(self.batch.phases):
-            derive_batch(b, world_size, self.batch.accum_steps, f"batch.phases[{i}]")
-        if self.data.backend == "dali":
-            _check(not self.batch.phases and self.batch.adaptive == "none", "data.backend",
-                   "dali builds its pipeline for one per-device batch: no batch.phases or batch.adaptive with it")
         if self.train.amp == "fp16":
             import torch
 
             _check(torch.cuda.is_available(), "train.amp", "fp16 needs a GPU; use bf16 on CPU")
-
-
-def derive_batch(global_batch: int, world_size: int, accum_steps: int | None, key: str = "batch.global_batch") -> tuple[int, int]:
-    """(per_device_batch, accum_steps) from the global batch and the world size.
-
-    global_batch = per_device_batch x accum_steps x world_size, exactly; anything else is an
-    error before any work starts.
-    """
-    accum = accum_steps or 1
-    _check(global_batch % (world_size * accum) == 0, key,
-           f"global batch {global_batch} is not divisible by world size {world_size} x accum_steps {accum}")
-    return global_batch // (world_size * accum), accum
 
 
 # --- loading, overrides, writing -------------------------------------------------------------
@@ -409,7 +392,7 @@ def _section_classes() -> dict[str, type]:
     return {k: hints[k] for k in SECTIONS}
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted for floats."""
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -425,7 +408,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, key)
+                return coerce(value, a, key)
             except ConfigError as e:
                 errors.append(e.message)
         raise ConfigError(key, " or ".join(dict.fromkeys(errors)))
@@ -447,14 +430,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this file, not bad input
 
 
-def _build_section(cls: type, values: dict[str, Any], section: str):
+def build_section(cls: type, values: Any, section: str):
+    """One typed section (a dataclass) from a TOML table: an unknown key or a value of the wrong
+    type raises ConfigError naming `section.key`. Also the sweep spec's loader (`bigbatch.study.spec`)."""
+    _check(isinstance(values, dict), section, f"expected a [{section}] table")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in values.items():
         key = f"{section}.{k}"
         _check(k in known, key, f"unknown key in [{section}]; expected one of {', '.join(sorted(known))}")
-        kwargs[k] = _coerce(v, hints[k], key)
+        kwargs[k] = coerce(v, hints[k], key)
     return cls(**kwargs)
 
 
@@ -464,11 +450,10 @@ def from_dict(raw: dict[str, Any]) -> Config:
     kwargs: dict[str, Any] = {}
     for sec, values in raw.items():
         if sec == "name":
-            kwargs["name"] = _coerce(values, str, "name")
+            kwargs["name"] = coerce(values, str, "name")
             continue
         _check(sec in classes, sec, f"unknown section; expected one of name, {', '.join(classes)}")
-        _check(isinstance(values, dict), sec, f"expected a [{sec}] table")
-        kwargs[sec] = _build_section(classes[sec], values, sec)
+        kwargs[sec] = build_section(classes[sec], values, sec)
     return Config(**kwargs)
 
 

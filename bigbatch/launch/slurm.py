@@ -31,7 +31,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bigbatch import config as config_mod
 from bigbatch.errors import UsageError
+from bigbatch.study import spec as spec_mod
+from bigbatch.study.records import RUNS_DIR, finish_trial, trial_status
+from bigbatch.study.report import write_report
+from bigbatch.study.sweep import collect, load_spec_dict
+from bigbatch.trainer import batching
 
 TEMPLATE_DIR = Path(os.environ.get("BIGBATCH_SLURM_TEMPLATES", Path(__file__).resolve().parents[2] / "slurm"))
 
@@ -204,10 +210,9 @@ def _abs(path: str | os.PathLike) -> str:
 
 def render_train(config_path: str, overrides: list[str], job: JobSpec, out: str | None) -> str:
     """The sbatch script of one (multi-node) training run; the config is loaded and validated here."""
-    from bigbatch import config as config_mod
-
     cfg = config_mod.load(config_path, overrides)
     cfg.validate(job.world_size, check_paths=False)
+    batching.validate(cfg, job.world_size)
     if out is not None:
         run_dir = _assign("RUN_DIR", _abs(out))
     else:  # stable across requeues: the job id does not change
@@ -225,9 +230,6 @@ def render_train(config_path: str, overrides: list[str], job: JobSpec, out: str 
 
 
 def _load_sweep(path: str):
-    from bigbatch.study import spec as spec_mod
-    from bigbatch.study.sweep import load_spec_dict
-
     spec_dict = load_spec_dict(path)
     return spec_mod.from_dict(spec_dict), spec_dict
 
@@ -255,8 +257,6 @@ def prepare_array(sweep_path: str, out: str) -> tuple[int, list[str]]:
     requeued like any training job; `bigbatch slurm collect SWEEP` then writes trials.jsonl,
     critical.json and the report the way `bigbatch sweep` does.
     """
-    from bigbatch import config as config_mod
-
     spec, spec_dict = _load_sweep(sweep_path)
     d = Path(out) / ARRAY_DIR
     d.mkdir(parents=True, exist_ok=True)
@@ -287,10 +287,6 @@ def render_array(out: str, n_trials: int, job: JobSpec, max_parallel: int | None
 
 def collect_array(sweep_dir: str) -> dict:
     """trials.jsonl + critical.json + report from the array tasks' run folders."""
-    from bigbatch.study import spec as spec_mod
-    from bigbatch.study.report import write_report
-    from bigbatch.study.sweep import RUNS_DIR, collect, finish_trial, trial_status
-
     root = Path(sweep_dir)
     if not (root / "sweep.json").is_file():
         raise UsageError("SWEEP_DIR", f"{sweep_dir!r} is not an array sweep folder (no sweep.json)")
@@ -449,8 +445,6 @@ def _print_or_submit(script: str, job: JobSpec, print_only: bool) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from bigbatch import config as config_mod
-
     job = job_from_args(args, config_mod.load(args.config, args.overrides).name)
     return _print_or_submit(render_train(args.config, args.overrides, job, args.out), job, args.action == "render")
 
@@ -469,7 +463,9 @@ def _array_sweep(args: argparse.Namespace) -> int:
     if job.nodes != 1:
         raise UsageError("--nodes", "an array task trains one trial on one node; use submit-sweep for multi-node trials")
     for point in spec.points():  # every trial's batch must split over the task's processes
-        spec.trial_config(point).validate(job.world_size, check_paths=False)
+        trial_cfg = spec.trial_config(point)
+        trial_cfg.validate(job.world_size, check_paths=False)
+        batching.validate(trial_cfg, job.world_size)
     script = render_array(args.out, len(spec.points()), job, args.max_parallel)
     if args.print_only:
         return _print_or_submit(script, job, True)

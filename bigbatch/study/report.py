@@ -22,27 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.errors import UsageError
+from bigbatch.study.records import fmt, headline, load_sweep, read_rows
 
 PLOTS = ("steps_vs_batch", "pareto", "lr_sensitivity", "gap_vs_batch", "b_simple")
-
-
-def fmt(v: Any, digits: int = 4) -> str:
-    """A number for a table: 4 significant digits, integers as integers, missing as n/a."""
-    if v is None:
-        return "n/a"
-    if isinstance(v, float) and not math.isfinite(v):
-        return "inf" if v > 0 else "n/a"
-    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 100):
-        return f"{int(v):,}"
-    return f"{v:.{digits}g}"
-
-
-def load_sweep(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    trials_path, critical_path = sweep_dir / "trials.jsonl", sweep_dir / "critical.json"
-    if not trials_path.is_file() or not critical_path.is_file():
-        raise UsageError("SWEEP_DIR", f"{str(sweep_dir)!r} has no trials.jsonl/critical.json (not a finished sweep folder)")
-    trials = [json.loads(l) for l in trials_path.read_text().splitlines() if l.strip()]
-    return trials, json.loads(critical_path.read_text())
 
 
 # --- plots -----------------------------------------------------------------------------------
@@ -170,8 +152,6 @@ def plot_gap(analysis: dict[str, Any], path: Path) -> bool:
 
 
 def plot_b_simple(analysis: dict[str, Any], sweep_dir: Path, path: Path) -> bool:
-    from bigbatch.study.sweep import read_rows
-
     curves = []
     for r in analysis["best"]:
         for t in r.get("trial_dirs", []):
@@ -214,8 +194,6 @@ def _points(v: float | None) -> str:
 
 
 def _summary_lines(analysis: dict[str, Any]) -> list[str]:
-    from bigbatch.study.sweep import headline
-
     target = ", ".join(f"{k} {'>=' if k.endswith('acc') else '<='} {v}" for k, v in analysis.get("target", {}).items())
     counts = ", ".join(f"{v} {k}" for k, v in sorted(analysis["trials"].items()))
     lines = [f"Sweep `{analysis.get('sweep', '?')}`, target {target or 'n/a'}; trials: {counts}."]

@@ -22,8 +22,8 @@ et al. 2018 re-tune the lr at every batch size), seeds, the target, and a budget
     gap_epochs = 2.0                     # the train/test gap is also read at this epoch budget
     workers_per_trial = 1                # > 1: DDP inside the trial (Ray Train TorchTrainer)
 
-Strict like `bigbatch.config`: an unknown key, a wrong type or an empty grid raises ConfigError
-naming the field. Every trial's training config is built and validated here, so a bad override
+Strict through `bigbatch.config`'s own typed loader (`build_section`, `coerce`): an unknown key,
+a wrong type or an empty grid raises ConfigError naming the field, with the training config's words. Every trial's training config is built and validated here, so a bad override
 or a batch that does not split over the workers fails before Ray starts.
 """
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from typing import Any
 from bigbatch import config as config_mod
 from bigbatch.config import Config
 from bigbatch.errors import ConfigError
+from bigbatch.trainer import batching
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -211,6 +213,7 @@ class SweepSpec:
         cfg = config_mod.from_dict(raw)
         try:
             cfg.validate(self.trial.workers_per_trial)
+            batching.validate(cfg, self.trial.workers_per_trial)
         except ConfigError as e:
             raise ConfigError(e.field, f"{e.message} (batch_sizes entry {batch}, trial.workers_per_trial "
                                        f"{self.trial.workers_per_trial})") from None
@@ -239,15 +242,11 @@ def from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
     _check(isinstance(base, dict), "base", "expected a TOML path or an inline [base] table")
     if "target" not in raw and isinstance(base.get("target"), dict):
         raw["target"] = base["target"]  # the base config's target, when the sweep names none
-    kwargs: dict[str, Any] = {}
-    for sec, cls in SECTIONS.items():
-        values = raw.pop(sec, {})
-        _check(isinstance(values, dict), sec, f"expected a [{sec}] table")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for k in values:
-            _check(k in known, f"{sec}.{k}", f"unknown key in [{sec}]; expected one of {', '.join(sorted(known))}")
-        kwargs[sec] = cls(**values)
-    spec = SweepSpec(base=base, **raw, **kwargs)
+    # the training config's typed loader: the same errors for unknown keys and wrong types
+    kwargs: dict[str, Any] = {sec: config_mod.build_section(cls, raw.pop(sec, {}), sec) for sec, cls in SECTIONS.items()}
+    hints = typing.get_type_hints(SweepSpec)
+    top = {k: config_mod.coerce(v, hints[k], k) for k, v in raw.items()}
+    spec = SweepSpec(base=base, **top, **kwargs)
     for point in spec.points():
         spec.trial_config(point)  # every trial's config, validated before anything runs
     return spec

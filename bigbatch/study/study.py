@@ -23,7 +23,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from bigbatch.errors import UsageError
 from bigbatch.study import spec as spec_mod
+from bigbatch.study.sweep import default_out, finish
 
 # The training config every trial starts from (configs/mnist1d-cnn.toml, with a constant lr).
 BASE: dict[str, Any] = {
@@ -70,9 +72,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bigbatch.errors import UsageError
-    from bigbatch.study.sweep import default_out, finish
-
     spec_dict = default_sweep()
     if args.print_config:
         import tomli_w

@@ -1,10 +1,8 @@
 """`bigbatch sweep CONFIG`: a Ray Tune sweep over global batch size x learning rate.
 
-Every trial is one ordinary training run (`bigbatch.trainer.loop.run`, the function the CLI and
-SLURM jobs call) in SWEEP/runs/<trial>/, trained to the target or to its budget. Evaluation rows
-are reported to Ray Tune as they come. With `trial.workers_per_trial > 1` the trial starts a Ray
-Train TorchTrainer whose workers each call `run`; `bigbatch.distributed.env.init` adopts the gloo
-or NCCL process group Ray Train created.
+Every trial is one ordinary training run in SWEEP/runs/<trial>/ (`bigbatch.study.trial`),
+trained to the target or to its budget; evaluation rows are reported to Ray Tune as they come.
+The records it leaves are read and written by `bigbatch.study.records`.
 
 A trial that raises is recorded as failed and the others go on; a diverged trial (non-finite
 loss) is stopped and recorded as diverged. An interrupted sweep continues with `--resume`
@@ -24,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import shutil
 import socket
 import sys
 import time
@@ -34,256 +30,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from bigbatch import config as config_mod
 from bigbatch.errors import UsageError
+from bigbatch.study import critical
 from bigbatch.study import spec as spec_mod
+from bigbatch.study.records import CRITICAL, RUNS_DIR, TRIAL_RECORD, TRIALS, headline, read_rows, trial_record
+from bigbatch.study.report import write_report
 from bigbatch.study.spec import SweepSpec
 
-TRIAL_RECORD = "trial.json"  # written by the trial into its run folder
-TRIALS = "trials.jsonl"
-CRITICAL = "critical.json"
 TUNE_DIR = "tune"
-RUNS_DIR = "runs"
 
 
 class Interrupted(Exception):
     """The sweep was stopped (Ctrl-C / SIGINT) before every trial finished; Ray Tune saved its state."""
-
-
-class Diverged(Exception):
-    """The training loss became non-finite: the trial stops and is recorded as diverged."""
-
-
-# --- the trial: runs inside a Ray worker ---------------------------------------------------
-
-
-def _eval_row(row: dict[str, Any]) -> bool:
-    return row.get("test_acc") is not None or row.get("test_loss") is not None
-
-
-def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: list[dict[str, Any]],
-                 gap_epochs: float | None, status: str, error: str | None = None,
-                 b_simple_exact: float | None = None) -> dict[str, Any]:
-    """One line of trials.jsonl from a trial's summary.json and metrics.jsonl rows."""
-    s = summary or {}
-    evals = [r for r in rows if _eval_row(r)]
-    last = evals[-1] if evals else {}
-
-    def value(key: str) -> Any:
-        return s.get(key) if s.get(key) is not None else last.get(key)
-
-    rec: dict[str, Any] = {
-        "batch": point["batch"], "lr_multiplier": point["lr_multiplier"], "seed": point["seed"],
-        "lr": s.get("peak_lr"), "status": status,
-        "steps_to_target": s.get("steps_to_target"), "examples_to_target": s.get("examples_to_target"),
-        "steps": s.get("steps", rows[-1].get("step") if rows else None),
-        "epochs": s.get("epochs", rows[-1].get("epoch") if rows else None),
-        "train_loss": value("train_loss"), "test_loss": value("test_loss"),
-        "train_acc": value("train_acc"), "test_acc": value("test_acc"),
-        "world_size": s.get("world_size"), "wall_s": s.get("wall_s"), "error": error,
-    }
-    rec["gap"] = _diff(rec["train_acc"], rec["test_acc"])
-    rec["loss_gap"] = _diff(rec["test_loss"], rec["train_loss"])
-    budget = None
-    if gap_epochs is not None:
-        within = [r for r in evals if r.get("epoch") is not None and r["epoch"] <= gap_epochs * (1 + 1e-9)]
-        # The budget row is only meaningful if the trial actually trained up to the budget.
-        if within and (rec["epochs"] or 0) >= gap_epochs * (1 - 1e-9):
-            budget = within[-1]
-    for k in ("train_acc", "test_acc"):
-        rec[f"{k}_at_budget"] = budget.get(k) if budget else None
-    rec["gap_at_budget"] = _diff(rec["train_acc_at_budget"], rec["test_acc_at_budget"])
-    rec["loss_gap_at_budget"] = _diff(budget.get("test_loss"), budget.get("train_loss")) if budget else None
-    # B_simple (measure.gns) nearest the target: the last value logged up to steps_to_target.
-    upto = rec["steps_to_target"] if rec["steps_to_target"] is not None else math.inf
-    b_simple = [r["gns/b_simple"] for r in rows if r.get("gns/b_simple") is not None and r.get("step", 0) <= upto]
-    # The per-example value at the target weights is exact; the online EMA (measure.gns) lags and
-    # is noisy, so it is the fallback and is kept beside it.
-    rec["b_simple_online_at_target"] = b_simple[-1] if b_simple and rec["steps_to_target"] is not None else None
-    rec["b_simple_at_target"] = b_simple_exact if b_simple_exact is not None else rec["b_simple_online_at_target"]
-    rec["b_simple_source"] = "per_example" if b_simple_exact is not None else ("online" if b_simple else None)
-    sharp = [r["sharpness/top"] for r in rows if r.get("sharpness/top") is not None]
-    rec["sharpness"] = sharp[-1] if sharp else None
-    return rec
-
-
-def _diff(a: Any, b: Any) -> float | None:
-    return None if a is None or b is None else float(a) - float(b)
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line
-    return rows
-
-
-def trial_status(summary: dict[str, Any]) -> str:
-    """A finished trial's status from its run's summary.json."""
-    if summary.get("status") == "diverged":
-        return "diverged"
-    return "ok" if summary.get("steps_to_target") is not None else "not_reached"
-
-
-def finish_trial(run_dir: Path, point: dict[str, Any], gap_epochs: float | None, summary: dict[str, Any] | None,
-                  status: str, b_simple_exact: float | None = None) -> dict[str, Any]:
-    rec = trial_record(point, summary, read_rows(run_dir / "metrics.jsonl"), gap_epochs, status,
-                       b_simple_exact=b_simple_exact)
-    rec["run_dir"] = str(run_dir)
-    tmp = run_dir / (TRIAL_RECORD + ".tmp")
-    tmp.write_text(json.dumps(rec) + "\n")
-    os.replace(tmp, run_dir / TRIAL_RECORD)
-    return rec
-
-
-def _prepare_run_dir(run_dir: Path) -> tuple[bool, dict[str, Any] | None]:
-    """(resume?, finished summary) for a trial's run folder, from what an earlier attempt left."""
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        return False, json.loads(summary_path.read_text())
-    if (run_dir / "checkpoint.pt").is_file():
-        return True, None
-    if run_dir.is_dir():
-        shutil.rmtree(run_dir)  # a partial attempt without a checkpoint starts over
-    return False, None
-
-
-def exact_b_simple(cfg, run_dir: Path, samples: int) -> float | None:
-    """B_simple = tr(Sigma)/|G|^2 from per-example gradients at the run's final weights.
-
-    With train.stop_at_target the final checkpoint is the state at the target, which is where
-    McCandlish et al. 2018 compare B_noise with B_crit. Used when the run did not log the online
-    estimate (measure.gns); None for data that is not held in memory.
-
-    |mean of n per-example gradients|^2 over-estimates |G|^2 by tr(Sigma)/n, which near a
-    target (small |G|) is a large fraction of it: subtract it (McCandlish et al. 2018, A.1).
-    """
-    import torch
-    from torch import nn
-
-    from bigbatch.measure.noise import per_sample_stats
-    from bigbatch.trainer import checkpoint as ckpt
-    from bigbatch.trainer.data import build_data, tensor_batch
-    from bigbatch.trainer.models import build_model
-
-    bundle = build_data(cfg.data)
-    if not bundle.in_memory:
-        return None
-    model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
-    model.load_state_dict(ckpt.load(run_dir / ckpt.FILENAME)["model"])
-    model.eval()
-    idx = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(0))[:samples]
-    x, y = tensor_batch(bundle.train, idx, torch.device("cpu"), train=False)
-    grad_sq, trace_sigma = per_sample_stats(model, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), x, y)
-    grad_sq_unbiased = grad_sq - trace_sigma / len(idx)
-    return trace_sigma / grad_sq_unbiased if grad_sq_unbiased > 0 else None
-
-
-def _tune_reporter(row: dict[str, Any]) -> None:
-    from ray import tune
-
-    if "loss" in row and (row["loss"] is None or not math.isfinite(row["loss"])):
-        raise Diverged(f"non-finite training loss at step {row.get('step')}")
-    if _eval_row(row):
-        tune.report({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-
-
-def _single_process_trial(cfg_dict: dict[str, Any], run_dir: Path, resume: bool) -> dict[str, Any]:
-    from bigbatch import config as config_mod
-    from bigbatch.trainer.loop import run
-
-    return run(config_mod.from_dict(cfg_dict), run_dir, resume=resume, reporter=_tune_reporter)
-
-
-def _ddp_worker(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: the same `run`; env.init adopts the process group Ray Train made."""
-    import torch
-
-    from bigbatch import config as config_mod
-    from bigbatch.trainer.loop import run
-
-    torch.set_num_threads(loop_config["torch_threads"])
-
-    def check(row: dict[str, Any]) -> None:  # rank 0 only: ray.train.report would need every rank
-        if "loss" in row and (row["loss"] is None or not math.isfinite(row["loss"])):
-            raise Diverged(f"non-finite training loss at step {row.get('step')}")
-
-    run(config_mod.from_dict(loop_config["cfg"]), Path(loop_config["run_dir"]), resume=loop_config["resume"],
-        reporter=check)
-
-
-def _ddp_trial(cfg_dict: dict[str, Any], run_dir: Path, resume: bool, trial: spec_mod.TrialSpec,
-               storage: Path) -> dict[str, Any]:
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    resources = {"CPU": trial.cpus_per_worker}
-    if trial.gpus_per_worker:
-        resources["GPU"] = trial.gpus_per_worker
-    trainer = TorchTrainer(
-        _ddp_worker,
-        train_loop_config={"cfg": cfg_dict, "run_dir": str(run_dir), "resume": resume,
-                           "torch_threads": trial.torch_threads},
-        scaling_config=ray.train.ScalingConfig(num_workers=trial.workers_per_trial, use_gpu=trial.gpus_per_worker > 0,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=run_dir.name, storage_path=str(storage),
-                                       failure_config=ray.train.FailureConfig(max_failures=0)),
-    )
-    try:
-        trainer.fit()
-    except Exception as e:  # Ray wraps the worker's exception; a divergence is not a failure
-        if "Diverged" in f"{type(e).__name__}: {e}":
-            raise Diverged(str(e).splitlines()[0]) from None
-        raise
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str) -> None:
-    """The Ray Tune function trainable: train one grid point and report its record."""
-    point = params["point"]
-    import torch
-    from ray import tune
-
-    from bigbatch import config as config_mod
-
-    spec = spec_mod.from_dict(spec_dict)
-    torch.set_num_threads(spec.trial.torch_threads)
-    run_dir = Path(out_dir) / RUNS_DIR / spec.trial_name(point)
-    cfg = spec.trial_config(point)
-    resume, summary = _prepare_run_dir(run_dir)
-    if summary is None:
-        cfg_dict = config_mod.to_dict(cfg)
-        try:
-            if spec.trial.workers_per_trial > 1:
-                summary = _ddp_trial(cfg_dict, run_dir, resume, spec.trial, Path(out_dir) / "train")
-            else:
-                summary = _single_process_trial(cfg_dict, run_dir, resume)
-        except Diverged:
-            _close_wandb()
-            rec = finish_trial(run_dir, point, spec.trial.gap_epochs, None, "diverged")
-            tune.report(_numeric(rec) | {"done": True})
-            return
-    exact = None
-    if spec.trial.b_simple_samples and summary.get("status") == "target_reached":
-        exact = exact_b_simple(cfg, run_dir, spec.trial.b_simple_samples)
-    rec = finish_trial(run_dir, point, spec.trial.gap_epochs, summary, trial_status(summary), exact)
-    tune.report(_numeric(rec) | {"done": True})
-
-
-def _close_wandb() -> None:
-    """A run stopped by an exception leaves its W&B run open; close it as failed."""
-    if "wandb" in sys.modules:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish(exit_code=1)
-
-
-def _numeric(rec: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -357,6 +116,8 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
     import ray
     from ray import tune
 
+    from bigbatch.study.trial import run_trial  # torch and the trainer: only when trials run
+
     out_dir = out_dir.resolve()
     tune_dir = out_dir / TUNE_DIR
     if ray_address:
@@ -408,8 +169,6 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
 
 def collect(spec: SweepSpec, out_dir: Path, errors: dict[str, BaseException] | None = None) -> dict[str, Any]:
     """trials.jsonl and critical.json from the run folders (a trial without a record failed)."""
-    from bigbatch.study import critical
-
     errors = errors or {}
     records = []
     for point in spec.points():
@@ -444,38 +203,12 @@ def _first_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def headline(analysis: dict[str, Any]) -> list[str]:
-    """The numbers a study ends with, one per line."""
-    from bigbatch.study.report import fmt
-
-    lines = [
-        f"B_crit = {fmt(analysis['b_crit'])}   S_min = {fmt(analysis['s_min'])} steps   "
-        f"E_min = {fmt(analysis['e_min'])} examples   (fit r2 = {fmt(analysis['r2'], 3)})",
-        f"B_simple at target = {fmt(analysis['b_simple_at_target'])}"
-        + (f"   B_crit / B_simple = {fmt(analysis['b_crit_over_b_simple'], 2)}"
-           if analysis.get("b_crit_over_b_simple") is not None else "")
-        + (f"   (online EMA at target: {fmt(analysis['b_simple_online_at_target'])})"
-           if analysis.get("b_simple_online_at_target") is not None else ""),
-    ]
-    trend = analysis.get("gap_trend_per_doubling")
-    if trend is not None:
-        lines.append(f"train-test accuracy gap at target: {100 * trend:+.2f} points per doubling of the batch")
-    trend_b = analysis.get("gap_at_budget_trend_per_doubling")
-    if trend_b is not None:
-        lines.append(f"train-test accuracy gap at the epoch budget: {100 * trend_b:+.2f} points per doubling")
-    if analysis.get("note"):
-        lines.append(f"note: {analysis['note']}")
-    return lines
-
-
 def default_out(name: str) -> Path:
     return Path("sweeps") / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def load_spec_dict(path: str, overrides: list[str] = ()) -> dict[str, Any]:
     """The sweep config as a self-contained dict (the base config read in), for the trials."""
-    from bigbatch import config as config_mod
-
     p = Path(path)
     raw = config_mod.read_toml(p)
     if overrides:
@@ -510,8 +243,6 @@ def main(args: argparse.Namespace) -> int:
 def finish(spec: SweepSpec, spec_dict: dict[str, Any], out: Path, resume: bool, ray_address: str | None,
            num_cpus: int | None, resume_command: str) -> int:
     """Run the sweep, write the report, print the headline; the exit code."""
-    from bigbatch.study.report import write_report
-
     t0 = time.perf_counter()
     try:
         analysis = run_sweep(spec, spec_dict, out, resume=resume, ray_address=ray_address, num_cpus=num_cpus)

@@ -1,5 +1,8 @@
 """`bigbatch train`: one run in this process, N local processes (--nproc), or one rank of a
-torchrun/SLURM world. Validation happens before anything is launched or written."""
+torchrun/SLURM world. Validation happens before anything is launched or written.
+
+The modules that import torch (the loop, the data) are imported inside the functions that need
+them, so `bigbatch train --help` and bad-input errors stay fast."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 
 from bigbatch import config as config_mod
 from bigbatch.errors import EXIT_DIVERGED, EXIT_FAILURE, EXIT_PREEMPTED, ConfigError, UsageError
+from bigbatch.trainer import batching
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,15 +56,16 @@ def dry_run(cfg: config_mod.Config, world_size: int) -> dict:
 
     n = train_size_hint(cfg.data)
     sched = Schedule(cfg, n)
-    per_device, accum = config_mod.derive_batch(sched.batch_at(0), world_size, cfg.batch.accum_steps)
+    per_device, accum = batching.derive_batch(sched.batch_at(0), world_size, cfg.batch.accum_steps)
     return {"num_train": n, "world_size": world_size, "per_device_batch": per_device, "accum_steps": accum,
             **sched.summary(), "description": sched.describe()}
 
 
 def _launch_torchrun(args, cfg: config_mod.Config, run_dir: Path | None) -> int:
-    from bigbatch.trainer.loop import default_run_dir
+    from bigbatch.trainer.rundir import default_run_dir
 
     cfg.validate(args.nproc)
+    batching.validate(cfg, args.nproc)
     run_dir = run_dir or default_run_dir(cfg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "bigbatch", "train"]
@@ -95,6 +100,7 @@ def main(args: argparse.Namespace) -> int:
 
         world = args.nproc or world_size_hint()
         cfg.validate(world, check_paths=False)
+        batching.validate(cfg, world)
         info = dry_run(cfg, world)
         print(info.pop("description"))
         print(json.dumps(info, indent=2))

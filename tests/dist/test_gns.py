@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from bigbatch import config
 from bigbatch.distributed.env import DistEnv, free_port
 from bigbatch.measure.noise import per_sample_b_simple
-from bigbatch.measure.online import OnlineGNS
+from bigbatch.trainer.probes import OnlineGNS
 
 N, D, GLOBAL, STEPS = 4096, 16, 256, 600
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist1d-mlp.toml"
@@ -88,7 +88,7 @@ def test_two_rank_ddp_matches_per_sample_reference(tmp_path):
 
 def test_one_process_without_accumulation_is_refused_naming_the_field():
     from bigbatch.errors import ConfigError
-    from bigbatch.measure.online import validate
+    from bigbatch.trainer.probes import validate
 
     with pytest.raises(ConfigError) as e:
         validate(gns_cfg(), world_size=1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bigbatch import cli, config
-from bigbatch.measure.landscape import barrier, interpolate_state
+from bigbatch.study.landscape import barrier, interpolate_state
 from bigbatch.trainer.loop import run
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist1d-mlp.toml"

@@ -8,7 +8,7 @@ import pytest
 
 from bigbatch.study import critical
 from bigbatch.study.report import write_report
-from bigbatch.study.sweep import trial_record
+from bigbatch.study.records import trial_record
 
 POINT = {"batch": 64, "lr_multiplier": 0.5, "seed": 1}
 

@@ -22,7 +22,8 @@ import tomli_w
 from _wandb_offline import records
 from bigbatch.study import spec as spec_mod
 from bigbatch.study.report import write_report
-from bigbatch.study.sweep import TRIAL_RECORD, run_sweep
+from bigbatch.study.records import TRIAL_RECORD
+from bigbatch.study.sweep import run_sweep
 
 BASE = {
     "data": {"name": "digits", "train_eval_samples": 300},

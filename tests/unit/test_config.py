@@ -5,7 +5,9 @@ import tomllib
 import pytest
 
 from bigbatch import config
-from bigbatch.config import ConfigError, derive_batch
+from bigbatch.config import ConfigError
+from bigbatch.trainer import batching
+from bigbatch.trainer.batching import derive_batch
 
 
 def test_defaults_round_trip_through_toml():
@@ -57,7 +59,7 @@ def test_global_batch_divides_world_and_accumulation():
         derive_batch(128, 3, None)
     cfg = config.load(None, ["batch.global_batch=128", "batch.phases=[[0,128],[1,100]]"])
     with pytest.raises(ConfigError) as e:
-        cfg.validate(8)
+        batching.validate(cfg, 8)
     assert e.value.field == "batch.phases[1]"
 
 

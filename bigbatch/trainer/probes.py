@@ -1,16 +1,18 @@
-"""What the training loop measures while it trains, and the batch size it derives from it.
+"""The online probes: what the training loop measures while it trains (GNS, tail index,
+sharpness), calling the pure estimators of `bigbatch.measure`. They measure; the batch is decided
+by `bigbatch.trainer.batching`, which the loop tells what they measured.
 
 The loop holds one `OnlineMeasures` and calls it at a few marked places:
 
     measures = OnlineMeasures(cfg, env, model, ddp_model, bundle, loss_fn)   # after DDP wrap
-    global_batch = measures.global_batch(step, schedule.batch_at)            # batch.adaptive
     measures.begin_step(step)                                                # before the micro-batches
     measures.after_backward(global_batch, per_device, accum, scaler.get_scale)  # before optimizer.step
     measures.after_step(steps_done)                                          # after zero_grad
+    plan.observe(steps_done, measures.b_simple)                              # the batch plan reads B_simple
     row.update(measures.metrics())                                           # log rows
     metrics.update(measures.at_eval())                                       # eval rows
 
-`validate(cfg, world_size)` checks the measure/adaptive settings before any work starts.
+`validate(cfg, world_size)` checks the measure settings before any work starts.
 
 Online gradient noise scale (McCandlish et al. 2018, appendix A.1): two squared gradient norms at
 two batch sizes per step.
@@ -26,56 +28,34 @@ scale; both are undone here so the norms are of mean gradients.
 
 from __future__ import annotations
 
-import logging
-import math
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from bigbatch.distributed.hooks import CommHookState, install_comm_hook
 from bigbatch.errors import ConfigError
 from bigbatch.measure.noise import GNSEstimator
 from bigbatch.measure.sharpness import hessian_top_eigs
 from bigbatch.measure.tails import noise_from_gradients, tail_index
-
-log = logging.getLogger("bigbatch")
-
-
-def _is_power_of_two_multiple(b: int, base: int) -> bool:
-    return b % base == 0 and (b // base) & (b // base - 1) == 0
+from bigbatch.trainer.data import tensor_batch
 
 
 def validate(cfg, world_size: int) -> None:
-    """ConfigError for measure/adaptive settings that cannot work, before any work starts."""
+    """ConfigError for measure settings that cannot work, before any work starts."""
     accum = cfg.batch.accum_steps or 1
     if cfg.measure.gns and world_size == 1 and accum == 1:
         # One gradient per step gives one batch size: the two-batch estimator is undefined
         # (AdaptDL issue 98). Micro-batches or ranks supply the small batch.
         raise ConfigError("measure.gns", "needs two batch sizes per step: in one process set batch.accum_steps >= 2 "
                           "(the micro-batches are the small batches), or train on >= 2 ranks")
-    if cfg.batch.adaptive == "gns":
-        if not cfg.measure.gns:
-            raise ConfigError("batch.adaptive", '"gns" steers the batch by the noise scale: set measure.gns = true')
-        lo, hi = adaptive_range(cfg)
-        if lo > hi:
-            raise ConfigError("batch.max", f"must be >= batch.min ({lo}), got {hi}")
-        unit = world_size * accum
-        if lo % unit:
-            raise ConfigError("batch.min", f"{lo} is not divisible by world size {world_size} x accum_steps {accum}")
-    # the probes draw their own examples, and the adaptive batch re-slices the example stream:
-    # both need the in-memory datasets (image folders stream through a DataLoader)
+    # the probes draw their own examples: they need the in-memory datasets (image folders stream
+    # through a DataLoader)
     if cfg.data.name == "imagefolder":
-        for key, on in (("measure.tail_every", cfg.measure.tail_every), ("measure.sharpness", cfg.measure.sharpness),
-                        ("batch.adaptive", cfg.batch.adaptive != "none")):
+        for key, on in (("measure.tail_every", cfg.measure.tail_every), ("measure.sharpness", cfg.measure.sharpness)):
             if on:
                 raise ConfigError(key, "needs an in-memory dataset (mnist1d, digits, synthetic, cifar10), not imagefolder")
-
-
-def adaptive_range(cfg) -> tuple[int, int]:
-    lo = cfg.batch.min if cfg.batch.min is not None else cfg.batch.global_batch
-    hi = cfg.batch.max if cfg.batch.max is not None else 64 * cfg.batch.global_batch
-    return lo, hi
 
 
 class GradNormTap:
@@ -110,8 +90,6 @@ def install_tap(ddp_model: nn.Module, cfg, env, tap: GradNormTap) -> None:
     """Put `tap` into ddp_model's comm hook (bigbatch.distributed.hooks), whichever all-reduce it
     runs. If the loop already registered bigbatch's hook, the tap joins its state (DDP allows one
     comm hook per model)."""
-    from bigbatch.distributed.hooks import CommHookState, install_comm_hook
-
     registered = getattr(ddp_model, "_comm_hooks", [])
     for _, state in registered:
         if isinstance(state, CommHookState):
@@ -237,8 +215,6 @@ class TailProbe:
         return self.every > 0 and step % self.every == 0
 
     def measure(self, step: int, batch: int) -> float:
-        from bigbatch.trainer.data import tensor_batch
-
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 101 + self.env.rank)
         n = len(self.data)
         rows = []
@@ -279,8 +255,6 @@ class SharpnessProbe:
     def measure(self) -> float | None:
         if not self.env.is_main:
             return None
-        from bigbatch.trainer.data import tensor_batch
-
         x, y = tensor_batch(self.data, self.idx, self.env.device, train=False)
         was_training = self.model.training
         self.model.eval()
@@ -291,59 +265,16 @@ class SharpnessProbe:
         return top
 
 
-class GNSBatchController:
-    """batch.adaptive = "gns": double the global batch, every batch.adapt_every steps, while the
-    measured B_simple is larger than the current batch (between batch.min and batch.max).
-
-    McCandlish et al. 2018: B_crit ~ B_noise, so while B_simple > B a larger batch still buys
-    nearly proportionally fewer steps. The lr follows through the loop's scaling rule
-    (`Schedule.lr_at(step, global_batch)`).
-    """
-
-    def __init__(self, cfg):
-        self.lo, self.hi = adaptive_range(cfg)
-        self.every = cfg.batch.adapt_every
-        self.batch = self.lo
-        self.changes: list[dict[str, Any]] = []
-
-    def decide(self, step: int, b_simple: float | None) -> int | None:
-        """After `step` completed steps; returns the new batch when it changes."""
-        if step % self.every or b_simple is None or b_simple <= self.batch or self.batch * 2 > self.hi:
-            return None
-        old, self.batch = self.batch, self.batch * 2
-        self.changes.append({"step": step, "from": old, "to": self.batch, "b_simple": b_simple})
-        return self.batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"batch": self.batch, "changes": list(self.changes)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batch = int(state["batch"])
-        self.changes = list(state["changes"])
-
-
 class OnlineMeasures:
     """The one object the training loop talks to (see the module docstring for the call sites)."""
 
     def __init__(self, cfg, env, model: nn.Module, ddp_model: nn.Module, bundle, loss_fn):
         m = cfg.measure
-        self.cfg = cfg
         self.gns = OnlineGNS(cfg, env, model, ddp_model) if m.gns else None
         self.tail = TailProbe(cfg, env, model, bundle.train, loss_fn) if m.tail_every else None
         self.sharpness = SharpnessProbe(cfg, env, model, bundle.train, loss_fn) if m.sharpness else None
-        self.controller = GNSBatchController(cfg) if cfg.batch.adaptive == "gns" else None
-        self.num_train = len(bundle.train)
         self._micro = 1
         self._extra: dict[str, float] = {}
-
-    def global_batch(self, step: int, batch_at: Callable[[int], int]) -> int:
-        return self.controller.batch if self.controller is not None else batch_at(step)
-
-    def finished(self, examples: int) -> bool:
-        """Adaptive runs with train.epochs stop at that many epochs of examples (the step count
-        the schedule derived from the first batch would overshoot once the batch grows)."""
-        epochs = self.cfg.train.epochs
-        return self.controller is not None and epochs is not None and examples >= epochs * self.num_train
 
     def begin_step(self, step: int) -> None:
         if self.gns is not None:
@@ -359,11 +290,10 @@ class OnlineMeasures:
         """After `step` completed optimizer steps (gradients already zeroed)."""
         if self.tail is not None and self.tail.due(step):
             self._extra["noise/alpha"] = self.tail.measure(step, self._micro)
-        if self.controller is not None and step % self.controller.every == 0:  # a collective under DDP
-            new = self.controller.decide(step, self.gns.estimator.b_simple)
-            if new is not None:
-                log.info("batch.adaptive: B_simple %.0f > batch %d at step %d: global batch -> %d",
-                         self.controller.changes[-1]["b_simple"], new // 2, step, new)
+
+    def b_simple(self) -> float | None:
+        """The current B_simple estimate (None without measure.gns). Under DDP a collective."""
+        return self.gns.estimator.b_simple if self.gns is not None else None
 
     def metrics(self) -> dict[str, float]:
         """For a log row: the GNS EMAs, and a probe's value once (at the first row after it ran)."""
@@ -379,15 +309,8 @@ class OnlineMeasures:
         return {} if top is None else {"sharpness/top": top}
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "gns": self.gns.estimator.state_dict() if self.gns is not None else None,
-            "controller": self.controller.state_dict() if self.controller is not None else None,
-        }
+        return {"gns": self.gns.estimator.state_dict() if self.gns is not None else None}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if not state:
-            return
-        if self.gns is not None and state.get("gns"):
+        if state and self.gns is not None and state.get("gns"):
             self.gns.load_state_dict(state["gns"])
-        if self.controller is not None and state.get("controller"):
-            self.controller.load_state_dict(state["controller"])

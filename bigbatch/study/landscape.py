@@ -20,7 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from bigbatch import config
+from bigbatch.distributed.env import DistEnv
 from bigbatch.errors import UsageError
+from bigbatch.trainer import checkpoint as ckpt
+from bigbatch.trainer.data import build_data, eval_batches
+from bigbatch.trainer.loop import evaluate
+from bigbatch.trainer.models import build_model
 
 CONFIG = "config.toml"
 CHECKPOINT = "checkpoint.pt"
@@ -77,13 +83,6 @@ def recompute_bn(model: nn.Module, batches) -> bool:
 
 
 def interpolate(run_a: Path, run_b: Path, points: int, device: torch.device) -> dict[str, Any]:
-    from bigbatch import config
-    from bigbatch.distributed.env import DistEnv
-    from bigbatch.trainer import checkpoint as ckpt
-    from bigbatch.trainer.data import build_data, eval_batches
-    from bigbatch.trainer.loop import evaluate
-    from bigbatch.trainer.models import build_model
-
     cfg_a, cfg_b = config.load(run_a / CONFIG), config.load(run_b / CONFIG)
     if config.to_dict(cfg_a)["model"] != config.to_dict(cfg_b)["model"]:
         raise UsageError("RUN_B", "the two runs have different [model] sections: their parameters cannot be interpolated")

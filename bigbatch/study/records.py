@@ -1,0 +1,148 @@
+"""Trial records: what one trial of a sweep leaves behind, how it is written and read back.
+
+No Ray and no torch: the sweep driver, its trials, `bigbatch report` and the SLURM sweep jobs all
+read and write the same files through these functions.
+
+    SWEEP/runs/<trial>/trial.json   one trial's record (`trial_record`), written atomically
+    SWEEP/trials.jsonl              every trial's record, one per line
+    SWEEP/critical.json             the critical-batch-size fit (`bigbatch.study.critical.analyse`)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from bigbatch.errors import UsageError
+
+TRIAL_RECORD = "trial.json"  # written by the trial into its run folder
+TRIALS = "trials.jsonl"
+CRITICAL = "critical.json"
+RUNS_DIR = "runs"
+
+
+def eval_row(row: dict[str, Any]) -> bool:
+    return row.get("test_acc") is not None or row.get("test_loss") is not None
+
+
+def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: list[dict[str, Any]],
+                 gap_epochs: float | None, status: str, error: str | None = None,
+                 b_simple_exact: float | None = None) -> dict[str, Any]:
+    """One line of trials.jsonl from a trial's summary.json and metrics.jsonl rows."""
+    s = summary or {}
+    evals = [r for r in rows if eval_row(r)]
+    last = evals[-1] if evals else {}
+
+    def value(key: str) -> Any:
+        return s.get(key) if s.get(key) is not None else last.get(key)
+
+    rec: dict[str, Any] = {
+        "batch": point["batch"], "lr_multiplier": point["lr_multiplier"], "seed": point["seed"],
+        "lr": s.get("peak_lr"), "status": status,
+        "steps_to_target": s.get("steps_to_target"), "examples_to_target": s.get("examples_to_target"),
+        "steps": s.get("steps", rows[-1].get("step") if rows else None),
+        "epochs": s.get("epochs", rows[-1].get("epoch") if rows else None),
+        "train_loss": value("train_loss"), "test_loss": value("test_loss"),
+        "train_acc": value("train_acc"), "test_acc": value("test_acc"),
+        "world_size": s.get("world_size"), "wall_s": s.get("wall_s"), "error": error,
+    }
+    rec["gap"] = _diff(rec["train_acc"], rec["test_acc"])
+    rec["loss_gap"] = _diff(rec["test_loss"], rec["train_loss"])
+    budget = None
+    if gap_epochs is not None:
+        within = [r for r in evals if r.get("epoch") is not None and r["epoch"] <= gap_epochs * (1 + 1e-9)]
+        # The budget row is only meaningful if the trial actually trained up to the budget.
+        if within and (rec["epochs"] or 0) >= gap_epochs * (1 - 1e-9):
+            budget = within[-1]
+    for k in ("train_acc", "test_acc"):
+        rec[f"{k}_at_budget"] = budget.get(k) if budget else None
+    rec["gap_at_budget"] = _diff(rec["train_acc_at_budget"], rec["test_acc_at_budget"])
+    rec["loss_gap_at_budget"] = _diff(budget.get("test_loss"), budget.get("train_loss")) if budget else None
+    # B_simple (measure.gns) nearest the target: the last value logged up to steps_to_target.
+    upto = rec["steps_to_target"] if rec["steps_to_target"] is not None else math.inf
+    b_simple = [r["gns/b_simple"] for r in rows if r.get("gns/b_simple") is not None and r.get("step", 0) <= upto]
+    # The per-example value at the target weights is exact; the online EMA (measure.gns) lags and
+    # is noisy, so it is the fallback and is kept beside it.
+    rec["b_simple_online_at_target"] = b_simple[-1] if b_simple and rec["steps_to_target"] is not None else None
+    rec["b_simple_at_target"] = b_simple_exact if b_simple_exact is not None else rec["b_simple_online_at_target"]
+    rec["b_simple_source"] = "per_example" if b_simple_exact is not None else ("online" if b_simple else None)
+    sharp = [r["sharpness/top"] for r in rows if r.get("sharpness/top") is not None]
+    rec["sharpness"] = sharp[-1] if sharp else None
+    return rec
+
+
+def _diff(a: Any, b: Any) -> float | None:
+    return None if a is None or b is None else float(a) - float(b)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line
+    return rows
+
+
+def trial_status(summary: dict[str, Any]) -> str:
+    """A finished trial's status from its run's summary.json."""
+    if summary.get("status") == "diverged":
+        return "diverged"
+    return "ok" if summary.get("steps_to_target") is not None else "not_reached"
+
+
+def finish_trial(run_dir: Path, point: dict[str, Any], gap_epochs: float | None, summary: dict[str, Any] | None,
+                  status: str, b_simple_exact: float | None = None) -> dict[str, Any]:
+    rec = trial_record(point, summary, read_rows(run_dir / "metrics.jsonl"), gap_epochs, status,
+                       b_simple_exact=b_simple_exact)
+    rec["run_dir"] = str(run_dir)
+    tmp = run_dir / (TRIAL_RECORD + ".tmp")
+    tmp.write_text(json.dumps(rec) + "\n")
+    os.replace(tmp, run_dir / TRIAL_RECORD)
+    return rec
+
+
+def load_sweep(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    trials_path, critical_path = sweep_dir / TRIALS, sweep_dir / CRITICAL
+    if not trials_path.is_file() or not critical_path.is_file():
+        raise UsageError("SWEEP_DIR", f"{str(sweep_dir)!r} has no trials.jsonl/critical.json (not a finished sweep folder)")
+    trials = [json.loads(l) for l in trials_path.read_text().splitlines() if l.strip()]
+    return trials, json.loads(critical_path.read_text())
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    """A number for a table: 4 significant digits, integers as integers, missing as n/a."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "inf" if v > 0 else "n/a"
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 100):
+        return f"{int(v):,}"
+    return f"{v:.{digits}g}"
+
+
+def headline(analysis: dict[str, Any]) -> list[str]:
+    """The numbers a study ends with, one per line."""
+    lines = [
+        f"B_crit = {fmt(analysis['b_crit'])}   S_min = {fmt(analysis['s_min'])} steps   "
+        f"E_min = {fmt(analysis['e_min'])} examples   (fit r2 = {fmt(analysis['r2'], 3)})",
+        f"B_simple at target = {fmt(analysis['b_simple_at_target'])}"
+        + (f"   B_crit / B_simple = {fmt(analysis['b_crit_over_b_simple'], 2)}"
+           if analysis.get("b_crit_over_b_simple") is not None else "")
+        + (f"   (online EMA at target: {fmt(analysis['b_simple_online_at_target'])})"
+           if analysis.get("b_simple_online_at_target") is not None else ""),
+    ]
+    trend = analysis.get("gap_trend_per_doubling")
+    if trend is not None:
+        lines.append(f"train-test accuracy gap at target: {100 * trend:+.2f} points per doubling of the batch")
+    trend_b = analysis.get("gap_at_budget_trend_per_doubling")
+    if trend_b is not None:
+        lines.append(f"train-test accuracy gap at the epoch budget: {100 * trend_b:+.2f} points per doubling")
+    if analysis.get("note"):
+        lines.append(f"note: {analysis['note']}")
+    return lines

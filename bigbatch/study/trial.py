@@ -1,0 +1,161 @@
+"""One trial of a sweep, inside a Ray worker: train one grid point and report its record.
+
+Every trial is one ordinary training run (`bigbatch.trainer.loop.run`, the function the CLI and
+SLURM jobs call) in SWEEP/runs/<trial>/. With `trial.workers_per_trial > 1` the trial starts a
+Ray Train TorchTrainer whose workers each call `run`; `bigbatch.distributed.env.init` adopts the
+gloo or NCCL process group Ray Train created. A diverged trial (non-finite loss) is stopped and
+recorded as diverged; a trial whose folder holds a checkpoint resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bigbatch import config as config_mod
+from bigbatch.measure.noise import per_sample_stats
+from bigbatch.study import spec as spec_mod
+from bigbatch.study.records import RUNS_DIR, eval_row, finish_trial, trial_status
+from bigbatch.trainer import checkpoint as ckpt
+from bigbatch.trainer.data import build_data, tensor_batch
+from bigbatch.trainer.loop import run
+from bigbatch.trainer.models import build_model
+
+
+class Diverged(Exception):
+    """The training loss became non-finite: the trial stops and is recorded as diverged."""
+
+
+def _prepare_run_dir(run_dir: Path) -> tuple[bool, dict[str, Any] | None]:
+    """(resume?, finished summary) for a trial's run folder, from what an earlier attempt left."""
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        return False, json.loads(summary_path.read_text())
+    if (run_dir / "checkpoint.pt").is_file():
+        return True, None
+    if run_dir.is_dir():
+        shutil.rmtree(run_dir)  # a partial attempt without a checkpoint starts over
+    return False, None
+
+
+def exact_b_simple(cfg, run_dir: Path, samples: int) -> float | None:
+    """B_simple = tr(Sigma)/|G|^2 from per-example gradients at the run's final weights.
+
+    With train.stop_at_target the final checkpoint is the state at the target, which is where
+    McCandlish et al. 2018 compare B_noise with B_crit. Used when the run did not log the online
+    estimate (measure.gns); None for data that is not held in memory.
+
+    |mean of n per-example gradients|^2 over-estimates |G|^2 by tr(Sigma)/n, which near a
+    target (small |G|) is a large fraction of it: subtract it (McCandlish et al. 2018, A.1).
+    """
+    bundle = build_data(cfg.data)
+    if not bundle.in_memory:
+        return None
+    model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
+    model.load_state_dict(ckpt.load(run_dir / ckpt.FILENAME)["model"])
+    model.eval()
+    idx = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(0))[:samples]
+    x, y = tensor_batch(bundle.train, idx, torch.device("cpu"), train=False)
+    grad_sq, trace_sigma = per_sample_stats(model, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), x, y)
+    grad_sq_unbiased = grad_sq - trace_sigma / len(idx)
+    return trace_sigma / grad_sq_unbiased if grad_sq_unbiased > 0 else None
+
+
+def _tune_reporter(row: dict[str, Any]) -> None:
+    from ray import tune
+
+    if "loss" in row and (row["loss"] is None or not math.isfinite(row["loss"])):
+        raise Diverged(f"non-finite training loss at step {row.get('step')}")
+    if eval_row(row):
+        tune.report({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+
+def _single_process_trial(cfg_dict: dict[str, Any], run_dir: Path, resume: bool) -> dict[str, Any]:
+    return run(config_mod.from_dict(cfg_dict), run_dir, resume=resume, reporter=_tune_reporter)
+
+
+def _ddp_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: the same `run`; env.init adopts the process group Ray Train made."""
+    torch.set_num_threads(loop_config["torch_threads"])
+
+    def check(row: dict[str, Any]) -> None:  # rank 0 only: ray.train.report would need every rank
+        if "loss" in row and (row["loss"] is None or not math.isfinite(row["loss"])):
+            raise Diverged(f"non-finite training loss at step {row.get('step')}")
+
+    run(config_mod.from_dict(loop_config["cfg"]), Path(loop_config["run_dir"]), resume=loop_config["resume"],
+        reporter=check)
+
+
+def _ddp_trial(cfg_dict: dict[str, Any], run_dir: Path, resume: bool, trial: spec_mod.TrialSpec,
+               storage: Path) -> dict[str, Any]:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": trial.cpus_per_worker}
+    if trial.gpus_per_worker:
+        resources["GPU"] = trial.gpus_per_worker
+    trainer = TorchTrainer(
+        _ddp_worker,
+        train_loop_config={"cfg": cfg_dict, "run_dir": str(run_dir), "resume": resume,
+                           "torch_threads": trial.torch_threads},
+        scaling_config=ray.train.ScalingConfig(num_workers=trial.workers_per_trial, use_gpu=trial.gpus_per_worker > 0,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=run_dir.name, storage_path=str(storage),
+                                       failure_config=ray.train.FailureConfig(max_failures=0)),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps the worker's exception; a divergence is not a failure
+        if "Diverged" in f"{type(e).__name__}: {e}":
+            raise Diverged(str(e).splitlines()[0]) from None
+        raise
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str) -> None:
+    """The Ray Tune function trainable: train one grid point and report its record."""
+    point = params["point"]
+    from ray import tune
+
+    spec = spec_mod.from_dict(spec_dict)
+    torch.set_num_threads(spec.trial.torch_threads)
+    run_dir = Path(out_dir) / RUNS_DIR / spec.trial_name(point)
+    cfg = spec.trial_config(point)
+    resume, summary = _prepare_run_dir(run_dir)
+    if summary is None:
+        cfg_dict = config_mod.to_dict(cfg)
+        try:
+            if spec.trial.workers_per_trial > 1:
+                summary = _ddp_trial(cfg_dict, run_dir, resume, spec.trial, Path(out_dir) / "train")
+            else:
+                summary = _single_process_trial(cfg_dict, run_dir, resume)
+        except Diverged:
+            _close_wandb()
+            rec = finish_trial(run_dir, point, spec.trial.gap_epochs, None, "diverged")
+            tune.report(_numeric(rec) | {"done": True})
+            return
+    exact = None
+    if spec.trial.b_simple_samples and summary.get("status") == "target_reached":
+        exact = exact_b_simple(cfg, run_dir, spec.trial.b_simple_samples)
+    rec = finish_trial(run_dir, point, spec.trial.gap_epochs, summary, trial_status(summary), exact)
+    tune.report(_numeric(rec) | {"done": True})
+
+
+def _close_wandb() -> None:
+    """A run stopped by an exception leaves its W&B run open; close it as failed."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=1)
+
+
+def _numeric(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

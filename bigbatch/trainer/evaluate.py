@@ -1,0 +1,50 @@
+"""Evaluation: test and train loss/accuracy, every rank on its shard, sums all-reduced; the target."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from bigbatch.config import Config
+from bigbatch.distributed.env import DistEnv
+from bigbatch.trainer.data import DataBundle, eval_batches
+
+
+def reached_target(cfg: Config, metrics: dict[str, float]) -> bool:
+    if cfg.target.test_acc is not None and metrics["test_acc"] >= cfg.target.test_acc:
+        return True
+    return cfg.target.test_loss is not None and metrics["test_loss"] <= cfg.target.test_loss
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, bundle: DataBundle, env: DistEnv, cfg: Config, batch_size: int = 1024) -> dict[str, float]:
+    """Test loss/accuracy and train loss/accuracy (on a fixed training subset).
+
+    Every rank evaluates its shard; the sums are all-reduced. Plain cross-entropy (no label
+    smoothing), BatchNorm in eval mode.
+    """
+    model.eval()
+    sums = []
+    for data, limit in ((bundle.test, 0), (bundle.train, cfg.data.train_eval_samples)):
+        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
+        correct = torch.zeros((), dtype=torch.float64, device=env.device)
+        count = 0
+        for x, y in eval_batches(data, env.rank, env.world_size, batch_size, env.device, limit, cfg.data.num_workers):
+            if x.dim() == 4 and env.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = model(x).float()
+            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
+            correct += (out.argmax(1) == y).sum().double()
+            count += len(y)
+        sums.append(torch.stack([loss_sum, correct, torch.tensor(float(count), dtype=torch.float64, device=env.device)]))
+    t = torch.stack(sums)
+    if env.initialized:
+        dist.all_reduce(t)
+    t = t.cpu()
+    model.train()
+    return {
+        "test_loss": (t[0, 0] / t[0, 2]).item(), "test_acc": (t[0, 1] / t[0, 2]).item(),
+        "train_loss": (t[1, 0] / t[1, 2]).item(), "train_acc": (t[1, 1] / t[1, 2]).item(),
+    }
