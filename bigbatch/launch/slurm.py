@@ -22,188 +22,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from bigbatch import config as config_mod
 from bigbatch.errors import UsageError
+from bigbatch.launch.jobspec import JOB_ID, SIGNALS, JobSpec, abs_path, assign, bash_array, fill, match_pattern
 from bigbatch.study import spec as spec_mod
 from bigbatch.study.records import RUNS_DIR, finish_trial, trial_status
 from bigbatch.study.report import write_report
 from bigbatch.study.sweep import collect, load_spec_dict
 from bigbatch.trainer import batching
-
-TEMPLATE_DIR = Path(os.environ.get("BIGBATCH_SLURM_TEMPLATES", Path(__file__).resolve().parents[2] / "slurm"))
-
-# Patterns for values written into #SBATCH lines. sbatch parses those lines itself (no shell),
-# so a value must not be able to end the option or start another one.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_PARTITION = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
-_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+@=,-]+")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_JOB_ID = re.compile(r"\d+(_\d+)?")
-# SLURM --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
-# days-hours:minutes, days-hours:minutes:seconds.
-_TIME = re.compile(r"(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
-                   r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)")
-SIGNALS = ("USR2", "TERM")
-
-
-def time_limit_seconds(text: str) -> int:
-    """Seconds of a SLURM --time value; UsageError naming --time when malformed."""
-    m = _TIME.fullmatch(text.strip()) if isinstance(text, str) else None
-    if not m:
-        raise UsageError("--time", f"expected minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS; got {text!r}")
-    g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
-    if "d" in g:
-        parts = [("hours", g["dh"], 24), ("minutes", g.get("dm", 0), 60), ("seconds", g.get("ds", 0), 60)]
-        total = g["d"] * 86400 + g["dh"] * 3600 + g.get("dm", 0) * 60 + g.get("ds", 0)
-    elif "c" in g:  # H:M:S
-        parts = [("minutes", g["b"], 60), ("seconds", g["c"], 60)]
-        total = g["a"] * 3600 + g["b"] * 60 + g["c"]
-    elif "b" in g:  # M:S
-        parts = [("seconds", g["b"], 60)]
-        total = g["a"] * 60 + g["b"]
-    else:
-        parts, total = [], g["a"] * 60
-    for unit, value, limit in parts:
-        if value >= limit:
-            raise UsageError("--time", f"{unit} must be < {limit} in {text!r}")
-    if total <= 0:
-        raise UsageError("--time", f"must be a positive time limit, got {text!r}")
-    return total
-
-
-def _match(pattern: re.Pattern, value: str, key: str, expected: str) -> str:
-    if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise UsageError(key, f"expected {expected}; got {value!r}")
-    return value
-
-
-@dataclass
-class JobSpec:
-    """What the allocation looks like: everything that becomes an #SBATCH line or a job setting."""
-
-    job_name: str
-    nodes: int = 1
-    gpus_per_node: int = 0
-    procs_per_node: int | None = None
-    """Training processes per node (torchrun --nproc-per-node): default gpus_per_node, or 1 on CPU."""
-    cpus_per_task: int | None = None
-    """CPUs of the one task per node: default procs_per_node on CPU partitions, unset on GPU ones."""
-    partition: str | None = None
-    account: str | None = None
-    time: str | None = None
-    signal: str = "USR2"
-    signal_time: int = 90
-    """Seconds before the time limit at which SLURM sends `signal` to the batch script."""
-    max_requeues: int = 20
-    log_dir: str = "slurm-logs"
-    python: str = "python3"
-    env: list[tuple[str, str]] = field(default_factory=list)
-    container_image: str | None = None
-    """pyxis/enroot: run the training steps in this image (srun --container-image)."""
-    container_mounts: str | None = None
-    """pyxis: SRC:DST[,SRC:DST...] mounted into the container (data, run folders)."""
-
-    def __post_init__(self) -> None:
-        _match(_NAME, self.job_name, "--job-name", "letters, digits, '.', '_' or '-' (at most 128, not starting with a symbol)")
-        for key, v, low in (("--nodes", self.nodes, 1), ("--gpus-per-node", self.gpus_per_node, 0),
-                            ("--signal-time", self.signal_time, 1), ("--max-requeues", self.max_requeues, 0)):
-            if not isinstance(v, int) or v < low:
-                raise UsageError(key, f"must be an integer >= {low}, got {v!r}")
-        if self.procs_per_node is None:
-            self.procs_per_node = self.gpus_per_node or 1
-        if self.procs_per_node < 1:
-            raise UsageError("--procs-per-node", f"must be >= 1, got {self.procs_per_node}")
-        if self.gpus_per_node and self.procs_per_node > self.gpus_per_node:
-            raise UsageError("--procs-per-node", f"{self.procs_per_node} processes would share {self.gpus_per_node} GPUs; "
-                                                 "use at most one process per GPU")
-        if self.cpus_per_task is None and not self.gpus_per_node:
-            self.cpus_per_task = self.procs_per_node
-        if self.cpus_per_task is not None and self.cpus_per_task < 1:
-            raise UsageError("--cpus-per-task", f"must be >= 1, got {self.cpus_per_task}")
-        if self.partition is not None:
-            _match(_PARTITION, self.partition, "--partition", "a partition name (letters, digits, '.', '_', '-'; comma-separated)")
-        if self.account is not None:
-            _match(_NAME, self.account, "--account", "an account name (letters, digits, '.', '_', '-')")
-        if self.signal not in SIGNALS:
-            raise UsageError("--signal", f"expected one of {', '.join(SIGNALS)}; got {self.signal!r}")
-        if self.time is not None and time_limit_seconds(self.time) <= self.signal_time:
-            raise UsageError("--time", f"{self.time!r} is not longer than --signal-time {self.signal_time} s: "
-                                       "the job would be signalled as it starts")
-        _match(_SAFE_PATH, self.log_dir, "--log-dir",
-               "a path of letters, digits and ./_-+@=, (it goes into an #SBATCH line, which has no quoting)")
-        if not self.python:
-            raise UsageError("--python", "must not be empty")
-        for name, _ in self.env:
-            _match(_ENV_NAME, name, "--env", "NAME=VALUE with NAME a shell variable name")
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.procs_per_node
-
-    def header(self, array: str | None = None) -> str:
-        """The #SBATCH lines (values validated in __post_init__)."""
-        lines = [f"--job-name={self.job_name}", f"--nodes={self.nodes}", "--ntasks-per-node=1"]
-        if self.cpus_per_task:
-            lines.append(f"--cpus-per-task={self.cpus_per_task}")
-        if self.gpus_per_node:
-            lines.append(f"--gpus-per-node={self.gpus_per_node}")
-        lines += [f"--partition={self.partition}"] if self.partition else []
-        lines += [f"--account={self.account}"] if self.account else []
-        lines += [f"--time={self.time}"] if self.time else []
-        if array:
-            lines += [f"--array={array}", f"--output={self.log_dir}/%x-%A_%a.out"]
-        else:
-            lines.append(f"--output={self.log_dir}/%x-%j.out")
-        lines += ["--open-mode=append", f"--signal=B:{self.signal}@{self.signal_time}", "--requeue"]
-        return "\n".join(f"#SBATCH {line}" for line in lines)
-
-    def srun_args(self) -> str:
-        """Extra srun options of the training step (pyxis container), as a bash array."""
-        args = []
-        if self.container_image:
-            args += [shlex.quote(f"--container-image={self.container_image}"), '--container-workdir="$SLURM_SUBMIT_DIR"']
-        if self.container_mounts:
-            args.append(shlex.quote(f"--container-mounts={self.container_mounts}"))
-        return "SRUN_ARGS=(" + " ".join(args) + ")"
-
-    def user_env(self) -> str:
-        return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in self.env)
-
-
-def _assign(name: str, value: str | int) -> str:
-    return f"{name}={shlex.quote(str(value))}"
-
-
-def _bash_array(name: str, items: list[str]) -> str:
-    return f"{name}=(" + " ".join(shlex.quote(i) for i in items) + ")"
-
-
-def fill(template: str, values: dict[str, str]) -> str:
-    """Replace {{key}} placeholders; every placeholder must be given and every value used."""
-    path = TEMPLATE_DIR / template
-    if not path.is_file():
-        raise UsageError("BIGBATCH_SLURM_TEMPLATES", f"sbatch template {str(path)!r} not found (set it to the slurm/ folder of a bigbatch checkout)")
-    text = path.read_text()
-    used = set(re.findall(r"\{\{(\w+)\}\}", text))
-    if used != set(values):
-        raise RuntimeError(f"template {template}: placeholders {sorted(used)} != values {sorted(values)}")  # a bug here
-    for k, v in values.items():
-        text = text.replace("{{" + k + "}}", v)
-    return text.replace("\n\n\n", "\n\n")
-
-
-def _abs(path: str | os.PathLike) -> str:
-    return str(Path(path).expanduser().resolve())
-
 
 # --- training job ----------------------------------------------------------------------------
 
@@ -214,14 +47,14 @@ def render_train(config_path: str, overrides: list[str], job: JobSpec, out: str 
     cfg.validate(job.world_size, check_paths=False)
     batching.validate(cfg, job.world_size)
     if out is not None:
-        run_dir = _assign("RUN_DIR", _abs(out))
+        run_dir = assign("RUN_DIR", abs_path(out))
     else:  # stable across requeues: the job id does not change
         run_dir = f'RUN_DIR="$SLURM_SUBMIT_DIR"/runs/{shlex.quote(cfg.name)}-"$SLURM_JOB_ID"'
     train_args = [a for o in overrides for a in ("--set", o)]
     settings = [
-        _assign("CONFIG", _abs(config_path)), run_dir, _assign("NPROC_PER_NODE", job.procs_per_node),
-        _assign("PYTHON", job.python), _assign("STOP_SIGNAL", job.signal), _assign("MAX_REQUEUES", job.max_requeues),
-        _bash_array("TRAIN_ARGS", train_args), job.srun_args(),
+        assign("CONFIG", abs_path(config_path)), run_dir, assign("NPROC_PER_NODE", job.procs_per_node),
+        assign("PYTHON", job.python), assign("STOP_SIGNAL", job.signal), assign("MAX_REQUEUES", job.max_requeues),
+        bash_array("TRAIN_ARGS", train_args), job.srun_args(),
     ]
     return fill("train.sbatch", {"header": job.header(), "settings": "\n".join(settings), "user_env": job.user_env()})
 
@@ -237,13 +70,13 @@ def _load_sweep(path: str):
 def render_sweep(sweep_path: str, job: JobSpec, out: str | None) -> str:
     """Ray head on the first node, workers on the others, then `bigbatch sweep --ray-address`."""
     spec, _ = _load_sweep(sweep_path)
-    out_dir = (_assign("OUT_DIR", _abs(out)) if out is not None
+    out_dir = (assign("OUT_DIR", abs_path(out)) if out is not None
                else f'OUT_DIR="$SLURM_SUBMIT_DIR"/sweeps/{shlex.quote(spec.name)}-"$SLURM_JOB_ID"')
     if job.container_image or job.container_mounts:
         raise UsageError("--container-image", "submit-sweep runs Ray on the nodes directly; use an allocation whose "
                                               "nodes have bigbatch installed (or the array path)")
-    settings = [_assign("SWEEP_CONFIG", _abs(sweep_path)), out_dir, _assign("GPUS_PER_NODE", job.gpus_per_node),
-                _assign("PYTHON", job.python), _assign("STOP_SIGNAL", job.signal), _assign("MAX_REQUEUES", job.max_requeues)]
+    settings = [assign("SWEEP_CONFIG", abs_path(sweep_path)), out_dir, assign("GPUS_PER_NODE", job.gpus_per_node),
+                assign("PYTHON", job.python), assign("STOP_SIGNAL", job.signal), assign("MAX_REQUEUES", job.max_requeues)]
     return fill("sweep.sbatch", {"header": job.header(), "settings": "\n".join(settings), "user_env": job.user_env()})
 
 
@@ -274,13 +107,13 @@ def render_array(out: str, n_trials: int, job: JobSpec, max_parallel: int | None
     if max_parallel is not None and max_parallel < 1:
         raise UsageError("--max-parallel", f"must be >= 1, got {max_parallel}")
     array = f"0-{n_trials - 1}" + (f"%{max_parallel}" if max_parallel else "")
-    sweep_dir = _abs(out)
+    sweep_dir = abs_path(out)
     settings = [
-        _assign("SWEEP_DIR", sweep_dir),
+        assign("SWEEP_DIR", sweep_dir),
         'CONFIG="$SWEEP_DIR"/slurm/trial-"$SLURM_ARRAY_TASK_ID".toml',
         'RUN_DIR="$SWEEP_DIR"/runs/"$(sed -n "$(( SLURM_ARRAY_TASK_ID + 1 ))p" "$SWEEP_DIR"/slurm/trials.txt)"',
-        _assign("NPROC_PER_NODE", job.procs_per_node), _assign("PYTHON", job.python),
-        _assign("STOP_SIGNAL", job.signal), _assign("MAX_REQUEUES", job.max_requeues), "TRAIN_ARGS=()", job.srun_args(),
+        assign("NPROC_PER_NODE", job.procs_per_node), assign("PYTHON", job.python),
+        assign("STOP_SIGNAL", job.signal), assign("MAX_REQUEUES", job.max_requeues), "TRAIN_ARGS=()", job.srun_args(),
     ]
     return fill("train.sbatch", {"header": job.header(array), "settings": "\n".join(settings), "user_env": job.user_env()})
 
@@ -327,7 +160,7 @@ def sbatch(script: str, extra: list[str] | None = None) -> str:
         key = next((opt for word, opt in _SBATCH_FIELDS if word in message.lower()), "sbatch")
         raise UsageError(key, f"sbatch rejected the job: {message}")
     job_id = proc.stdout.strip().split(";")[0]
-    if not _JOB_ID.fullmatch(job_id):
+    if not JOB_ID.fullmatch(job_id):
         raise RuntimeError(f"unexpected sbatch output: {proc.stdout!r}")
     return job_id
 
@@ -432,7 +265,7 @@ def job_from_args(args: argparse.Namespace, default_name: str) -> JobSpec:
 
 def _check_ids(ids: list[str]) -> list[str]:
     for i in ids:
-        _match(_JOB_ID, i, "JOB_ID", "a job id such as 1234 or 1234_5")
+        match_pattern(JOB_ID, i, "JOB_ID", "a job id such as 1234 or 1234_5")
     return ids
 
 
@@ -472,14 +305,14 @@ def _array_sweep(args: argparse.Namespace) -> int:
     _slurm_tool("sbatch")
     prepare_array(args.config, args.out)
     array_id = _submit(script, job)
-    collector = [job.python, "-m", "bigbatch", "slurm", "collect", _abs(args.out)]
+    collector = [job.python, "-m", "bigbatch", "slurm", "collect", abs_path(args.out)]
     extra = [f"--dependency=afterany:{array_id}", f"--job-name={job.job_name}-collect",
              f"--output={job.log_dir}/%x-%j.out", "--ntasks=1"]
     extra += [f"--partition={job.partition}"] if job.partition else []
     extra += [f"--account={job.account}"] if job.account else []
     collect_id = sbatch("#!/bin/bash\n" + " ".join(shlex.quote(c) for c in collector) + "\n", extra)
     print(array_id)
-    print(f"collector job {collect_id} writes {_abs(args.out)}/trials.jsonl when the array ends", file=sys.stderr)
+    print(f"collector job {collect_id} writes {abs_path(args.out)}/trials.jsonl when the array ends", file=sys.stderr)
     return 0
 
 

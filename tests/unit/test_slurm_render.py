@@ -19,7 +19,7 @@ import pytest
 
 from bigbatch.cli import main
 from bigbatch.errors import UsageError
-from bigbatch.launch import slurm
+from bigbatch.launch import jobspec, slurm
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "slurm" / "golden"
@@ -200,12 +200,12 @@ def test_bad_job_options_are_one_line_exit_2(capsys, argv, expect):
 @pytest.mark.parametrize("text, seconds", [("30", 1800), ("5:30", 330), ("1:00:00", 3600), ("2-0", 172800),
                                            ("1-2:03", 93780), ("1-02:03:04", 93784)])
 def test_time_limit_formats(text, seconds):
-    assert slurm.time_limit_seconds(text) == seconds
+    assert jobspec.time_limit_seconds(text) == seconds
 
 
 def test_time_limit_rejects_garbage():
     with pytest.raises(UsageError, match="--time"):
-        slurm.time_limit_seconds("1:2:3:4")
+        jobspec.time_limit_seconds("1:2:3:4")
 
 
 def test_sbatch_missing_is_exit_2(tmp_path):

@@ -1,0 +1,20 @@
+"""Typed configuration: dataclass sections loaded from TOML, overridden with ``section.key=value``.
+
+    sections.py   one dataclass per section, each validating its own fields
+    loader.py     `Config` (the sections together, checks across them), the strict loader
+                  (`coerce`, `build_section`, `from_dict`, `load`), overrides, writing TOML
+
+Everything is importable from `bigbatch.config`.
+"""
+
+from bigbatch.config.loader import (SECTIONS, Config, apply_overrides, build_section, coerce, dumps, from_dict, load,
+                                    parse_override, read_toml, save, to_dict)
+from bigbatch.config.sections import (BatchConfig, CheckpointConfig, DataConfig, DistConfig, MeasureConfig, ModelConfig,
+                                      OptimConfig, ScheduleConfig, TargetConfig, TrackConfig, TrainConfig)
+from bigbatch.errors import ConfigError
+
+__all__ = [
+    "SECTIONS", "BatchConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistConfig", "MeasureConfig",
+    "ModelConfig", "OptimConfig", "ScheduleConfig", "TargetConfig", "TrackConfig", "TrainConfig", "apply_overrides",
+    "build_section", "coerce", "dumps", "from_dict", "load", "parse_override", "read_toml", "save", "to_dict",
+]
