@@ -60,3 +60,13 @@ def spawn(fn: Callable, world: int, *args: Any) -> list[Any]:
         rank, res = out.get()
         results[rank] = res
     return [results[r] for r in range(world)]
+
+
+def assert_same_run(cut: str | Path, whole: str | Path) -> None:
+    """A resumed run folder equals an uninterrupted one: every step's loss and the final weights."""
+    import torch
+
+    assert step_losses(cut) == step_losses(whole)
+    a = torch.load(Path(cut) / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(Path(whole) / "checkpoint.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -27,6 +27,7 @@ import tomli_w
 
 from bigbatch.config.sections import (BatchConfig, CheckpointConfig, DataConfig, DistConfig, MeasureConfig, ModelConfig,
                                       OptimConfig, ScheduleConfig, TargetConfig, TrackConfig, TrainConfig, _check)
+from bigbatch.entrypoints import check_config as check_entry_points
 from bigbatch.errors import ConfigError
 
 
@@ -60,6 +61,8 @@ class Config:
         Whether the batch divides over the ranks is `bigbatch.trainer.batching.validate`."""
         if check_paths and self.data.root is not None and self.data.name in ("imagefolder", "cifar10"):
             _check(Path(self.data.root).expanduser().is_dir(), "data.root", f"folder {self.data.root!r} does not exist")
+        if check_paths:  # user entry points must import here (PYTHONPATH or an installed package)
+            check_entry_points(self)
         if self.train.amp == "fp16":
             import torch
 
@@ -111,6 +114,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is list or origin is list:
         _check(isinstance(value, list), key, f"expected a list, got {value!r}")
         return value
+    if tp is dict or origin is dict:
+        _check(isinstance(value, dict), key, f"expected a table, got {value!r}")
+        return dict(value)
     raise TypeError(f"unsupported config type {tp!r} for {key}")  # a bug in this file, not bad input
 
 
@@ -197,7 +203,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     """Nested dict without None values (TOML has no null; absent = default None)."""
 
     def strip(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: (strip(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None}
+        # None and empty tables (model.kwargs = {}) are the defaults: left out
+        return {k: (strip(v) if isinstance(v, dict) else v) for k, v in d.items() if v is not None and v != {}}
 
     return strip(dataclasses.asdict(cfg))
 

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
+from bigbatch.entrypoints import is_entry_point
 from bigbatch.errors import ConfigError
 
 
@@ -19,11 +20,31 @@ def _check(cond: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+DATASETS = ("mnist1d", "digits", "synthetic", "fake_images", "imagefolder", "cifar10")
+MODELS = ("mlp", "cnn1d", "resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def _check_name(name: str, builtin: tuple[str, ...], key: str, form: str) -> None:
+    """A built-in name or an entry point of the right form; importing it is `bigbatch.entrypoints`' job."""
+    if name in builtin:
+        return
+    module, sep, attr = name.partition(":")
+    ok = bool(sep) and bool(attr) and all(part.isidentifier() for part in module.split(".")) and attr.isidentifier()
+    if key == "data.name" and module == "torchvision":
+        ok = False
+    _check(ok, key, f"expected one of {', '.join(builtin)} or {form}; got {name!r}")
+
+
 @dataclass
 class DataConfig:
-    name: Literal["mnist1d", "digits", "synthetic", "fake_images", "imagefolder", "cifar10"] = "mnist1d"
-    """Dataset. mnist1d/digits/synthetic are generated locally; fake_images are random images for
-    throughput benchmarks (like torchvision's FakeData); imagefolder and cifar10 read `root`."""
+    name: str = "mnist1d"
+    """Dataset: mnist1d, digits, synthetic, fake_images, imagefolder, cifar10, or your own as
+    "package.module:function" (called with data.kwargs, returns (train, test): map-style datasets
+    of (x, y) or (x, y) tensor pairs). mnist1d/digits/synthetic are generated locally; fake_images
+    are random images for throughput benchmarks (like torchvision's FakeData); imagefolder and
+    cifar10 read `root`."""
+    kwargs: dict = field(default_factory=dict)
+    """"module:function" datasets: keyword arguments passed to the function (a TOML table)."""
     root: str | None = None
     """imagefolder: folder with train/ and val/ (ImageNet layout). cifar10: folder holding
     cifar-10-batches-py/ (or its files). mnist1d: cache folder (default ~/.cache/bigbatch)."""
@@ -46,11 +67,14 @@ class DataConfig:
     num_workers: int = 4
     """imagefolder: DataLoader worker processes per rank."""
     backend: Literal["torch", "dali"] = "torch"
-    """imagefolder loader: torchvision (default) or NVIDIA DALI (GPU decode; optional dependency)."""
+    """imagefolder training batches: torchvision (default) or NVIDIA DALI (`pip install 'bigbatch[dali]'`;
+    decodes on the CPU without a GPU, nvJPEG with one; same data order as torch)."""
     train_eval_samples: int = 10000
     """Training examples (a fixed subset) evaluated for train_loss/train_acc; 0 = all."""
 
     def __post_init__(self) -> None:
+        _check_name(self.name, DATASETS, "data.name", "package.module:function")
+        _check(not self.kwargs or is_entry_point(self.name), "data.kwargs", 'only for data.name = "package.module:function"')
         _check(self.num_samples >= 10, "data.num_samples", f"must be >= 10, got {self.num_samples}")
         _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         _check(self.num_features >= 1, "data.num_features", "must be >= 1")
@@ -67,8 +91,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["mlp", "cnn1d", "resnet18", "resnet34", "resnet50", "resnet101"] = "mlp"
-    """Architecture. mlp/cnn1d for vector data (MNIST-1D, digits, synthetic); resnets for images."""
+    name: str = "mlp"
+    """Architecture: mlp/cnn1d for vector data (MNIST-1D, digits, synthetic); resnet18/34/50/101 for
+    images; "torchvision:NAME" for any torchvision classification model (weights=None); or your own
+    as "package.module:function" (called with input_shape, num_classes, **model.kwargs)."""
+    kwargs: dict = field(default_factory=dict)
+    """"torchvision:NAME" and "module:function" models: keyword arguments (a TOML table)."""
     hidden: int = 256
     """mlp: width of each hidden layer."""
     depth: int = 2
@@ -85,6 +113,9 @@ class ModelConfig:
     """Memory format for image models: auto = channels_last on GPU."""
 
     def __post_init__(self) -> None:
+        _check_name(self.name, MODELS, "model.name", "torchvision:NAME or package.module:function")
+        _check(not self.kwargs or ":" in self.name, "model.kwargs",
+               'only for model.name = "torchvision:NAME" or "package.module:function"')
         _check(self.hidden >= 1, "model.hidden", "must be >= 1")
         _check(self.depth >= 1, "model.depth", "must be >= 1")
         _check(self.channels >= 1, "model.channels", "must be >= 1")

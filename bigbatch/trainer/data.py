@@ -35,6 +35,7 @@ import torch
 
 from bigbatch.config import DataConfig
 from bigbatch.errors import ConfigError
+from bigbatch.trainer.userdata import InMemory, load_entry_point
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -305,10 +306,22 @@ def train_size_hint(cfg: DataConfig, exact: bool = False) -> int | None:
     if cfg.name in ("mnist1d", "synthetic", "fake_images", "digits"):
         n = KNOWN_TRAIN_SIZES.get(cfg.name, cfg.num_samples)
         return n - max(int(round(n * cfg.test_fraction)), 1)
+    if cfg.name not in KNOWN_TRAIN_SIZES:  # "module:function": only calling it tells
+        return None
     return None if exact else KNOWN_TRAIN_SIZES[cfg.name]
 
 
+def load_user_data(cfg: DataConfig) -> DataBundle:
+    """data.name = "package.module:function" (see trainer/userdata.py): (x, y) tensors are held in
+    memory, map-style datasets go through a DataLoader, both fed by the example stream."""
+    train, test, num_classes, input_shape = load_entry_point(cfg)
+    train, test = (TensorData(s.x, s.y) if isinstance(s, InMemory) else s for s in (train, test))
+    return DataBundle(train, test, num_classes, input_shape, cfg.name)
+
+
 def build_data(cfg: DataConfig) -> DataBundle:
+    if cfg.name not in LOADERS:  # "package.module:function" (config checked the form)
+        return load_user_data(cfg)
     return LOADERS[cfg.name](cfg)
 
 

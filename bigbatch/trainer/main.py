@@ -55,6 +55,10 @@ def dry_run(cfg: config_mod.Config, world_size: int) -> dict:
     from bigbatch.trainer.recipe import Schedule
 
     n = train_size_hint(cfg.data)
+    if n is None:  # a "module:function" dataset: its size is known only by calling it
+        from bigbatch.trainer.data import build_data
+
+        n = len(build_data(cfg.data).train)
     sched = Schedule(cfg, n)
     per_device, accum = batching.derive_batch(sched.batch_at(0), world_size, cfg.batch.accum_steps)
     return {"num_train": n, "world_size": world_size, "per_device_batch": per_device, "accum_steps": accum,

@@ -1,4 +1,5 @@
-"""Models: an MLP, a small 1D CNN for MNIST-1D, and torchvision ResNets (weights=None).
+"""Models: an MLP, a small 1D CNN for MNIST-1D, torchvision ResNets (weights=None), any torchvision
+classification model ("torchvision:NAME") and a user's own ("package.module:function").
 
 `zero_init_residual` zero-initialises the last BatchNorm gamma of every residual block, so each
 block starts as the identity (Goyal et al. 2017, section 5.1).
@@ -11,7 +12,9 @@ import math
 import torch
 from torch import nn
 
+from bigbatch import entrypoints
 from bigbatch.config import ModelConfig
+from bigbatch.entrypoints import is_entry_point
 from bigbatch.errors import ConfigError
 
 
@@ -70,8 +73,39 @@ def build_resnet(name: str, num_classes: int, zero_init_residual: bool, small_in
     return model
 
 
+def build_entry_point_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """"torchvision:NAME" -> get_model(NAME, weights=None, num_classes=..., **kwargs);
+    "package.module:function" -> function(input_shape, num_classes, **kwargs), which must return
+    an nn.Module. zero_init_residual applies to whatever torchvision residual blocks it has."""
+    if cfg.small_input:
+        raise ConfigError("model.small_input", "only for the built-in resnets (a 3x3 stem for 32x32 images)")
+    if cfg.name.startswith(entrypoints.TORCHVISION):
+        import torchvision
+
+        name = entrypoints.check_torchvision(cfg.name)
+        try:
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **cfg.kwargs)
+        except TypeError as e:
+            raise ConfigError("model.kwargs", f"torchvision's {name} does not take {cfg.kwargs}: {e}") from None
+    else:
+        fn = entrypoints.resolve(cfg.name, "model.name")
+        entrypoints.check_call(fn, (input_shape, num_classes), cfg.kwargs, cfg.name, "model.kwargs")
+        model = fn(tuple(input_shape), num_classes, **cfg.kwargs)
+        if not isinstance(model, nn.Module):
+            raise ConfigError("model.name", f"{cfg.name!r} returned a {type(model).__name__}, expected a torch.nn.Module")
+    if cfg.zero_init_residual:
+        last_bn = residual_last_bn(model)
+        if not last_bn:
+            raise ConfigError("model.zero_init_residual", f"{cfg.name} has no torchvision residual blocks to zero-init")
+        for bn in last_bn:
+            nn.init.zeros_(bn.weight)
+    return model
+
+
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The model named by cfg for inputs of `input_shape` (without the batch dimension)."""
+    if cfg.name.startswith(entrypoints.TORCHVISION) or is_entry_point(cfg.name):
+        return build_entry_point_model(cfg, input_shape, num_classes)
     if cfg.zero_init_residual and cfg.name not in RESNETS:
         raise ConfigError("model.zero_init_residual", f"{cfg.name} has no residual blocks; only resnets do")
     if cfg.name == "mlp":
