@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bigbatch.distributed.hooks import CommHookState, install_comm_hook
 from bigbatch.errors import ConfigError
+from bigbatch.measure.gns import GradNormTap, attach_tap, grad_sq_norm
 from bigbatch.measure.noise import GNSEstimator
 from bigbatch.measure.sharpness import hessian_top_eigs
 from bigbatch.measure.tails import noise_from_gradients, tail_index
@@ -58,46 +58,13 @@ def validate(cfg, world_size: int) -> None:
                 raise ConfigError(key, "needs an in-memory dataset (mnist1d, digits, synthetic, cifar10), not imagefolder")
 
 
-class GradNormTap:
-    """Sums squared L2 norms of the gradients it is shown, in float64, while enabled."""
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self.total: torch.Tensor | None = None
-        self.calls = 0
-
-    def __call__(self, grad: torch.Tensor) -> None:
-        if not self.enabled or grad is None:
-            return
-        sq = torch.linalg.vector_norm(grad).double().square()  # fp32 norm: no float64 copy of the bucket
-        self.total = sq if self.total is None else self.total + sq
-        self.calls += 1
-
-    def take(self) -> torch.Tensor | None:
-        total, self.total, self.calls = self.total, None, 0
-        return total
-
-
-def grad_sq_norm(params: list[nn.Parameter]) -> torch.Tensor | None:
-    """Squared L2 norm of all `.grad`s, float64 (None when no parameter has a gradient)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return None
-    return torch.stack(torch._foreach_norm(grads)).double().square().sum()
-
-
 def install_tap(ddp_model: nn.Module, cfg, env, tap: GradNormTap) -> None:
     """Put `tap` into ddp_model's comm hook (bigbatch.distributed.hooks), whichever all-reduce it
-    runs. If the loop already registered bigbatch's hook, the tap joins its state (DDP allows one
-    comm hook per model)."""
-    registered = getattr(ddp_model, "_comm_hooks", [])
-    for _, state in registered:
-        if isinstance(state, CommHookState):
-            state.local_grad_tap = tap
-            return
-    if registered:
-        raise ConfigError("measure.gns", "another DDP comm hook is registered; the GNS tap needs bigbatch's own")
-    install_comm_hook(ddp_model, cfg.dist, env, local_grad_tap=tap)
+    runs (the loop registered bigbatch's hook already unless dist.allreduce = builtin)."""
+    try:
+        attach_tap(ddp_model, tap, env.world_size)
+    except ValueError:
+        raise ConfigError("measure.gns", "another DDP comm hook is registered; the GNS tap needs bigbatch's own") from None
 
 
 class OnlineGNS:
