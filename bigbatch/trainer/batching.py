@@ -51,8 +51,6 @@ def validate(cfg, world_size: int) -> None:
     derive_batch(cfg.batch.global_batch, world_size, cfg.batch.accum_steps, "batch.global_batch")
     for i, (_, b) in enumerate(cfg.batch.phases):
         derive_batch(b, world_size, cfg.batch.accum_steps, f"batch.phases[{i}]")
-    if cfg.data.backend == "dali" and (cfg.batch.phases or cfg.batch.adaptive != "none"):
-        raise ConfigError("data.backend", "dali builds its pipeline for one per-device batch: no batch.phases or batch.adaptive with it")
 
 
 def validate_adaptive(cfg, world_size: int) -> None:

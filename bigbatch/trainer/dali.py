@@ -1,120 +1,182 @@
-"""NVIDIA DALI loader for ImageNet-style folders (`data.backend = "dali"`): JPEG decoding on the GPU.
+"""NVIDIA DALI decoding for ImageNet-style folders (`data.backend = "dali"`), fed by bigbatch's
+example stream.
 
 Optional: `nvidia.dali` is imported in one place (`require_dali`, which the training loop calls
-before any work when this backend is selected); without it, or without a GPU, the error names
-data.backend and says what to do. NVIDIA's PyTorch
-containers (docker/Dockerfile) ship it.
+before any work when this backend is selected); without it the error names data.backend and says
+how to install it (`pip install 'bigbatch[dali]'` = nvidia-dali-cuda130; nvidia-dali-cuda120 on
+CUDA 12 clusters; NVIDIA's PyTorch containers ship it).
+
+Which images, in which order: not DALI's file reader (it shuffles with its own seeded buffer per
+rank, so the order would depend on the world size and a resumed run would differ). The example
+stream picks each step's global batch, this rank takes its slice (`data.shard`), and a Python
+source (`fn.external_source`) hands DALI the encoded bytes of exactly those files. The random
+crop and flip of every example are drawn in Python too, from a generator seeded by (train.seed,
+the example's position in the stream), and passed to DALI as per-sample arguments. So the
+images of a step, and their augmentation, are the same for any world size, any accumulation, and
+after a resume (`restart` at the checkpointed position), as with the torch backend.
 
 The pipeline per rank (the usual ImageNet recipe, Goyal et al. 2017 / NVIDIA DeepLearningExamples):
-    fn.readers.file(shard_id=rank, num_shards=world_size, pad_last_batch=True, random_shuffle=train)
-    -> fn.decoders.image(device="mixed")                 nvJPEG: host parses, GPU decodes
-    -> train: fn.random_resized_crop(scale 0.08..1, ratio 3/4..4/3) + random horizontal flip
-       eval:  resize the shorter side to size*256/224, then a center crop
-    -> fn.crop_mirror_normalize(mean/std of ImageNet, float, CHW)
+    external_source -> (jpeg bytes, label, crop window, flip)
+    train: fn.decoders.image_slice(crop window)         decode only the RandomResizedCrop window
+           (scale 0.08..1, aspect ratio 3/4..4/3, torchvision's sampling), fn.resize to size x size
+    no augment: fn.decoders.image, resize the shorter side to size*256/224, then a center crop
+    -> fn.crop_mirror_normalize(mean/std of ImageNet, float, CHW, mirror=flip)
+Decoding runs on the CPU without a GPU (device_id=None: a CPU-only pipeline, libjpeg-turbo) and
+"mixed" (nvJPEG: host parses, GPU decodes; resize and normalize on the GPU) with one.
 
-Every shard yields the same number of batches: `pad_last_batch` pads each shard to the size of
-the largest one by repeating its last sample, so no rank runs out of batches before the others
-and DDP never waits on a missing all-reduce. Training drops the last partial batch (every step
-has the full per-device batch); evaluation keeps it and the padding is removed (each image counts
-once per shard).
-
-Data order: DALI shuffles with its own seeded buffer (per rank, seed + rank), not with
-bigbatch's example stream, so a resumed run sees a different order than an uninterrupted one.
+Evaluation still reads the folder through torchvision (data.eval_batches); only training batches
+come from DALI.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator
+import io
+import math
+from typing import Any, Callable
 
-from bigbatch.errors import ConfigError, UsageError
+import numpy as np
 
-INSTALL = "pip install --extra-index-url https://pypi.nvidia.com nvidia-dali-cuda120"
+from bigbatch.errors import UsageError
+from bigbatch.trainer.data import ExampleStream, shard
+
+INSTALL = "pip install 'bigbatch[dali]'"
+INSTALL_NOTE = "nvidia-dali-cuda130; on a CUDA 12 cluster pip install nvidia-dali-cuda120"
 IMAGENET_MEAN_255 = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD_255 = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+SCALE = (0.08, 1.0)
+RATIO = (3 / 4, 4 / 3)
 
 
 def require_dali():
-    """(nvidia.dali, nvidia.dali.plugin.pytorch): the one import of DALI. UsageError naming
-    data.backend when it does not import or when there is no CUDA device to decode on."""
+    """(nvidia.dali, nvidia.dali.plugin.pytorch): the one import of DALI; UsageError naming
+    data.backend when it does not import."""
     try:
         import nvidia.dali as dali
         import nvidia.dali.plugin.pytorch as dali_torch
     except ImportError as e:
         raise UsageError("data.backend", f"'dali' needs NVIDIA DALI, which does not import here ({e}): install it with "
-                                         f"`{INSTALL}` (CUDA 12; an NVIDIA PyTorch container has it), "
+                                         f"`{INSTALL}` ({INSTALL_NOTE}; an NVIDIA PyTorch container has it), "
                                          "or set data.backend = 'torch'") from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UsageError("data.backend", "'dali' decodes JPEGs on the GPU and no CUDA device is available; "
-                                         "use data.backend = 'torch' on CPU")
     return dali, dali_torch
 
 
-@dataclass
-class DaliLoader:
-    """Batches of (images float32 [B, 3, S, S] on the GPU, labels int64 [B] on the GPU), one epoch per
-    iteration; `len()` is the number of batches per epoch, the same on every rank."""
-
-    iterator: Any
-    batches_per_epoch: int
-    train: bool
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def __iter__(self) -> Iterator[tuple[Any, Any]]:
-        for out in self.iterator:
-            data = out[0]
-            yield data["data"], data["label"].squeeze(-1).long()
-
-
-def _split_dir(root: str | Path, train: bool) -> Path:
-    d = Path(root).expanduser() / ("train" if train else "val")
-    if not d.is_dir():
-        raise ConfigError("data.root", f"expected ImageNet layout: {str(d)!r} does not exist")
-    return d
+def crop_window(rng: np.random.Generator, width: int, height: int, scale=SCALE, ratio=RATIO) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of a RandomResizedCrop window: torchvision's sampling (10 tries of area and
+    log-uniform aspect ratio, then a center crop of the clamped ratio), with numpy's generator."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
 
 
-def build_dali_loader(root: str | Path, image_size: int, per_device_batch: int, rank: int, world_size: int,
-                      seed: int, train: bool, *, num_threads: int = 4, device_id: int | None = None) -> DaliLoader:
-    """The DALI loader of this rank's shard of root/train (train=True) or root/val.
+class DaliBatches:
+    """Training micro-batches of an image folder decoded by DALI, in the example stream's order.
 
-    device_id defaults to the current CUDA device (the rank's local GPU, set by distributed.env).
+    The same interface as `data.FolderBatches`: `restart(...)` (at the start, after a resume or a
+    batch-size change) builds the pipeline for this rank's micro-batch size at the stream's
+    position; `next(device)` returns (images float32 [B, 3, S, S], labels int64 [B]) on `device`.
+    `samples` is the folder's [(path, class), ...] (torchvision ImageFolder's `.samples`, so the
+    indices mean the same files as with the torch backend).
     """
-    dali, dali_torch = require_dali()
-    import torch
 
-    if per_device_batch < 1 or not (0 <= rank < world_size):
-        raise UsageError("data.backend", f"bad shard: per_device_batch {per_device_batch}, rank {rank}, world {world_size}")
-    split = _split_dir(root, train)
-    device_id = torch.cuda.current_device() if device_id is None else device_id
-    fn, types = dali.fn, dali.types
+    def __init__(self, samples: list[tuple[str, int]], image_size: int, augment: bool, seed: int, device,
+                 num_threads: int = 4):
+        self.dali, self.dali_torch = require_dali()
+        self.samples, self.size, self.augment, self.seed = samples, image_size, augment, seed
+        self.device, self.num_threads = device, max(num_threads, 1)
+        self._pipe = None
 
-    @dali.pipeline_def(batch_size=per_device_batch, num_threads=num_threads, device_id=device_id,
-                       seed=seed * 1000 + rank, prefetch_queue_depth=2)
-    def pipeline():
-        jpegs, labels = fn.readers.file(file_root=str(split), shard_id=rank, num_shards=world_size,
-                                        random_shuffle=train, pad_last_batch=True, name="Reader")
-        images = fn.decoders.image(jpegs, device="mixed", output_type=types.RGB)
-        if train:
-            images = fn.random_resized_crop(images, size=[image_size, image_size], random_area=[0.08, 1.0],
-                                            random_aspect_ratio=[3 / 4, 4 / 3])
-            geometry = {"mirror": fn.random.coin_flip(probability=0.5)}
+    def _source(self, stream, batch_fn: Callable[[int], int], start_step: int, rank: int, world: int,
+                accum: Callable[[int], int]):
+        """This rank's micro-batches as DALI input batches, from a copy of the stream (runs ahead)."""
+        shadow = ExampleStream(stream.n, stream.seed, stream.position)
+        step = start_step
+        while True:
+            start, batch = shadow.position, batch_fn(step)
+            micros = shard(shadow.take(batch), rank, world, accum(step))
+            offset = start + rank * (batch // world)  # stream position of this rank's first example
+            for micro in micros:
+                yield self._inputs(micro.tolist(), offset)
+                offset += len(micro)
+            step += 1
+
+    def _inputs(self, indices: list[int], first_position: int) -> tuple[list[np.ndarray], ...]:
+        jpegs, labels, anchors, shapes, flips = [], [], [], [], []
+        for k, i in enumerate(indices):
+            path, label = self.samples[i]
+            data = np.fromfile(path, dtype=np.uint8)
+            jpegs.append(data)
+            labels.append(np.array([label], dtype=np.int64))
+            if self.augment:  # the example's own generator: independent of rank, batch and resume
+                rng = np.random.default_rng((self.seed, first_position + k))
+                from PIL import Image
+
+                width, height = Image.open(io.BytesIO(data.tobytes())).size  # header only
+                x, y, w, h = crop_window(rng, width, height)
+                anchors.append(np.array([x, y], dtype=np.float32))
+                shapes.append(np.array([w, h], dtype=np.float32))
+                flips.append(np.array(rng.random() < 0.5, dtype=np.int32))
+        return (jpegs, labels, anchors, shapes, flips) if self.augment else (jpegs, labels)
+
+    def _build(self, source, batch_size: int):
+        dali = self.dali
+        fn, types = dali.fn, dali.types
+        on_gpu = self.device.type == "cuda"
+        size, augment = self.size, self.augment
+
+        @dali.pipeline_def(batch_size=batch_size, num_threads=self.num_threads,
+                           device_id=self.device.index if on_gpu else None, prefetch_queue_depth=2)
+        def pipeline():
+            decoder = "mixed" if on_gpu else "cpu"
+            norm = {"dtype": types.FLOAT, "output_layout": "CHW", "mean": list(IMAGENET_MEAN_255), "std": list(IMAGENET_STD_255)}
+            if augment:
+                jpegs, labels, anchor, shape, flip = fn.external_source(
+                    source=lambda: next(source), num_outputs=5, batch=True,
+                    dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32])
+                images = fn.decoders.image_slice(jpegs, anchor, shape, axis_names="WH", normalized_anchor=False,
+                                                 normalized_shape=False, device=decoder, output_type=types.RGB)
+                images = fn.resize(images, size=[size, size])
+                images = fn.crop_mirror_normalize(images, mirror=flip, **norm)
+            else:
+                jpegs, labels = fn.external_source(source=lambda: next(source), num_outputs=2, batch=True,
+                                                   dtype=[types.UINT8, types.INT64])
+                images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+                images = fn.resize(images, resize_shorter=int(size * 256 / 224))
+                images = fn.crop_mirror_normalize(images, crop=(size, size), **norm)
+            return images, labels
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def restart(self, stream, batch_fn: Callable[[int], int], start_step: int, rank: int, world: int,
+                accum: Callable[[int], int]) -> None:
+        micro = batch_fn(start_step) // world // accum(start_step)
+        self._pipe = None  # the old pipeline (and its prefetched batches) goes
+        self._pipe = self._build(self._source(stream, batch_fn, start_step, rank, world, accum), micro)
+
+    def next(self, device) -> tuple[Any, Any]:
+        import torch
+
+        assert self._pipe is not None, "restart() first"
+        images, labels = self._pipe.run()
+        y = torch.from_numpy(np.array(labels.as_tensor())).reshape(-1).to(device, non_blocking=True)
+        dense = images.as_tensor()
+        if self.device.type == "cuda":
+            x = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+            self.dali_torch.feed_ndarray(dense, x, cuda_stream=torch.cuda.current_stream(self.device))
         else:
-            images = fn.resize(images, resize_shorter=int(image_size * 256 / 224))
-            geometry = {"crop": (image_size, image_size)}
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                          mean=list(IMAGENET_MEAN_255), std=list(IMAGENET_STD_255), **geometry)
-        return images, labels.gpu()
-
-    pipe = pipeline()
-    pipe.build()
-    policy = dali_torch.LastBatchPolicy.DROP if train else dali_torch.LastBatchPolicy.PARTIAL
-    iterator = dali_torch.DALIGenericIterator([pipe], ["data", "label"], reader_name="Reader",
-                                              last_batch_policy=policy, auto_reset=True)
-    # reader_name + pad_last_batch: the iterator sizes every shard as the largest one, so len() is
-    # the same on every rank.
-    return DaliLoader(iterator, len(iterator), train)
+            x = torch.from_numpy(np.array(dense))
+        return x.to(device, non_blocking=True), y

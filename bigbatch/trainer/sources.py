@@ -9,8 +9,10 @@ Every source takes the step's `global_batch` examples from the seeded example st
 them over ranks and micro-batches (`bigbatch.trainer.data.shard`), so the stream's position (what
 a checkpoint records) is the same whichever source reads the examples:
 - tensors: the examples are indexed directly;
-- image folders: a DataLoader fed by a copy of the stream (rebuilt when the batch changes);
-- DALI (data.backend = "dali"): DALI shards and shuffles by itself, with a fixed per-device batch.
+- image folders (and map-style "module:function" datasets): a DataLoader fed by a copy of the
+  stream (rebuilt when the batch changes);
+- DALI (data.backend = "dali"): the same, with a DALI pipeline in place of the DataLoader
+  (`bigbatch.trainer.dali.DaliBatches`: fed the stream's files through fn.external_source).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from bigbatch.config import Config
 from bigbatch.distributed.env import DistEnv
-from bigbatch.trainer.dali import build_dali_loader
+from bigbatch.trainer.dali import DaliBatches
 from bigbatch.trainer.data import DataBundle, ExampleStream, FolderBatches, shard, tensor_batch
 
 Batch = tuple[torch.Tensor, torch.Tensor, int]  # inputs, labels, examples of the stream they stand for
@@ -48,12 +50,12 @@ class TensorSource:
 
 
 class FolderSource(TensorSource):
-    """Image folders: a DataLoader whose sampler follows a copy of the stream, loading ahead in
-    worker processes; rebuilt when the global batch changes."""
+    """Image folders: a DataLoader (or a DALI pipeline) whose sampler follows a copy of the stream,
+    loading ahead in worker processes (DALI threads); rebuilt when the global batch changes."""
 
-    def __init__(self, bundle: DataBundle, stream: ExampleStream, env: DistEnv, num_workers: int):
+    def __init__(self, bundle: DataBundle, stream: ExampleStream, env: DistEnv, folder: FolderBatches | DaliBatches):
         super().__init__(bundle, stream, env)
-        self.folder = FolderBatches(bundle.train, num_workers, env.device.type == "cuda")
+        self.folder = folder
         self.loader_batch: int | None = None
 
     def micro_batches(self, step: int, global_batch: int, accum: int) -> Iterator[Batch]:
@@ -67,28 +69,10 @@ class FolderSource(TensorSource):
         return self.folder.next(self.env.device)
 
 
-class DaliSource(TensorSource):
-    """NVIDIA DALI: endless micro-batches of this rank's DALI shard, epoch after epoch."""
-
-    def __init__(self, cfg: Config, bundle: DataBundle, stream: ExampleStream, env: DistEnv, per_device: int):
-        super().__init__(bundle, stream, env)
-        self.batches = _dali_batches(cfg, env, per_device)
-
-    def _load(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return next(self.batches)
-
-
-def _dali_batches(cfg: Config, env: DistEnv, per_device: int):
-    """The DALI pipeline is built at the first micro-batch, then read epoch after epoch."""
-    loader = build_dali_loader(cfg.data.root, cfg.data.image_size, per_device, env.rank, env.world_size,
-                               cfg.train.seed, train=True, num_threads=max(cfg.data.num_workers, 1))
-    while True:
-        yield from loader
-
-
 def make_source(cfg: Config, env: DistEnv, bundle: DataBundle, stream: ExampleStream, per_device: int) -> TensorSource:
     if cfg.data.backend == "dali":
-        return DaliSource(cfg, bundle, stream, env, per_device)
+        return FolderSource(bundle, stream, env, DaliBatches(bundle.train.samples, cfg.data.image_size, cfg.data.augment,
+                                                             cfg.train.seed, env.device, num_threads=cfg.data.num_workers))
     if not bundle.in_memory:
-        return FolderSource(bundle, stream, env, cfg.data.num_workers)
+        return FolderSource(bundle, stream, env, FolderBatches(bundle.train, cfg.data.num_workers, env.device.type == "cuda"))
     return TensorSource(bundle, stream, env)
