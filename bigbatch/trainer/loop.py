@@ -96,6 +96,7 @@ def run(cfg: Config, out_dir: str | Path | None = None, *, resume: bool = False,
     if (n_hint := train_size_hint(cfg.data, exact=True)) is not None:
         Schedule(cfg, n_hint)  # schedule errors (warmup > training) before generating or loading data
     bundle = build_data(cfg.data)
+    probes.validate_data(cfg, bundle.in_memory)
     schedule = Schedule(cfg, len(bundle.train))
     model = prepare_model(cfg, bundle, env)
 

@@ -58,6 +58,14 @@ def validate(cfg, world_size: int) -> None:
                 raise ConfigError(key, "needs an in-memory dataset (mnist1d, digits, synthetic, cifar10), not imagefolder")
 
 
+def validate_data(cfg, in_memory: bool) -> None:
+    """The same check once the data is built: a "module:function" dataset that is map-style (read
+    through a DataLoader) cannot feed the tail and sharpness probes either."""
+    for key, on in (("measure.tail_every", cfg.measure.tail_every), ("measure.sharpness", cfg.measure.sharpness)):
+        if on and not in_memory:
+            raise ConfigError(key, f"needs an in-memory dataset; {cfg.data.name} is map-style (return (x, y) tensors instead)")
+
+
 def install_tap(ddp_model: nn.Module, cfg, env, tap: GradNormTap) -> None:
     """Put `tap` into ddp_model's comm hook (bigbatch.distributed.hooks), whichever all-reduce it
     runs (the loop registered bigbatch's hook already unless dist.allreduce = builtin)."""

@@ -82,6 +82,7 @@ def _one_line_exit_2(capsys, argv) -> str:
     (["data.name='mylab.zoo:make_data'", "data.kwargs={colours=3}"], "error: data.kwargs: 'mylab.zoo:make_data' cannot be called"),
     (["data.name='torchvision:MNIST'"], "error: data.name: expected one of mnist1d"),
     (["model.kwargs={width=3}"], "error: model.kwargs: only for model.name"),
+    (USER[:2] + ["data.kwargs={map_style=true}", "measure.tail_every=1"], "error: measure.tail_every: needs an in-memory dataset"),
 ])
 def test_a_bad_entry_point_is_one_line_exit_2_and_no_run_folder(tmp_path, user_path, capsys, sets, expect):
     out = tmp_path / "run"
