@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("bigbatch.trainer.main", "train one run (one process, --nproc N local ranks, or under torchrun/SLURM)"),
     "sweep": ("bigbatch.study.sweep", "Ray Tune sweep over batch size x learning rate; fits the critical batch size"),
     "study": ("bigbatch.study.study", "the main job: a critical-batch-size study of MNIST-1D on this CPU, with a report"),
+    "plan": ("bigbatch.study.plan", "one short run -> B_crit, steps and time to target over global batch x GPU count"),
     "report": ("bigbatch.study.report", "plots and report.md/report.html from a sweep folder"),
     "bench": ("bigbatch.distributed.bench", "communication benchmarks (all-reduce algorithms, nccl-tests style)"),
     "scaling": ("bigbatch.study.scaling", "weak-scaling throughput and efficiency per world size, alpha-beta model"),

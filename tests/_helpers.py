@@ -21,6 +21,18 @@ def bigbatch(*args: str, cwd: str | Path | None = None, env: dict | None = None,
     return subprocess.run([sys.executable, "-m", "bigbatch", *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
 
 
+def one_line_error(capsys, argv: list[str], expect: str) -> str:
+    """Run `bigbatch ARGV` in-process; assert exit 2 with one line on stderr that contains `expect`."""
+    from bigbatch.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert "\n" not in err and "Traceback" not in err, err
+    assert expect in err, err
+    return err
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 

@@ -103,8 +103,8 @@ class ComputeModel:
     def fit(cls, per_device_batches: Sequence[int], step_seconds: Sequence[float]) -> "ComputeModel":
         """Least squares on relative error through timed steps at >= 2 per-device batch sizes.
 
-        The overhead is clipped at 0 (a negative intercept is timing noise, and would make tiny
-        per-device batches look free)."""
+        Both terms are kept >= 0: a negative intercept or slope is timing noise (it would make
+        tiny or huge per-device batches look free); the fit then drops that term."""
         if len(set(per_device_batches)) < 2 or len(per_device_batches) != len(step_seconds):
             raise ValueError("need step times at 2 or more distinct per-device batch sizes")
         import numpy as np
@@ -113,8 +113,10 @@ class ComputeModel:
         t = np.asarray(step_seconds, float)
         a = np.stack([np.ones_like(b), b], axis=1) / t[:, None]
         (t0, te), *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
-        if t0 < 0:  # refit through the origin
-            t0, te = 0.0, float(np.sum(b * t / t ** 2) / np.sum(b * b / t ** 2))
+        if te < 0:  # no visible cost per example: a constant
+            t0, te = float(np.sum(1 / t) / np.sum(1 / t ** 2)), 0.0
+        elif t0 < 0:  # refit through the origin
+            t0, te = 0.0, float(np.sum(b / t) / np.sum(b * b / t ** 2))
         return cls(overhead_s=float(t0), per_example_s=float(te))
 
     def step_s(self, per_device_batch: float) -> float:

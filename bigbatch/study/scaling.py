@@ -150,6 +150,14 @@ def spawn_measure(world: int, cfg, per_device: int, steps: int, warmup: int) -> 
                        backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
 
 
+def short_ring_bench(nproc: int, backend: str) -> list[dict]:
+    """A few seconds of `bench allreduce --algo ring` on nproc local ranks (1 KiB ... 4 MiB): rows to
+    fit alpha and beta when the user gave none."""
+    print(f"fitting alpha-beta: ring bench on {nproc} local ranks ...", file=sys.stderr, flush=True)
+    return spawn_sweep(nproc, backend, {"algos": ["ring"], "sizes": [1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22],
+                                        "dtype_name": "fp32", "iters": 10, "warmup": 3, "rows": None, "local_size": None})
+
+
 # --- the command ------------------------------------------------------------------------------
 
 
@@ -220,10 +228,7 @@ def main(args: argparse.Namespace) -> int:
 
     if bench_rows is None:
         n_bench = max([n for n in worlds if n > 1] or [2])
-        print(f"fitting alpha-beta: ring bench on {n_bench} ranks ...", file=sys.stderr, flush=True)
-        bench_rows = spawn_sweep(n_bench, backend,
-                                 {"algos": ["ring"], "sizes": [1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22], "dtype_name": "fp32",
-                                  "iters": 10, "warmup": 3, "rows": None, "local_size": None})
+        bench_rows = short_ring_bench(n_bench, backend)
         (out / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bench_rows))
         fit = fit_alpha_beta(bench_rows)
     nbytes = model_bytes or measured[0]["grad_bytes"]

@@ -2,19 +2,9 @@
 
 import pytest
 
-from _helpers import bigbatch
-from bigbatch.cli import main
+from _helpers import bigbatch, one_line_error as _one_line_error
 
 MLP = "configs/mnist1d-mlp.toml"
-
-
-def _one_line_error(capsys, argv, expect):
-    rc = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert "\n" not in err and "Traceback" not in err, err
-    assert expect in err, err
-    return err
 
 
 @pytest.mark.parametrize("setup, argv, expect", [

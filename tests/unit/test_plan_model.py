@@ -45,6 +45,9 @@ def test_compute_model_fits_overhead_and_time_per_example():
     # a negative intercept (timing noise) is refitted through the origin
     m = ComputeModel.fit([10, 20], [0.0009, 0.0021])
     assert m.overhead_s == 0.0 and m.per_example_s > 0
+    # a negative slope (noise at tiny batches) leaves a constant
+    m = ComputeModel.fit([16, 64], [0.004, 0.002])
+    assert m.per_example_s == 0.0 and 0.002 < m.overhead_s < 0.004
     with pytest.raises(ValueError):
         ComputeModel.fit([16, 16], [0.1, 0.1])
 

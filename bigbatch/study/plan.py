@@ -1,0 +1,400 @@
+"""`bigbatch plan`: global batch, GPU count and time to target from one short run.
+
+McCandlish et al. 2018 say one run is enough to predict the steps/examples trade-off: the
+gradient noise scale measured near the target predicts B_crit, and S(B) = S_min (1 + B_crit / B)
+through the run's own (B0, S0). Timed steps of the same model at 2-3 per-device batch sizes give
+the compute time per step, the alpha-beta model the all-reduce per world size; together they give
+time to target over global batch x world size, and the fastest choice overall and at >= 80 %
+scaling efficiency. The arithmetic is `bigbatch.study.plan_model`; this module measures its inputs.
+
+    bigbatch plan CONFIG [--set K=V]... [--bench BENCH.jsonl | --alpha-us A --beta-gbps B]
+                  [--gpus 1,8,64,512,4096] [--algo ring,torus2d,hierarchical] [--scaling SCALING.json]
+                  [--json FILE] [--plot FILE] [--out RUN_DIR]
+    bigbatch plan --from RUN_DIR ...      (an existing run with measure.gns rows and a steps_to_target)
+
+What the short run changes in CONFIG, and why:
+- train.stop_at_target = true (it is a run *to* the target);
+- measure.gns = true, and in one process batch.accum_steps = 2 when unset: the two-batch noise-scale
+  estimator needs a small batch (the micro-batch) beside the big one. BatchNorm then normalises over
+  B0/2 examples (ghost batches), as in `bigbatch study`;
+- train.eval_every = every 4,096 examples (or the config's, if more often), so S0 is known to a
+  few percent; train.log_every no coarser than that, so the noise-scale history has points;
+- data.train_eval_samples <= 1,000: the target is on the test set, train accuracy only reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from bigbatch.errors import UsageError
+from bigbatch.study import plan_model as pm
+
+DEFAULT_GPUS = "1,8,64,512,4096"
+EVAL_EVERY_EXAMPLES = 4096
+TIMED_STEPS, TIMED_WARMUP = 20, 5
+TRAIN_EVAL_SAMPLES = 1000
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def parse_int_list(text: str, field: str, low: int = 1) -> list[int]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise UsageError(field, f"expected a comma list of integers such as 1,8,64, got {text!r}") from None
+    if not values or values[0] < low:
+        raise UsageError(field, f"values must be integers >= {low}, got {text!r}")
+    return values
+
+
+def parse_algos(text: str) -> list[str]:
+    algos = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in algos if a not in pm.ALGORITHMS]
+    if bad or not algos:
+        raise UsageError("--algo", f"unknown all-reduce algorithm {bad[0] if bad else text!r}; "
+                         f"expected a comma list of {', '.join(pm.ALGORITHMS)}")
+    return algos
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def noise_history(metrics: list[dict], key: str = "gns/b_simple") -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[key])) for r in metrics if r.get(key) is not None and "step" in r]
+
+
+def read_run(run_dir: str) -> dict:
+    """(config, steps to target, batch, noise history) of an existing run folder; UsageError naming
+    what is missing."""
+    from bigbatch import config as config_mod
+
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise UsageError("--from", f"{run_dir!r} is not a folder")
+    for name in ("metrics.jsonl", "config.toml", "summary.json"):
+        if not (d / name).is_file():
+            raise UsageError("--from", f"{run_dir!r} has no {name} (a run folder of `bigbatch train`)")
+    cfg = config_mod.load(d / "config.toml")
+    summary = json.loads((d / "summary.json").read_text())
+    if summary.get("steps_to_target") is None:
+        raise UsageError("--from", f"the run in {run_dir!r} did not reach its target (summary.json steps_to_target is null)")
+    if cfg.batch.adaptive != "none" or cfg.batch.phases:
+        raise UsageError("--from", "the run changed its batch during training; the plan needs one fixed batch")
+    history = noise_history(read_jsonl(d / "metrics.jsonl"))
+    if not history:
+        raise UsageError("--from", f"{run_dir!r}/metrics.jsonl has no gns/b_simple rows (train with measure.gns = true)")
+    return {"cfg": cfg, "run_dir": str(d), "steps": int(summary["steps_to_target"]),
+            "batch": int(cfg.batch.global_batch), "history": history}
+
+
+def short_run_config(cfg, eval_every: int | None):
+    """The config of the short run (see the module docstring)."""
+    b0 = cfg.batch.global_batch
+    accum = cfg.batch.accum_steps
+    if accum in (None, 1):
+        if b0 % 2:
+            raise UsageError("batch.global_batch", f"the noise scale needs two micro-batches per step; {b0} is odd "
+                             "(set an even batch, or batch.accum_steps)")
+        accum = 2
+    every = eval_every or max(1, min(cfg.train.eval_every or math.inf, math.ceil(EVAL_EVERY_EXAMPLES / b0)))
+    train = dataclasses.replace(cfg.train, stop_at_target=True, eval_every=every, log_every=min(cfg.train.log_every, every))
+    # the target is on the test set; the train-subset evaluation only reports, so keep it small
+    data = dataclasses.replace(cfg.data, train_eval_samples=min(cfg.data.train_eval_samples or TRAIN_EVAL_SAMPLES,
+                                                                TRAIN_EVAL_SAMPLES))
+    return dataclasses.replace(cfg, train=train, data=data, batch=dataclasses.replace(cfg.batch, accum_steps=accum),
+                               measure=dataclasses.replace(cfg.measure, gns=True))
+
+
+def comm_source(args) -> dict | None:
+    """alpha/beta from --bench or --alpha-us/--beta-gbps (None: measure here)."""
+    from bigbatch.distributed.scaling import fit_alpha_beta, read_bench
+
+    given = (args.alpha_us is not None, args.beta_gbps is not None)
+    if args.bench and any(given):
+        raise UsageError("--bench", "give either --bench or --alpha-us/--beta-gbps, not both")
+    if any(given) and not all(given):
+        raise UsageError("--alpha-us" if not given[0] else "--beta-gbps", "--alpha-us and --beta-gbps go together")
+    if args.bench:
+        fit = fit_alpha_beta(read_bench(args.bench))
+        return {"alpha_s": fit["alpha_s"], "beta_bytes_per_s": fit["beta_bytes_per_s"],
+                "source": f"fit to {fit['points']} ring rows of {args.bench} (median error {100 * fit['median_rel_err']:.0f} %)"}
+    if all(given):
+        if args.alpha_us < 0 or args.beta_gbps <= 0:
+            raise UsageError("--beta-gbps" if args.beta_gbps <= 0 else "--alpha-us", "must be positive")
+        return {"alpha_s": args.alpha_us * 1e-6, "beta_bytes_per_s": args.beta_gbps * 1e9, "source": "given"}
+    return None
+
+
+def read_scaling(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError("--scaling", f"file {path!r} not found")
+    try:
+        data = json.loads(p.read_text())
+        rows = [r for r in data["efficiency"] if r["world_size"] > 1]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UsageError("--scaling", f"{path!r} is not a scaling.json of `bigbatch scaling`") from None
+    if not rows:
+        raise UsageError("--scaling", f"{path!r} measured no world size > 1: no overlap to read")
+    return max(rows, key=lambda r: r["world_size"])
+
+
+# --- measurements -------------------------------------------------------------------------------
+
+
+def time_compute(cfg, per_device_batches: list[int]) -> tuple[pm.ComputeModel, list[dict]]:
+    """Timed optimizer steps of the model at each per-device batch, one process, warm-up excluded.
+    On the CPU with one torch thread: one core per device, as `bigbatch scaling`'s ranks get."""
+    import torch
+
+    from bigbatch.distributed.scaling import measure_step_times
+
+    threads = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    try:
+        timed = [measure_step_times(cfg, b, TIMED_STEPS, TIMED_WARMUP) for b in per_device_batches]
+    finally:
+        torch.set_num_threads(threads)
+    for t in timed:  # in one process both of measure_step_times' passes are plain steps: two repeats
+        t["step_s"] = min(t["step_s"], t["compute_s"])
+    model = pm.ComputeModel.fit([t["per_device_batch"] for t in timed], [t["step_s"] for t in timed])
+    return model, timed
+
+
+def noise_estimate(history: list[tuple[int, float]], target_step: int) -> dict:
+    n = pm.noise_near_target(history, target_step)
+    return {**n, "source": "online B_simple (two-batch EMA, McCandlish et al. 2018 app. A.1) at the target step"}
+
+
+# --- output -------------------------------------------------------------------------------------
+
+
+def format_table(rows: list[dict], worlds: list[int]) -> str:
+    head = f"{'batch':>7} {'steps':>8} {'examples':>10} " + " ".join(f"{f'{n} GPU':>15}" for n in worlds)
+    lines = [head, f"{'':>28} " + " ".join(f"{'time(eff)':>15}" for _ in worlds)]
+    by = {(r["global_batch"], r["world_size"]): r for r in rows}
+    for b in sorted({r["global_batch"] for r in rows}):
+        first = next(r for r in rows if r["global_batch"] == b)
+        cells = []
+        for n in worlds:
+            r = by.get((b, n))
+            cells.append(f"{'-':>15}" if r is None else f"{fmt_s(r['time_s']):>9}({r['efficiency']:.2f})")
+        lines.append(f"{b:>7} {first['steps']:>8.0f} {first['examples']:>10.3g} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def fmt_s(s: float) -> str:
+    return f"{s:.3g}s" if s < 120 else (f"{s / 60:.3g}m" if s < 7200 else f"{s / 3600:.3g}h")
+
+
+def describe(row: dict | None) -> str:
+    if row is None:
+        return "none"
+    return (f"global batch {row['global_batch']} on {row['world_size']} GPU(s) ({row['algo']}): {row['steps']:.0f} steps, "
+            f"{fmt_s(row['step_s'])} per step -> {fmt_s(row['time_s'])} to target, efficiency {row['efficiency']:.2f}")
+
+
+def plot_plan(rows: list[dict], plan: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    batches = sorted({r["global_batch"] for r in rows})
+    cmap = plt.get_cmap("viridis")
+    for i, b in enumerate(batches):
+        mine = sorted((r for r in rows if r["global_batch"] == b), key=lambda r: r["world_size"])
+        ax.plot([r["world_size"] for r in mine], [r["time_s"] for r in mine], marker="o", ms=3,
+                color=cmap(i / max(len(batches) - 1, 1)), label=f"B={b}")
+    for key, marker, label in (("best", "*", "fastest"), ("best_efficient", "s", "fastest at >= 80 % eff.")):
+        r = plan.get(key)
+        if r:
+            ax.plot([r["world_size"]], [r["time_s"]], marker=marker, ms=12, mfc="none", mec="red", ls="none",
+                    label=f"{label}: B={r['global_batch']}, {r['world_size']} GPUs")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("GPUs (world size)")
+    ax.set_ylabel("predicted time to target (s)")
+    ax.set_title(f"{plan['config_name']}: B_crit ~ {plan['b_crit']:.0f}, S_min ~ {plan['s_min']:.0f} steps")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="training config (TOML) with a [target]; omit with --from")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    parser.add_argument("--from", dest="from_run", default=None, metavar="RUN_DIR",
+                        help="plan from an existing run folder (measure.gns rows, reached its target) instead of a new run")
+    parser.add_argument("--bench", default=None, help="`bigbatch bench allreduce --json` rows to fit alpha and beta (ring)")
+    parser.add_argument("--alpha-us", type=float, default=None, help="latency per all-reduce step (us), with --beta-gbps")
+    parser.add_argument("--beta-gbps", type=float, default=None, help="link bandwidth (GB/s), with --alpha-us")
+    parser.add_argument("--intra-alpha-us", type=float, default=None, help="hierarchical: inside a node (default --alpha-us)")
+    parser.add_argument("--intra-beta-gbps", type=float, default=None, help="hierarchical: inside a node (default --beta-gbps)")
+    parser.add_argument("--local-size", type=int, default=8, help="GPUs per node for the hierarchical all-reduce (default 8)")
+    parser.add_argument("--gpus", default=DEFAULT_GPUS, help=f"world sizes to plan for (default {DEFAULT_GPUS})")
+    parser.add_argument("--batches", default=None, help="global batches to plan for (default powers of 2 from 8 past 64 B_crit)")
+    parser.add_argument("--algo", default=",".join(pm.ALGORITHMS),
+                        help="all-reduce algorithms to consider; each row uses the fastest (default all three)")
+    parser.add_argument("--scaling", default=None,
+                        help="scaling.json of `bigbatch scaling` on this config: the overlap of all-reduce and backward "
+                             "(default: none assumed)")
+    parser.add_argument("--time-batches", default=None, help="per-device batches to time (default B0/4, B0, 4 B0)")
+    parser.add_argument("--eval-every", type=int, default=None, help="short run: steps between evaluations (default every 4,096 examples)")
+    parser.add_argument("--out", default=None, help="run folder of the short run (default runs/plan-<name>-<time>)")
+    parser.add_argument("--json", default=None, help="write the plan as JSON to this file")
+    parser.add_argument("--plot", default=None, help="write a plot of time to target vs GPUs per batch (PNG)")
+
+
+def validate(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything the user can get wrong, before any run, folder or process."""
+    from bigbatch import config as config_mod
+
+    if args.from_run and (args.config or args.set):
+        raise UsageError("--from", "takes the run's own config.toml; give no CONFIG or --set with it")
+    if not args.from_run and not args.config:
+        raise UsageError("config", "a training config is required (or --from RUN_DIR)")
+    out: dict[str, Any] = {"algos": parse_algos(args.algo), "worlds": parse_int_list(args.gpus, "--gpus"),
+                           "batches": parse_int_list(args.batches, "--batches") if args.batches else None,
+                           "comm": comm_source(args),
+                           "scaling": read_scaling(args.scaling) if args.scaling else None}
+    for name in ("intra_alpha_us", "intra_beta_gbps"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise UsageError("--" + name.replace("_", "-"), f"must be > 0, got {v}")
+    if args.local_size < 1:
+        raise UsageError("--local-size", f"must be >= 1, got {args.local_size}")
+    if args.eval_every is not None and args.eval_every < 1:
+        raise UsageError("--eval-every", f"must be >= 1, got {args.eval_every}")
+    if args.from_run:
+        out["run"] = read_run(args.from_run)
+        cfg = out["run"]["cfg"]
+    else:
+        cfg = config_mod.load(args.config, args.set)
+        if cfg.target.test_acc is None and cfg.target.test_loss is None:
+            raise UsageError("target", f"{args.config} has no [target] (test_acc or test_loss): the plan needs a target to run to")
+        if cfg.batch.adaptive != "none" or cfg.batch.phases:
+            raise UsageError("batch.adaptive", "the short run needs one fixed batch (no adaptive batch or phases)")
+        out["run_cfg"] = short_run_config(cfg, args.eval_every)
+        out["run_cfg"].validate(1)
+        if args.out and Path(args.out).exists():
+            raise UsageError("--out", f"{args.out!r} exists; the short run needs a new folder")
+    out["cfg"] = cfg
+    b0 = cfg.batch.global_batch
+    out["time_batches"] = (parse_int_list(args.time_batches, "--time-batches") if args.time_batches
+                           else sorted({max(1, b0 // 4), b0, 4 * b0}))
+    if len(out["time_batches"]) < 2:
+        raise UsageError("--time-batches", "need 2 or more per-device batch sizes")
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    v = validate(args)
+    cfg = v["cfg"]
+    notes: list[str] = []
+
+    # 1. the short run (or the given one): S0 at B0, and the noise scale along the way
+    if "run" in v:
+        run = v["run"]
+    else:
+        from bigbatch.trainer.loop import default_run_dir, run as train_run
+
+        run_cfg = v["run_cfg"]
+        run_dir = Path(args.out) if args.out else default_run_dir(dataclasses.replace(run_cfg, name=f"plan-{cfg.name}"))
+        print(f"short run: {cfg.name} at batch {run_cfg.batch.global_batch} to the target "
+              f"(eval every {run_cfg.train.eval_every} steps) -> {run_dir}", file=sys.stderr, flush=True)
+        summary = train_run(run_cfg, run_dir)
+        if summary.get("steps_to_target") is None:
+            print(f"bigbatch plan: the short run did not reach the target in {summary['steps']} steps "
+                  f"(test_acc {summary.get('test_acc')}); give it more (train.epochs) or an easier target", file=sys.stderr)
+            return 1
+        run = {"run_dir": str(run_dir), "steps": int(summary["steps_to_target"]), "batch": run_cfg.batch.global_batch,
+               "history": noise_history(read_jsonl(run_dir / "metrics.jsonl"))}
+        if run_cfg.batch.accum_steps != cfg.batch.accum_steps:
+            notes.append(f"short run used batch.accum_steps = {run_cfg.batch.accum_steps} for the noise scale: "
+                         f"micro-batches of {run_cfg.batch.global_batch // run_cfg.batch.accum_steps} (BatchNorm, where the "
+                         "model has it, normalised over these ghost batches)")
+    s0, b0 = run["steps"], run["batch"]
+    noise = noise_estimate(run["history"], s0)
+    b_crit = noise["value"]  # McCandlish et al. 2018: B_crit ~ B_noise, B_simple its Hessian-free proxy
+    tradeoff = pm.Tradeoff.from_run(s0, b0, b_crit)
+
+    # 2. compute per step at 2-3 per-device batch sizes
+    print(f"timing steps at per-device batches {v['time_batches']} ...", file=sys.stderr, flush=True)
+    compute, timed = time_compute(cfg, v["time_batches"])
+    grad_bytes = timed[0]["grad_bytes"]
+
+    # 3. communication: alpha-beta from --bench / given, else a short ring bench here
+    comm_in = v["comm"]
+    if comm_in is None:
+        from bigbatch.distributed.env import resolve_backend
+        from bigbatch.distributed.scaling import fit_alpha_beta, short_ring_bench
+
+        fit = fit_alpha_beta(short_ring_bench(2, resolve_backend(cfg.dist.backend)))
+        comm_in = {"alpha_s": fit["alpha_s"], "beta_bytes_per_s": fit["beta_bytes_per_s"],
+                   "source": f"measured here: ring bench on 2 local ranks (median fit error {100 * fit['median_rel_err']:.0f} %); "
+                             "this machine's links, not a cluster's"}
+    comm = pm.CommModel(grad_bytes, comm_in["alpha_s"], comm_in["beta_bytes_per_s"], args.local_size,
+                        args.intra_alpha_us * 1e-6 if args.intra_alpha_us else None,
+                        args.intra_beta_gbps * 1e9 if args.intra_beta_gbps else None)
+    if v["scaling"] is not None:
+        sc = v["scaling"]
+        overlap = pm.overlap_from_scaling(sc["comm_s"], sc["world_size"], comm)
+        overlap_source = f"measured: {args.scaling} at {sc['world_size']} ranks (exposed {1e3 * sc['comm_s']:.2f} ms)"
+    else:
+        overlap, overlap_source = 0.0, "assumed none (no --scaling given): the whole all-reduce is added to each step"
+
+    # 4. the table and the answer
+    batches = v["batches"] or pm.default_batches(b0, b_crit, max(v["worlds"]))
+    rows = pm.plan_rows(tradeoff, compute, comm, batches, v["worlds"], v["algos"], overlap)
+    plan = {
+        "config_name": cfg.name, "run_dir": run["run_dir"], "b0": b0, "s0": s0,
+        "target": {k: val for k, val in (("test_acc", cfg.target.test_acc), ("test_loss", cfg.target.test_loss)) if val is not None},
+        "noise_scale_at_target": noise["value"], "noise_scale": noise,
+        "b_crit": b_crit, "b_crit_source": "noise scale at the target (McCandlish et al. 2018: B_crit ~ B_noise)",
+        "s_min": tradeoff.s_min, "e_min": tradeoff.e_min,
+        "compute": {"overhead_s": compute.overhead_s, "per_example_s": compute.per_example_s,
+                    "timed": [{"per_device_batch": t["per_device_batch"], "step_s": t["step_s"]} for t in timed],
+                    "timed_steps": TIMED_STEPS, "warmup_steps": TIMED_WARMUP},
+        "comm": {"grad_bytes": grad_bytes, "alpha_s": comm.alpha_s, "beta_bytes_per_s": comm.beta_bytes_per_s,
+                 "local_size": comm.local_size, "algos": v["algos"], "source": comm_in["source"]},
+        "overlap": overlap, "overlap_source": overlap_source,
+        "rows": rows,
+        "best": pm.choose_best(rows),
+        "best_efficient": pm.choose_best(rows, pm.BEST_EFFICIENCY),
+        "notes": notes,
+    }
+    print(f"{cfg.name}: {s0} steps to target at batch {b0}; noise scale at the target {noise['value']:.0f} "
+          f"(step {noise['step']}; x{noise['moved_ratio']:.2f} over the last quarter of the run, "
+          f"{noise['min']:.0f}-{noise['max']:.0f})")
+    print(f"B_crit ~ {b_crit:.0f}   S_min = {tradeoff.s_min:.1f} steps   E_min = {tradeoff.e_min:.3g} examples")
+    print(f"compute: {1e3 * compute.overhead_s:.2f} ms + {1e6 * compute.per_example_s:.1f} us/example per step; "
+          f"all-reduce of {grad_bytes / 2 ** 20:.2f} MiB: alpha {1e6 * comm.alpha_s:.1f} us, beta {comm.beta_bytes_per_s / 1e9:.3g} GB/s "
+          f"({comm_in['source']}); overlap {overlap:.2f} ({overlap_source})")
+    for note in notes:
+        print(f"note: {note}")
+    print(format_table(rows, v["worlds"]))
+    print(f"best:           {describe(plan['best'])}")
+    print(f"best_efficient: {describe(plan['best_efficient'])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan, indent=1) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        plot_plan(rows, plan, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0

@@ -1,0 +1,106 @@
+"""`bigbatch plan`: bad input exits 2 before any work; one real short run gives a plan whose numbers
+follow from what it measured; --from the same run folder gives the same statistics; and, on the
+recorded MNIST-1D CNN sweep, one run at batch 128 predicts the swept steps to target within 50 %
+for every batch <= 1024 (McCandlish et al. 2018's S(B) through the run's noise scale).
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from _helpers import one_line_error as _exit_2
+from bigbatch.cli import main
+from bigbatch.study.plan_model import Tradeoff, noise_near_target
+
+ROOT = Path(__file__).resolve().parents[2]
+MLP = str(ROOT / "configs" / "mnist1d-mlp.toml")
+CNN = str(ROOT / "configs" / "mnist1d-cnn.toml")
+RECORDED = ROOT / "tests" / "assets" / "plan" / "mnist1d-cnn-study.json"
+KEYS = {"b_crit", "s_min", "e_min", "noise_scale_at_target", "rows", "best", "best_efficient"}
+ROW_KEYS = {"global_batch", "world_size", "steps", "examples", "step_s", "time_s", "efficiency"}
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["plan", CNN, "--algo", "ring,butterfly"], "--algo: unknown all-reduce algorithm 'butterfly'"),
+    (["plan", MLP, "--set", "target.test_acc=0.6", "--gpus", "0,8"], "--gpus"),
+    (["plan", CNN, "--alpha-us", "5"], "--beta-gbps: --alpha-us and --beta-gbps go together"),
+    (["plan", CNN, "--bench", "no-such-bench.jsonl"], "--bench: file 'no-such-bench.jsonl' not found"),
+    (["plan", CNN, "--scaling", "no-such.json"], "--scaling"),
+    (["plan", CNN, "--set", "batch.global_batch=127"], "batch.global_batch: the noise scale needs two micro-batches"),
+    (["plan", "--from", "{empty}"], "has no metrics.jsonl"),
+    (["plan", "--from", "{empty}", CNN], "--from: takes the run's own config.toml"),
+    (["plan"], "config: a training config is required"),
+])
+def test_bad_input_exits_2_naming_it_before_any_work(tmp_path, monkeypatch, capsys, argv, expect):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    _exit_2(capsys, [a.replace("{empty}", str(tmp_path / "empty")) for a in argv], expect)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_config_without_target_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "no-target.toml"
+    cfg.write_text("\n".join(line for line in Path(MLP).read_text().splitlines()
+                             if not line.startswith(("[target]", "test_acc"))))
+    _exit_2(capsys, ["plan", str(cfg)], "target: ")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_folder_without_noise_scale_rows_exits_2(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(Path(MLP).read_text())
+    (run / "summary.json").write_text(json.dumps({"steps_to_target": 40}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 1.0}) + "\n")
+    _exit_2(capsys, ["plan", "--from", str(run)], "no gns/b_simple rows")
+
+
+def test_one_short_run_gives_a_consistent_plan_and_from_reproduces_it(tmp_path, monkeypatch, capsys, mlp_overrides):
+    monkeypatch.chdir(tmp_path)
+    sets = [a for o in mlp_overrides + ["target.test_acc=0.3"] for a in ("--set", o)]
+    common = ["--alpha-us", "20", "--beta-gbps", "2", "--gpus", "1,2,8", "--batches", "16,64,256,1024",
+              "--time-batches", "16,64"]
+    assert main(["plan", MLP, *sets, *common, "--eval-every", "5", "--out", "run",
+                 "--json", "plan.json", "--plot", "plan.png"]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert KEYS <= plan.keys() and (tmp_path / "plan.png").stat().st_size > 0
+    # the statistics follow from the run: S0 from its summary, B_crit = the noise scale at the target
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert plan["s0"] == summary["steps_to_target"] and plan["b0"] == 128
+    history = [(r["step"], r["gns/b_simple"]) for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+               if "gns/b_simple" in r]
+    assert plan["noise_scale_at_target"] == noise_near_target(history, plan["s0"])["value"] == plan["b_crit"]
+    assert plan["s_min"] == pytest.approx(plan["s0"] / (1 + plan["b_crit"] / 128))
+    assert plan["e_min"] == pytest.approx(plan["s_min"] * plan["b_crit"])
+    # the table: every batch x world with >= 1 example per device, consistent arithmetic
+    assert {(r["global_batch"], r["world_size"]) for r in plan["rows"]} == {(b, n) for b in (16, 64, 256, 1024) for n in (1, 2, 8)}
+    for r in plan["rows"]:
+        assert ROW_KEYS <= r.keys()
+        assert r["steps"] == pytest.approx(Tradeoff(plan["s_min"], plan["b_crit"]).steps(r["global_batch"]))
+        assert r["time_s"] == pytest.approx(r["steps"] * r["step_s"])
+        assert 0 < r["efficiency"] <= 1 + 1e-9 and (r["world_size"] > 1 or r["efficiency"] == pytest.approx(1.0))
+    assert plan["best"]["time_s"] == min(r["time_s"] for r in plan["rows"])
+    assert plan["best_efficient"]["efficiency"] >= 0.8
+    assert plan["overlap"] == 0.0 and "assumed none" in plan["overlap_source"]
+    assert "micro-batches of 64" in plan["notes"][0]
+    capsys.readouterr()
+    # --from the same folder: the same statistics, no new run
+    assert main(["plan", "--from", "run", *common, "--json", "again.json"]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    for k in ("s0", "b_crit", "s_min", "e_min", "noise_scale_at_target"):
+        assert again[k] == plan[k], k
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.json", "plan.json", "plan.png", "run"]
+
+
+def test_recorded_sweep_steps_within_50_percent_up_to_batch_1024():
+    """The recorded plan run (one run at B0 = 128 of the study's base config, its online noise scale
+    at the target) against the recorded study sweep (best-lr steps to 95 % per batch)."""
+    rec = json.loads(RECORDED.read_text())
+    noise = noise_near_target([tuple(p) for p in rec["plan_run"]["noise_history"]], rec["plan_run"]["steps_to_target"])
+    t = Tradeoff.from_run(rec["plan_run"]["steps_to_target"], rec["plan_run"]["global_batch"], noise["value"])
+    assert 0.5 <= t.b_crit / rec["sweep"]["b_crit"] <= 2.0  # Done-when 1: within 2x of the swept B_crit
+    for b, measured in rec["sweep"]["best_steps"].items():
+        if int(b) <= 1024:
+            assert abs(t.steps(int(b)) / measured - 1) <= 0.5, (b, t.steps(int(b)), measured)
