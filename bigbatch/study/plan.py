@@ -18,13 +18,14 @@ What the short run changes in CONFIG, and why:
   estimator needs a small batch (the micro-batch) beside the big one. BatchNorm then normalises over
   B0/2 examples (ghost batches), as in `bigbatch study`;
 - train.eval_every = every 4,096 examples (or the config's, if more often), so S0 is known to a
-  few percent; train.log_every no coarser than that, so the noise-scale history has points;
+  few percent; train.log_every a quarter of that, so the noise-scale window near the target has points;
 - data.train_eval_samples <= 1,000: the target is on the test set, train accuracy only reports.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -105,7 +106,7 @@ def short_run_config(cfg, eval_every: int | None):
                              "(set an even batch, or batch.accum_steps)")
         accum = 2
     every = eval_every or max(1, min(cfg.train.eval_every or math.inf, math.ceil(EVAL_EVERY_EXAMPLES / b0)))
-    train = dataclasses.replace(cfg.train, stop_at_target=True, eval_every=every, log_every=min(cfg.train.log_every, every))
+    train = dataclasses.replace(cfg.train, stop_at_target=True, eval_every=every, log_every=min(cfg.train.log_every, max(1, every // 4)))
     # the target is on the test set; the train-subset evaluation only reports, so keep it small
     data = dataclasses.replace(cfg.data, train_eval_samples=min(cfg.data.train_eval_samples or TRAIN_EVAL_SAMPLES,
                                                                 TRAIN_EVAL_SAMPLES))
@@ -150,29 +151,48 @@ def read_scaling(path: str) -> dict:
 # --- measurements -------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """On the CPU, n torch threads inside the block (a GPU run is left alone)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def time_compute(cfg, per_device_batches: list[int]) -> tuple[pm.ComputeModel, list[dict]]:
     """Timed optimizer steps of the model at each per-device batch, one process, warm-up excluded.
     On the CPU with one torch thread: one core per device, as `bigbatch scaling`'s ranks get."""
-    import torch
-
     from bigbatch.distributed.scaling import measure_step_times
 
-    threads = torch.get_num_threads()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         timed = [measure_step_times(cfg, b, TIMED_STEPS, TIMED_WARMUP) for b in per_device_batches]
-    finally:
-        torch.set_num_threads(threads)
     for t in timed:  # in one process both of measure_step_times' passes are plain steps: two repeats
         t["step_s"] = min(t["step_s"], t["compute_s"])
     model = pm.ComputeModel.fit([t["per_device_batch"] for t in timed], [t["step_s"] for t in timed])
     return model, timed
 
 
+def local_alpha_beta(cfg) -> dict:
+    """alpha and beta fitted to a short ring bench on 2 local ranks (when the user gave none)."""
+    from bigbatch.distributed.env import resolve_backend
+    from bigbatch.distributed.scaling import fit_alpha_beta, short_ring_bench
+
+    fit = fit_alpha_beta(short_ring_bench(2, resolve_backend(cfg.dist.backend)))
+    return {"alpha_s": fit["alpha_s"], "beta_bytes_per_s": fit["beta_bytes_per_s"],
+            "source": f"measured here: ring bench on 2 local ranks (median fit error {100 * fit['median_rel_err']:.0f} %); "
+                      "this machine's links, not a cluster's"}
+
+
 def noise_estimate(history: list[tuple[int, float]], target_step: int) -> dict:
     n = pm.noise_near_target(history, target_step)
-    return {**n, "source": "online B_simple (two-batch EMA, McCandlish et al. 2018 app. A.1) at the target step"}
+    return {**n, "source": "online B_simple (two-batch EMA, McCandlish et al. 2018 app. A.1), median over the last quarter "
+                         "of the run to the target"}
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -256,6 +276,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: none assumed)")
     parser.add_argument("--time-batches", default=None, help="per-device batches to time (default B0/4, B0, 4 B0)")
     parser.add_argument("--eval-every", type=int, default=None, help="short run: steps between evaluations (default every 4,096 examples)")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="CPU only: torch threads of the short run (default 1, as the study's trials: two OpenMP "
+                             "threads on a shared 2-core machine were 20-30x slower per step here)")
     parser.add_argument("--out", default=None, help="run folder of the short run (default runs/plan-<name>-<time>)")
     parser.add_argument("--json", default=None, help="write the plan as JSON to this file")
     parser.add_argument("--plot", default=None, help="write a plot of time to target vs GPUs per batch (PNG)")
@@ -279,6 +302,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError("--" + name.replace("_", "-"), f"must be > 0, got {v}")
     if args.local_size < 1:
         raise UsageError("--local-size", f"must be >= 1, got {args.local_size}")
+    if args.torch_threads < 1:
+        raise UsageError("--torch-threads", f"must be >= 1, got {args.torch_threads}")
     if args.eval_every is not None and args.eval_every < 1:
         raise UsageError("--eval-every", f"must be >= 1, got {args.eval_every}")
     if args.from_run:
@@ -318,7 +343,8 @@ def main(args: argparse.Namespace) -> int:
         run_dir = Path(args.out) if args.out else default_run_dir(dataclasses.replace(run_cfg, name=f"plan-{cfg.name}"))
         print(f"short run: {cfg.name} at batch {run_cfg.batch.global_batch} to the target "
               f"(eval every {run_cfg.train.eval_every} steps) -> {run_dir}", file=sys.stderr, flush=True)
-        summary = train_run(run_cfg, run_dir)
+        with torch_threads(args.torch_threads):
+            summary = train_run(run_cfg, run_dir)
         if summary.get("steps_to_target") is None:
             print(f"bigbatch plan: the short run did not reach the target in {summary['steps']} steps "
                   f"(test_acc {summary.get('test_acc')}); give it more (train.epochs) or an easier target", file=sys.stderr)
@@ -340,15 +366,7 @@ def main(args: argparse.Namespace) -> int:
     grad_bytes = timed[0]["grad_bytes"]
 
     # 3. communication: alpha-beta from --bench / given, else a short ring bench here
-    comm_in = v["comm"]
-    if comm_in is None:
-        from bigbatch.distributed.env import resolve_backend
-        from bigbatch.distributed.scaling import fit_alpha_beta, short_ring_bench
-
-        fit = fit_alpha_beta(short_ring_bench(2, resolve_backend(cfg.dist.backend)))
-        comm_in = {"alpha_s": fit["alpha_s"], "beta_bytes_per_s": fit["beta_bytes_per_s"],
-                   "source": f"measured here: ring bench on 2 local ranks (median fit error {100 * fit['median_rel_err']:.0f} %); "
-                             "this machine's links, not a cluster's"}
+    comm_in = v["comm"] or local_alpha_beta(cfg)
     comm = pm.CommModel(grad_bytes, comm_in["alpha_s"], comm_in["beta_bytes_per_s"], args.local_size,
                         args.intra_alpha_us * 1e-6 if args.intra_alpha_us else None,
                         args.intra_beta_gbps * 1e9 if args.intra_beta_gbps else None)
@@ -379,9 +397,9 @@ def main(args: argparse.Namespace) -> int:
         "best_efficient": pm.choose_best(rows, pm.BEST_EFFICIENCY),
         "notes": notes,
     }
-    print(f"{cfg.name}: {s0} steps to target at batch {b0}; noise scale at the target {noise['value']:.0f} "
-          f"(step {noise['step']}; x{noise['moved_ratio']:.2f} over the last quarter of the run, "
-          f"{noise['min']:.0f}-{noise['max']:.0f})")
+    print(f"{cfg.name}: {s0} steps to target at batch {b0}; noise scale near the target {noise['value']:.0f} "
+          f"(median of the last quarter of the run, {noise['window_points']} readings {noise['min']:.0f}-{noise['max']:.0f}; "
+          f"x{noise['moved_ratio']:.2f} since step {noise['window_start_step']}; {noise['last']:.0f} at step {noise['step']})")
     print(f"B_crit ~ {b_crit:.0f}   S_min = {tradeoff.s_min:.1f} steps   E_min = {tradeoff.e_min:.3g} examples")
     print(f"compute: {1e3 * compute.overhead_s:.2f} ms + {1e6 * compute.per_example_s:.1f} us/example per step; "
           f"all-reduce of {grad_bytes / 2 ** 20:.2f} MiB: alpha {1e6 * comm.alpha_s:.1f} us, beta {comm.beta_bytes_per_s / 1e9:.3g} GB/s "

@@ -73,20 +73,25 @@ def noise_near_target(history: Sequence[tuple[int, float]], target_step: int, wi
     """The noise scale where the run reached its target, and how much it moved on the way.
 
     history: (step, noise scale) pairs in step order, e.g. the online EMA of B_simple from
-    metrics.jsonl. The value used is the last one at or before `target_step` (the noise scale
-    grows as the loss falls, so an average over the run would under-state it). `moved_ratio` is
-    that value over the one at `(1 - window) * target_step`; `min`/`max` span the same window.
+    metrics.jsonl. The noise scale grows as the loss falls, so an average over the run would
+    under-state it: the value used is the median of the points in the last `window` of the run,
+    [(1 - window) * target_step, target_step] (the median, because single EMA readings spike).
+    `last` is the reading at the target; `moved_ratio` is the value over the reading at the
+    window's start; `min`/`max` span the window.
     """
+    import statistics
+
     pts = [(s, v) for s, v in history if s <= target_step and v is not None and math.isfinite(v) and v > 0]
     if not pts:
         raise ValueError("no positive noise-scale value at or before the target step")
-    at_step, value = pts[-1]
     start = (1.0 - window) * target_step
-    recent = [v for s, v in pts if s >= start] or [value]
-    earlier = [v for s, v in pts if s <= start]
-    ref_step, ref = (max((s, v) for s, v in pts if s <= start) if earlier else pts[0])
-    return {"value": value, "step": at_step, "window_start_step": ref_step, "window_start_value": ref,
-            "moved_ratio": value / ref, "min": min(recent), "max": max(recent), "points": len(pts)}
+    recent = [v for s, v in pts if s >= start] or [pts[-1][1]]
+    earlier = [(s, v) for s, v in pts if s <= start]
+    ref_step, ref = earlier[-1] if earlier else pts[0]
+    value = statistics.median(recent)
+    return {"value": value, "last": pts[-1][1], "step": pts[-1][0], "window_start_step": ref_step,
+            "window_start_value": ref, "moved_ratio": value / ref, "min": min(recent), "max": max(recent),
+            "window_points": len(recent), "points": len(pts)}
 
 
 # --- hardware ----------------------------------------------------------------------------------

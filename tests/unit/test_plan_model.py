@@ -109,9 +109,14 @@ def test_rows_need_one_example_per_device_and_ties_go_to_fewer_devices():
 def test_noise_scale_is_taken_near_the_target_not_averaged():
     history = [(50, 100.0), (100, 150.0), (150, 200.0), (200, 300.0), (250, 400.0)]
     n = noise_near_target(history, target_step=230)
-    assert n["value"] == 300.0 and n["step"] == 200  # the last value at or before the target
+    assert n["value"] == 300.0 and n["last"] == 300.0 and n["step"] == 200  # nothing after the target
     assert n["window_start_step"] == 150 and n["moved_ratio"] == pytest.approx(1.5)
     assert (n["min"], n["max"]) == (300.0, 300.0)
+    # the median of the last quarter [300, 400]: one EMA spike does not move it, early values do not count
+    spiky = [(s, 100.0) for s in range(10, 300, 10)] + [(300, 500.0), (310, 2000.0), (320, 520.0), (330, 510.0), (400, 530.0)]
+    n = noise_near_target(spiky, target_step=400)
+    assert n["value"] == 520.0 and n["last"] == 530.0 and n["max"] == 2000.0 and n["window_points"] == 5
+    assert n["window_start_step"] == 300 and n["moved_ratio"] == pytest.approx(520 / 500)
     with pytest.raises(ValueError):
         noise_near_target([(300, 5.0)], target_step=230)
 
