@@ -165,16 +165,21 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def time_compute(cfg, per_device_batches: list[int]) -> tuple[pm.ComputeModel, list[dict]]:
-    """Timed optimizer steps of the model at each per-device batch, one process, warm-up excluded.
-    On the CPU with one torch thread: one core per device, as `bigbatch scaling`'s ranks get."""
+def _timed_batches(cfg, per_device_batches: list[int]) -> list[dict]:
     from bigbatch.distributed.scaling import measure_step_times
 
-    with torch_threads(1):
-        timed = [measure_step_times(cfg, b, TIMED_STEPS, TIMED_WARMUP) for b in per_device_batches]
-    for t in timed:  # in one process both of measure_step_times' passes are plain steps: two repeats
-        t["step_s"] = min(t["step_s"], t["compute_s"])
-    model = pm.ComputeModel.fit([t["per_device_batch"] for t in timed], [t["step_s"] for t in timed])
+    return [measure_step_times(cfg, b, TIMED_STEPS, TIMED_WARMUP) for b in per_device_batches]
+
+
+def time_compute(cfg, per_device_batches: list[int]) -> tuple[pm.ComputeModel, list[dict]]:
+    """Timed optimizer steps at each per-device batch on one spawned rank, as a rank of a
+    data-parallel job runs them (`bigbatch scaling`'s measurement: DDP, one torch thread on the
+    CPU), warm-up excluded. The fit uses the steps under DDP's no_sync: compute and DDP's own
+    per-step work, without the gradient all-reduce, which the alpha-beta model adds per world size."""
+    from bigbatch.distributed.env import spawn_local
+
+    timed = spawn_local(1, _timed_batches, cfg, per_device_batches, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
+    model = pm.ComputeModel.fit([t["per_device_batch"] for t in timed], [t["compute_s"] for t in timed])
     return model, timed
 
 
@@ -387,7 +392,7 @@ def main(args: argparse.Namespace) -> int:
         "b_crit": b_crit, "b_crit_source": "noise scale at the target (McCandlish et al. 2018: B_crit ~ B_noise)",
         "s_min": tradeoff.s_min, "e_min": tradeoff.e_min,
         "compute": {"overhead_s": compute.overhead_s, "per_example_s": compute.per_example_s,
-                    "timed": [{"per_device_batch": t["per_device_batch"], "step_s": t["step_s"]} for t in timed],
+                    "timed": [{"per_device_batch": t["per_device_batch"], "step_s": t["compute_s"]} for t in timed],
                     "timed_steps": TIMED_STEPS, "warmup_steps": TIMED_WARMUP},
         "comm": {"grad_bytes": grad_bytes, "alpha_s": comm.alpha_s, "beta_bytes_per_s": comm.beta_bytes_per_s,
                  "local_size": comm.local_size, "algos": v["algos"], "source": comm_in["source"]},
