@@ -25,6 +25,8 @@ import statistics
 import torch
 
 from bigbatch import config
+from bigbatch.distributed.env import spawn_local
+from bigbatch.study.scaling import measure_step_times
 from bigbatch.study import plan
 from bigbatch.study.plan_model import CommModel, step_time
 
@@ -32,8 +34,6 @@ from bigbatch.study.plan_model import CommModel, step_time
 def repeated_measure(cfg, per_device: int, steps: int, repeats: int) -> list[dict]:
     """`bigbatch scaling`'s measurement, `repeats` times inside one process group (spawning ranks
     costs more than the measurement on a loaded 2-core VM)."""
-    from bigbatch.distributed.scaling import measure_step_times
-
     return [measure_step_times(cfg, per_device, steps, 5) for _ in range(repeats)]
 
 
@@ -45,8 +45,6 @@ def main() -> None:
     args = p.parse_args()
     cfg = config.load(args.config)
     b0 = cfg.batch.global_batch
-    from bigbatch.distributed.env import spawn_local
-
     # the plan's side: timed steps in this process, one 2-rank ring bench for alpha and beta
     computes = [plan.time_compute(cfg, sorted({max(1, b0 // 4), b0, 4 * b0})) for _ in range(args.repeats)]
     ab = plan.local_alpha_beta(cfg)

@@ -33,8 +33,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from bigbatch import config as config_mod
+from bigbatch.distributed.alphabeta import fit_alpha_beta
+from bigbatch.distributed.env import resolve_backend, spawn_local
 from bigbatch.errors import UsageError
 from bigbatch.study import plan_model as pm
+from bigbatch.study.scaling import measure_step_times, read_bench, short_ring_bench
+from bigbatch.trainer import loop
+from bigbatch.trainer.rundir import default_run_dir
 
 DEFAULT_GPUS = "1,8,64,512,4096"
 EVAL_EVERY_EXAMPLES = 4096
@@ -75,8 +83,6 @@ def noise_history(metrics: list[dict], key: str = "gns/b_simple") -> list[tuple[
 def read_run(run_dir: str) -> dict:
     """(config, steps to target, batch, noise history) of an existing run folder; UsageError naming
     what is missing."""
-    from bigbatch import config as config_mod
-
     d = Path(run_dir)
     if not d.is_dir():
         raise UsageError("--from", f"{run_dir!r} is not a folder")
@@ -116,8 +122,6 @@ def short_run_config(cfg, eval_every: int | None):
 
 def comm_source(args) -> dict | None:
     """alpha/beta from --bench or --alpha-us/--beta-gbps (None: measure here)."""
-    from bigbatch.distributed.scaling import fit_alpha_beta, read_bench
-
     given = (args.alpha_us is not None, args.beta_gbps is not None)
     if args.bench and any(given):
         raise UsageError("--bench", "give either --bench or --alpha-us/--beta-gbps, not both")
@@ -154,8 +158,6 @@ def read_scaling(path: str) -> dict:
 @contextlib.contextmanager
 def torch_threads(n: int):
     """On the CPU, n torch threads inside the block (a GPU run is left alone)."""
-    import torch
-
     before = torch.get_num_threads()
     if not torch.cuda.is_available():
         torch.set_num_threads(n)
@@ -166,8 +168,6 @@ def torch_threads(n: int):
 
 
 def _timed_batches(cfg, per_device_batches: list[int]) -> list[dict]:
-    from bigbatch.distributed.scaling import measure_step_times
-
     return [measure_step_times(cfg, b, TIMED_STEPS, TIMED_WARMUP) for b in per_device_batches]
 
 
@@ -176,8 +176,6 @@ def time_compute(cfg, per_device_batches: list[int]) -> tuple[pm.ComputeModel, l
     data-parallel job runs them (`bigbatch scaling`'s measurement: DDP, one torch thread on the
     CPU), warm-up excluded. The fit uses the steps under DDP's no_sync: compute and DDP's own
     per-step work, without the gradient all-reduce, which the alpha-beta model adds per world size."""
-    from bigbatch.distributed.env import spawn_local
-
     timed = spawn_local(1, _timed_batches, cfg, per_device_batches, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
     model = pm.ComputeModel.fit([t["per_device_batch"] for t in timed], [t["compute_s"] for t in timed])
     return model, timed
@@ -185,9 +183,6 @@ def time_compute(cfg, per_device_batches: list[int]) -> tuple[pm.ComputeModel, l
 
 def local_alpha_beta(cfg) -> dict:
     """alpha and beta fitted to a short ring bench on 2 local ranks (when the user gave none)."""
-    from bigbatch.distributed.env import resolve_backend
-    from bigbatch.distributed.scaling import fit_alpha_beta, short_ring_bench
-
     fit = fit_alpha_beta(short_ring_bench(2, resolve_backend(cfg.dist.backend)))
     return {"alpha_s": fit["alpha_s"], "beta_bytes_per_s": fit["beta_bytes_per_s"],
             "source": f"measured here: ring bench on 2 local ranks (median fit error {100 * fit['median_rel_err']:.0f} %); "
@@ -291,8 +286,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the user can get wrong, before any run, folder or process."""
-    from bigbatch import config as config_mod
-
     if args.from_run and (args.config or args.set):
         raise UsageError("--from", "takes the run's own config.toml; give no CONFIG or --set with it")
     if not args.from_run and not args.config:
@@ -321,7 +314,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         if cfg.batch.adaptive != "none" or cfg.batch.phases:
             raise UsageError("batch.adaptive", "the short run needs one fixed batch (no adaptive batch or phases)")
         out["run_cfg"] = short_run_config(cfg, args.eval_every)
-        out["run_cfg"].validate(1)
+        loop.validate(out["run_cfg"], 1)
         if args.out and Path(args.out).exists():
             raise UsageError("--out", f"{args.out!r} exists; the short run needs a new folder")
     out["cfg"] = cfg
@@ -342,14 +335,12 @@ def main(args: argparse.Namespace) -> int:
     if "run" in v:
         run = v["run"]
     else:
-        from bigbatch.trainer.loop import default_run_dir, run as train_run
-
         run_cfg = v["run_cfg"]
         run_dir = Path(args.out) if args.out else default_run_dir(dataclasses.replace(run_cfg, name=f"plan-{cfg.name}"))
         print(f"short run: {cfg.name} at batch {run_cfg.batch.global_batch} to the target "
               f"(eval every {run_cfg.train.eval_every} steps) -> {run_dir}", file=sys.stderr, flush=True)
         with torch_threads(args.torch_threads):
-            summary = train_run(run_cfg, run_dir)
+            summary = loop.run(run_cfg, run_dir)
         if summary.get("steps_to_target") is None:
             print(f"bigbatch plan: the short run did not reach the target in {summary['steps']} steps "
                   f"(test_acc {summary.get('test_acc')}); give it more (train.epochs) or an easier target", file=sys.stderr)

@@ -16,7 +16,7 @@ Hardware: a step on `world` devices at global batch B costs
     step_s = compute(B / world) + (1 - overlap) * allreduce(world)
     compute(b) = overhead_s + b * per_example_s       (fitted to timed steps at 2-3 per-device batches)
 
-allreduce from the alpha-beta model (bigbatch.distributed.scaling) for the model's gradient bytes;
+allreduce from the alpha-beta model (bigbatch.distributed.alphabeta) for the model's gradient bytes;
 overlap is the fraction of the all-reduce the backward pass hides (measured by `bigbatch scaling`,
 else 0). Scaling efficiency at a fixed global batch is strong scaling against one device:
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from bigbatch.distributed.allreduce import most_square_rows
-from bigbatch.distributed.scaling import hierarchical_time, ring_time, torus_time
+from bigbatch.distributed.alphabeta import hierarchical_time, ring_time, torus_time
 from bigbatch.study.critical import predict_steps
 
 ALGORITHMS = ("ring", "torus2d", "hierarchical")

@@ -8,7 +8,7 @@
 
 import pytest
 
-from bigbatch.distributed import scaling
+from bigbatch.distributed import alphabeta
 from bigbatch.study.plan_model import (
     ComputeModel,
     CommModel,
@@ -55,9 +55,9 @@ def test_compute_model_fits_overhead_and_time_per_example():
 def test_allreduce_times_are_the_alpha_beta_formulas():
     assert COMM.allreduce_s("ring", 1) == 0.0
     assert COMM.allreduce_s("ring", 2) == pytest.approx(2 * 1e-4 + 1e6 / 1e9)
-    assert COMM.allreduce_s("torus2d", 64) == pytest.approx(scaling.torus_time(8, 8, 1e6, 1e-4, 1e9))
+    assert COMM.allreduce_s("torus2d", 64) == pytest.approx(alphabeta.torus_time(8, 8, 1e6, 1e-4, 1e9))
     # 64 devices, 8 per node: tree in the node (3 rounds each way) + ring over 8 leaders
-    assert COMM.allreduce_s("hierarchical", 64) == pytest.approx(6 * (1e-4 + 1e-3) + scaling.ring_time(8, 1e6, 1e-4, 1e9))
+    assert COMM.allreduce_s("hierarchical", 64) == pytest.approx(6 * (1e-4 + 1e-3) + alphabeta.ring_time(8, 1e6, 1e-4, 1e9))
     algo, t = COMM.fastest(4096)
     assert algo == "torus2d" and t < COMM.allreduce_s("ring", 4096)
     with pytest.raises(ValueError, match="unknown all-reduce algorithm"):
