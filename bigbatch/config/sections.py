@@ -71,6 +71,13 @@ class DataConfig:
     decodes on the CPU without a GPU, nvJPEG with one; same data order as torch)."""
     train_eval_samples: int = 10000
     """Training examples (a fixed subset) evaluated for train_loss/train_acc; 0 = all."""
+    train_samples: int = 0
+    """Train on the first N training examples only (0 = all); the test set is unchanged. The study's
+    gap phase uses it to train to a training-accuracy criterion within a CPU budget."""
+    eval_subset: int = 0
+    """Evaluations during training use only the first N test examples and N training-evaluation
+    examples (0 = all): cheap frequent evaluations near a target. The run's last evaluation uses
+    the full sets, so summary.json holds full-set numbers."""
 
     def __post_init__(self) -> None:
         _check_name(self.name, DATASETS, "data.name", "package.module:function")
@@ -83,6 +90,8 @@ class DataConfig:
         _check(self.image_size >= 8, "data.image_size", "must be >= 8")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(self.train_eval_samples >= 0, "data.train_eval_samples", "must be >= 0")
+        _check(self.train_samples >= 0, "data.train_samples", "must be >= 0")
+        _check(self.eval_subset >= 0, "data.eval_subset", "must be >= 0")
         if self.name in ("imagefolder", "cifar10"):
             _check(self.root is not None, "data.root", f"required for data.name = {self.name!r} (a local folder)")
         if self.backend == "dali":
@@ -265,8 +274,17 @@ class TrainConfig:
     """torch.compile the model."""
     stop_at_target: bool = False
     """Stop as soon as the target is reached (sweeps)."""
+    eval_fine: float = 0.0
+    """Near the target (within eval_fine_within of it), also evaluate whenever the step count has
+    grown by this fraction since the last evaluation, so the interpolated steps-to-target is
+    resolved to it whatever eval_every is (0 = off; the study uses 0.03)."""
+    eval_fine_within: float = 0.05
+    """"Near the target" for eval_fine: accuracy within this many (fraction) of the target, or a
+    loss within this fraction above it, at the last evaluation."""
 
     def __post_init__(self) -> None:
+        _check(0.0 <= self.eval_fine < 1.0, "train.eval_fine", f"must be in [0, 1), got {self.eval_fine}")
+        _check(self.eval_fine_within > 0, "train.eval_fine_within", f"must be > 0, got {self.eval_fine_within}")
         if self.steps is not None:
             _check(self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
         if self.epochs is not None:
@@ -282,8 +300,13 @@ class TargetConfig:
     """Steps/examples to target are counted at the first evaluation with test_acc >= this."""
     test_loss: float | None = None
     """Alternative target: first evaluation with test_loss <= this."""
+    train_acc: float | None = None
+    """Alternative target: training accuracy (on the training-evaluation subset) >= this, e.g. the
+    study's gap phase, which trains to a training criterion (Keskar et al. 2016)."""
 
     def __post_init__(self) -> None:
+        if self.train_acc is not None:
+            _check(0.0 < self.train_acc <= 1.0, "target.train_acc", f"must be a fraction in (0, 1], got {self.train_acc}")
         if self.test_acc is not None:
             _check(0.0 < self.test_acc <= 1.0, "target.test_acc", f"must be a fraction in (0, 1], got {self.test_acc}")
         if self.test_loss is not None:

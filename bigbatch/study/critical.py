@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from bigbatch.study.gap import gap_rows, gap_trends
+
 
 def fit_critical_batch(batch_sizes: Sequence[float], steps_to_target: Sequence[float]) -> dict[str, float]:
     """Fit S(B) = S_min (1 + B_crit / B) by least squares in x = 1/B.
@@ -75,28 +77,101 @@ def reached(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [t for t in trials if t.get("status") == "ok" and t.get("steps_to_target") is not None]
 
 
-def best_per_batch(trials: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Per batch size, the learning rate with the fewest steps to target (median over seeds).
+# Outcomes of a seed (everything but a crash): the denominator of the majority rule.
+OUTCOMES = ("ok", "not_reached", "diverged", "slower")
 
-    Returns {batch: {"lr", "steps_to_target", "examples_to_target", "seeds", "trials"}}, the
-    trials being that (batch, lr)'s reached trials. Batches where no lr reached the target are
-    absent.
+
+def _lr_key(t: dict[str, Any]) -> float | None:
+    """A trial's lr within its batch: the multiplier (known even when the run left no summary, as
+    for a diverged or raced trial), else the lr itself. At one batch both order the lrs alike."""
+    v = t.get("lr_multiplier") if t.get("lr_multiplier") is not None else t.get("lr")
+    return None if v is None else float(v)
+
+
+def lr_groups(trials: Iterable[dict[str, Any]]) -> dict[int, dict[float, dict[str, Any]]]:
+    """Per batch and lr: the seeds that ran (any outcome but a crash), those that reached, the median.
+
+    {batch: {lr multiplier: {"n", "reached" (trials), "steps_to_target" (median over reached, or
+    None), "counts" (majority), "lr"}}}. A seed stopped by racing (`slower`), diverged or that did
+    not reach the target counts in n, not in reached.
     """
-    groups: dict[tuple[int, float], list[dict[str, Any]]] = defaultdict(list)
-    for t in reached(trials):
-        groups[(int(t["batch"]), float(t["lr"]))].append(t)
+    groups: dict[int, dict[float, dict[str, Any]]] = defaultdict(dict)
+    for t in trials:
+        key = _lr_key(t)
+        if t.get("status") not in OUTCOMES or key is None:
+            continue
+        g = groups[int(t["batch"])].setdefault(key, {"n": 0, "reached": [], "lr": None})
+        g["n"] += 1
+        g["lr"] = g["lr"] if g["lr"] is not None else t.get("lr")
+        if t.get("status") == "ok" and t.get("steps_to_target") is not None:
+            g["reached"].append(t)
+    for by_lr in groups.values():
+        for g in by_lr.values():
+            g["counts"] = len(g["reached"]) > g["n"] / 2
+            g["steps_to_target"] = statistics.median(t["steps_to_target"] for t in g["reached"]) if g["reached"] else None
+    return {b: dict(sorted(v.items())) for b, v in sorted(groups.items())}
+
+
+def best_per_batch(trials: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Per batch size, the learning rate with the fewest steps to target, by the majority rule.
+
+    An lr counts for a batch only if it reached the target on more than half of the seeds it ran
+    (a crashed trial is no seed; a seed stopped as `slower` by racing, diverged or not reached is
+    one that did not reach); its steps are the median over the seeds that reached. So one lucky
+    seed out of three cannot make an lr the best.
+
+    Returns {batch: {"lr", "lr_multiplier", "steps_to_target", "examples_to_target", "seeds",
+    "n_seeds", "n_reached", "trials", "edge"}}, the trials being that (batch, lr)'s reached
+    trials; `edge` is "low"/"high" when the best lr is the smallest/largest lr that batch ran
+    (whatever its outcome there), so the optimum may lie outside the grid, else None. Batches
+    where no lr counts are absent.
+    """
     best: dict[int, dict[str, Any]] = {}
-    for (batch, lr), ts in sorted(groups.items()):
-        steps = statistics.median(t["steps_to_target"] for t in ts)
-        if batch not in best or steps < best[batch]["steps_to_target"]:
-            best[batch] = {
-                "lr": lr,
-                "steps_to_target": steps,
-                "examples_to_target": steps * batch,
-                "seeds": sorted(t.get("seed", 0) for t in ts),
-                "trials": ts,
-            }
-    return dict(sorted(best.items()))
+    for batch, by_lr in lr_groups(trials).items():
+        counted = [(g["steps_to_target"], key) for key, g in by_lr.items() if g["counts"]]
+        if not counted:
+            continue
+        steps, key = min(counted)
+        g = by_lr[key]
+        keys = sorted(by_lr)
+        best[batch] = {
+            "lr": g["reached"][0].get("lr", key),
+            "lr_multiplier": g["reached"][0].get("lr_multiplier"),
+            "steps_to_target": steps,
+            "examples_to_target": steps * batch,
+            "seeds": sorted(t.get("seed", 0) for t in g["reached"]),
+            "n_seeds": g["n"],
+            "n_reached": len(g["reached"]),
+            "trials": g["reached"],
+            "edge": "low" if len(keys) > 1 and key == keys[0] else "high" if len(keys) > 1 and key == keys[-1] else None,
+        }
+    return best
+
+
+def crossing(evals: Sequence[tuple[float, float]], target: float, higher_is_better: bool = True) -> dict[str, float] | None:
+    """Steps at which an evaluated metric first reaches `target`, interpolated between evaluations.
+
+    `evals` are (step, value) in step order. With the first evaluation at or past the target at
+    index k > 0, the crossing is the linear interpolation between evaluations k-1 (short of the
+    target) and k, so steps-to-target is not a multiple of the evaluation interval. `resolution`
+    is the bracket width relative to the crossing ((s_k - s_{k-1}) / crossing): the crossing is
+    known to that fraction. Returns {"steps", "resolution", "steps_at_eval"} or None when no
+    evaluation reached the target; when the first evaluation already did, steps = its step and
+    resolution = 1 (the crossing lies anywhere in (0, s_0]).
+    """
+    sign = 1.0 if higher_is_better else -1.0
+    prev = None
+    for step, value in evals:
+        if value is not None and math.isfinite(value) and sign * (value - target) >= 0:
+            if prev is None:
+                return {"steps": float(step), "resolution": 1.0, "steps_at_eval": float(step)}
+            s0, v0 = prev
+            frac = (target - v0) / (value - v0)  # in (0, 1]: v0 is short of the target, value is not
+            steps = s0 + frac * (step - s0)
+            return {"steps": float(steps), "resolution": float((step - s0) / steps), "steps_at_eval": float(step)}
+        if value is not None and math.isfinite(value):
+            prev = (step, value)
+    return None
 
 
 def fit_points(best: dict[int, dict[str, Any]], drop_rising: bool = True) -> tuple[list[int], list[float], list[int]]:
@@ -122,33 +197,82 @@ def _median_of(values: Iterable[Any]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def gap_table(best: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """The train/test gap per batch size, at the best lr (medians over seeds).
+# --- intervals -------------------------------------------------------------------------------
 
-    Each trial records the gap at the sweep's fixed epoch budget (`gap_epochs`, the same number
-    of epochs for every batch size, Keskar et al. 2016) and at its end (at the target when
-    trials stop there). Rows: batch, lr, epochs, train_acc, test_acc, gap (train_acc - test_acc),
-    loss_gap (test_loss - train_loss), and the same at the epoch budget (`*_at_budget`).
+
+def _wls_rows(x: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`fit_critical_batch`'s relative least squares (weights 1/S) for many S rows at once.
+
+    x: (n,) = 1/B; s: (R, n). Returns (S_min, E_min), each (R,): the 2x2 normal equations of
+    S = a + b x with weights 1/S^2, solved in closed form (the same numbers as the lstsq fit).
     """
-    rows = []
-    for batch, entry in best.items():
-        ts = entry["trials"]
-        row: dict[str, Any] = {"batch": batch, "lr": entry["lr"]}
-        for key in ("epochs", "train_acc", "test_acc", "train_loss", "test_loss", "gap", "loss_gap",
-                    "train_acc_at_budget", "test_acc_at_budget", "gap_at_budget", "loss_gap_at_budget",
-                    "sharpness"):
-            row[key] = _median_of(t.get(key) for t in ts)
-        rows.append(row)
-    return rows
+    w = 1.0 / s**2
+    sw, sx, sxx = w.sum(1), (w * x).sum(1), (w * x * x).sum(1)
+    sy, sxy = (w * s).sum(1), (w * x * s).sum(1)
+    det = sw * sxx - sx * sx
+    return (sxx * sy - sx * sxy) / det, (sw * sxy - sx * sy) / det
 
 
-def gap_trend(rows: Sequence[dict[str, Any]], key: str = "gap") -> float | None:
-    """Slope of `key` against log2(batch): the change in gap per doubling of the batch."""
-    pts = [(math.log2(r["batch"]), r[key]) for r in rows if r.get(key) is not None]
-    if len(pts) < 2 or len({x for x, _ in pts}) < 2:
+def _interval(values: np.ndarray, level: float) -> list[float | None]:
+    """Percentile interval [lo, hi]; an infinite end (no saturation in some resamples) is None."""
+    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
+    return [float(v) if math.isfinite(v) else None for v in (lo, hi)]
+
+
+def bootstrap_fit(samples: dict[int, Sequence[float]], reps: int = 2000, level: float = 0.95,
+                  seed: int = 0, band_batches: Sequence[float] = ()) -> dict[str, Any]:
+    """95 % intervals for B_crit, S_min, E_min: a percentile bootstrap over seeds.
+
+    `samples` maps each fitted batch to the steps-to-target of its seeds at its best lr. Each
+    resample draws, per batch, as many seeds as it has, with replacement, takes their median
+    (the rule the point estimate uses) and refits S(B) = S_min + E_min / B. The batches and their
+    best lrs are held fixed (chosen once, on all seeds). A resample without saturation (S_min <= 0)
+    has B_crit = inf, so the upper end may be None (unbounded). A batch with one seed contributes
+    no spread. Seeded: the same records give the same interval. With `band_batches`, also the
+    pointwise interval of the fitted S(B) there (`fit_band`: the band on the steps-vs-batch plot).
+    """
+    batches = sorted(samples)
+    if len(batches) < 2:
+        raise ValueError("need at least two batch sizes to bootstrap the fit")
+    rng = np.random.default_rng(seed)
+    x = 1.0 / np.asarray(batches, dtype=float)
+    medians = np.empty((reps, len(batches)))
+    for j, b in enumerate(batches):
+        v = np.asarray(samples[b], dtype=float)
+        medians[:, j] = np.median(v[rng.integers(0, len(v), (reps, len(v)))], axis=1)
+    s_min, e_min = _wls_rows(x, medians)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b_crit = np.where(s_min > 0, np.where(e_min > 0, e_min / s_min, 0.0), np.inf)
+    out: dict[str, Any] = {
+        "b_crit_ci": _interval(b_crit, level), "s_min_ci": _interval(s_min, level), "e_min_ci": _interval(e_min, level),
+        "ci_level": level, "ci_method": f"percentile bootstrap over seeds ({reps} resamples, median per batch, refit)",
+    }
+    if len(band_batches):
+        curves = s_min[:, None] + e_min[:, None] / np.asarray(band_batches, dtype=float)[None, :]
+        lo, hi = np.quantile(curves, [(1 - level) / 2, (1 + level) / 2], axis=0)
+        out["fit_band"] = {"batch": [float(b) for b in band_batches], "lo": lo.tolist(), "hi": hi.tolist()}
+    return out
+
+
+# --- regimes (Shallue et al. 2018) -----------------------------------------------------------
+
+REGIME_FACTOR = 4.0
+
+
+def regime(batch: float, b_crit: float | None) -> str | None:
+    """Shallue et al.'s regime of a batch under the fitted S(B) = S_min (1 + B_crit / B).
+
+    perfect scaling: B <= B_crit / 4 (examples within 25 % of E_min: steps nearly halve per
+    doubling); maximal data parallelism: B >= 4 B_crit (steps within 25 % of S_min); diminishing
+    returns in between.
+    """
+    if not b_crit:
         return None
-    x, y = np.array(pts).T
-    return float(np.polyfit(x, y, 1)[0])
+    if batch <= b_crit / REGIME_FACTOR:
+        return "perfect scaling"
+    if batch >= b_crit * REGIME_FACTOR:
+        return "maximal data parallelism"
+    return "diminishing returns"
 
 
 def b_simple_at_target(best: dict[int, dict[str, Any]]) -> float | None:
@@ -160,44 +284,74 @@ def b_simple_at_target(best: dict[int, dict[str, Any]]) -> float | None:
     return _median_of(t.get("b_simple_at_target") for e in best.values() for t in e["trials"])
 
 
-def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True) -> dict[str, Any]:
-    """Everything critical.json holds: per-batch best lr, the fit, the gap table, B_simple."""
-    best = best_per_batch(trials)
+def phase_of(trial: dict[str, Any]) -> str:
+    """"critical" (steps to the test target) or "gap" (trained to the training criterion)."""
+    return trial.get("phase") or "critical"
+
+
+def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: int = 2000) -> dict[str, Any]:
+    """Everything critical.json holds, from trials.jsonl's records alone.
+
+    The rule: per batch the best lr by majority (`best_per_batch`), its median steps over the
+    seeds that reached; batches past the fastest with rising steps left out (`fit_points`); the
+    relative least-squares fit of S(B); a seeded bootstrap over seeds for the intervals; the gap
+    table and trends from the gap phase. Refitting a sweep's trials.jsonl gives its critical.json.
+    """
+    critical_trials = [t for t in trials if phase_of(t) == "critical"]
+    gap_trials = [t for t in trials if phase_of(t) == "gap"]
+    best = best_per_batch(critical_trials)
     batches, steps, excluded = fit_points(best, drop_rising)
     fit = None
     note = None
+    ci: dict[str, Any] = {"b_crit_ci": None, "s_min_ci": None, "e_min_ci": None, "fit_band": None}
     if len(batches) >= 2:
         fit = fit_critical_batch(batches, steps)
+        band = np.geomspace(min(best), max(best), 40)
+        ci = bootstrap_fit({b: [t["steps_to_target"] for t in best[b]["trials"]] for b in batches}, reps=reps,
+                           band_batches=band)
         if math.isinf(fit["b_crit"]):
             note = "no saturation: steps keep falling as 1/B up to the largest batch; B_crit is beyond it"
     else:
         note = f"only {len(batches)} batch size(s) reached the target: no fit"
-    gaps = gap_table(best)
+    b_crit = _finite_or_none(fit["b_crit"]) if fit else None
     b_simple = b_simple_at_target(best)
     counts: dict[str, int] = defaultdict(int)
     for t in trials:
         counts[t.get("status", "unknown")] += 1
+    resolutions = [t["crossing_resolution"] for e in best.values() for t in e["trials"] if t.get("crossing_resolution") is not None]
     return {
-        "fit": {**fit, "b_crit": _finite_or_none(fit["b_crit"])} if fit else None,
+        "fit": {**fit, "b_crit": b_crit} if fit else None,
         "s_min": fit["s_min"] if fit else None,
         "e_min": fit["e_min"] if fit else None,
-        "b_crit": _finite_or_none(fit["b_crit"]) if fit else None,
+        "b_crit": b_crit,
         "r2": fit["r2"] if fit else None,
+        **ci,
+        "n_seeds": min((best[b]["n_reached"] for b in batches), default=0),
         "note": note,
+        "rule": "best lr per batch: reached the target on more than half of its seeds, fewest median steps "
+                "over those seeds; steps = interpolated crossing of the target",
         "fit_batches": batches,
         "excluded_batches": excluded,
+        "edge_batches": {str(b): e["edge"] for b, e in best.items() if e["edge"]},
+        "crossing_resolution_max": max(resolutions) if resolutions else None,
+        "regimes": {"rule": f"perfect scaling B <= B_crit/{REGIME_FACTOR:g}, maximal data parallelism B >= "
+                            f"{REGIME_FACTOR:g} B_crit, diminishing returns between",
+                    "perfect_scaling_below": b_crit / REGIME_FACTOR if b_crit else None,
+                    "max_parallelism_above": b_crit * REGIME_FACTOR if b_crit else None},
         "b_simple_at_target": b_simple,
         "b_simple_online_at_target": _median_of(t.get("b_simple_online_at_target") for e in best.values() for t in e["trials"]),
-        "b_crit_over_b_simple": (fit["b_crit"] / b_simple) if fit and b_simple and math.isfinite(fit["b_crit"]) else None,
+        "b_crit_over_b_simple": (b_crit / b_simple) if b_crit and b_simple else None,
         "best": [
-            {"batch": b, "lr": e["lr"], "steps_to_target": e["steps_to_target"],
-             "examples_to_target": e["examples_to_target"], "seeds": e["seeds"],
+            {"batch": b, "lr": e["lr"], "lr_multiplier": e["lr_multiplier"], "steps_to_target": e["steps_to_target"],
+             "examples_to_target": e["examples_to_target"], "seeds": e["seeds"], "n_seeds": e["n_seeds"],
+             "seed_steps": sorted(t["steps_to_target"] for t in e["trials"]), "edge": e["edge"],
+             "regime": regime(b, b_crit),
              "b_simple_at_target": _median_of(t.get("b_simple_at_target") for t in e["trials"])}
             for b, e in best.items()
         ],
-        "gap": gaps,
-        "gap_trend_per_doubling": gap_trend(gaps, "gap"),
-        "gap_at_budget_trend_per_doubling": gap_trend(gaps, "gap_at_budget"),
+        "gap": gap_rows(gap_trials),
+        "gap_criterion": next((t["criterion"] for t in gap_trials if t.get("criterion")), None),
+        "gap_trend": gap_trends(gap_trials),
         "trials": dict(counts),
     }
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bigbatch.errors import UsageError
+from bigbatch.study import critical
 
 TRIAL_RECORD = "trial.json"  # written by the trial into its run folder
 TRIALS = "trials.jsonl"
@@ -30,8 +31,14 @@ def eval_row(row: dict[str, Any]) -> bool:
 
 def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: list[dict[str, Any]],
                  gap_epochs: float | None, status: str, error: str | None = None,
-                 b_simple_exact: float | None = None) -> dict[str, Any]:
-    """One line of trials.jsonl from a trial's summary.json and metrics.jsonl rows."""
+                 b_simple_exact: float | None = None, *, target: dict[str, float] | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One line of trials.jsonl from a trial's summary.json and metrics.jsonl rows.
+
+    With `target` ({metric: value}), steps_to_target is the crossing interpolated between the
+    evaluations around it (`critical.crossing`); the step of the first evaluation at the target
+    is kept as steps_to_target_eval and the bracket's relative width as crossing_resolution.
+    """
     s = summary or {}
     evals = [r for r in rows if eval_row(r)]
     last = evals[-1] if evals else {}
@@ -48,7 +55,16 @@ def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: li
         "train_loss": value("train_loss"), "test_loss": value("test_loss"),
         "train_acc": value("train_acc"), "test_acc": value("test_acc"),
         "world_size": s.get("world_size"), "wall_s": s.get("wall_s"), "error": error,
+        "phase": point.get("phase") or "critical",
     }
+    if target and rec["steps_to_target"] is not None:
+        (key, value), = target.items()
+        during = [(r["step"], r[key]) for r in evals if r.get(key) is not None and r.get("eval_set") != "full"]
+        c = critical.crossing(during, value, higher_is_better=not key.endswith("loss"))
+        if c is not None:
+            rec["steps_to_target_eval"] = rec["steps_to_target"]
+            rec["steps_to_target"], rec["crossing_resolution"] = c["steps"], c["resolution"]
+            rec["examples_to_target"] = c["steps"] * point["batch"]
     rec["gap"] = _diff(rec["train_acc"], rec["test_acc"])
     rec["loss_gap"] = _diff(rec["test_loss"], rec["train_loss"])
     budget = None
@@ -71,6 +87,7 @@ def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: li
     rec["b_simple_source"] = "per_example" if b_simple_exact is not None else ("online" if b_simple else None)
     sharp = [r["sharpness/top"] for r in rows if r.get("sharpness/top") is not None]
     rec["sharpness"] = sharp[-1] if sharp else None
+    rec.update(extra or {})
     return rec
 
 
@@ -97,9 +114,10 @@ def trial_status(summary: dict[str, Any]) -> str:
 
 
 def finish_trial(run_dir: Path, point: dict[str, Any], gap_epochs: float | None, summary: dict[str, Any] | None,
-                  status: str, b_simple_exact: float | None = None) -> dict[str, Any]:
+                  status: str, b_simple_exact: float | None = None, *, target: dict[str, float] | None = None,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     rec = trial_record(point, summary, read_rows(run_dir / "metrics.jsonl"), gap_epochs, status,
-                       b_simple_exact=b_simple_exact)
+                       b_simple_exact=b_simple_exact, target=target, extra=extra)
     rec["run_dir"] = str(run_dir)
     tmp = run_dir / (TRIAL_RECORD + ".tmp")
     tmp.write_text(json.dumps(rec) + "\n")
@@ -108,11 +126,21 @@ def finish_trial(run_dir: Path, point: dict[str, Any], gap_epochs: float | None,
 
 
 def load_sweep(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    trials_path, critical_path = sweep_dir / TRIALS, sweep_dir / CRITICAL
-    if not trials_path.is_file() or not critical_path.is_file():
-        raise UsageError("SWEEP_DIR", f"{str(sweep_dir)!r} has no trials.jsonl/critical.json (not a finished sweep folder)")
+    """(trials, analysis): the records of trials.jsonl and critical.json refitted from them."""
+    trials_path = sweep_dir / TRIALS
+    if not trials_path.is_file():
+        raise UsageError("SWEEP_DIR", f"{str(sweep_dir)!r} has no trials.jsonl (not a finished sweep folder)")
     trials = [json.loads(l) for l in trials_path.read_text().splitlines() if l.strip()]
-    return trials, json.loads(critical_path.read_text())
+    analysis = critical.analyse(trials)
+    sweep_json = sweep_dir / "sweep.json"
+    if sweep_json.is_file():
+        spec = json.loads(sweep_json.read_text())
+        analysis["sweep"] = spec.get("name")
+        analysis["target"] = spec.get("target") or (spec.get("base") or {}).get("target") or {}
+    elif (sweep_dir / CRITICAL).is_file():  # keep the names a sweep folder without sweep.json had
+        old = json.loads((sweep_dir / CRITICAL).read_text())
+        analysis["sweep"], analysis["target"] = old.get("sweep"), old.get("target", {})
+    return trials, analysis
 
 
 def fmt(v: Any, digits: int = 4) -> str:
@@ -126,23 +154,41 @@ def fmt(v: Any, digits: int = 4) -> str:
     return f"{v:.{digits}g}"
 
 
+def _ci(analysis: dict[str, Any], key: str) -> str:
+    ci = analysis.get(f"{key}_ci")
+    if not ci:
+        return ""
+    return f" [{fmt(ci[0])}, {fmt(ci[1]) if ci[1] is not None else 'inf'}]"
+
+
 def headline(analysis: dict[str, Any]) -> list[str]:
     """The numbers a study ends with, one per line."""
     lines = [
-        f"B_crit = {fmt(analysis['b_crit'])}   S_min = {fmt(analysis['s_min'])} steps   "
-        f"E_min = {fmt(analysis['e_min'])} examples   (fit r2 = {fmt(analysis['r2'], 3)})",
+        f"B_crit = {fmt(analysis['b_crit'])}{_ci(analysis, 'b_crit')}   S_min = {fmt(analysis['s_min'])}{_ci(analysis, 's_min')} steps   "
+        f"E_min = {fmt(analysis['e_min'])}{_ci(analysis, 'e_min')} examples",
+        f"(95 % intervals: bootstrap over seeds; >= {analysis.get('n_seeds', 1)} seeds per batch at its best lr; "
+        f"fit r2 = {fmt(analysis['r2'], 3)}"
+        + (f"; crossings resolved to <= {100 * analysis['crossing_resolution_max']:.1f} %"
+           if analysis.get("crossing_resolution_max") is not None else "") + ")",
         f"B_simple at target = {fmt(analysis['b_simple_at_target'])}"
         + (f"   B_crit / B_simple = {fmt(analysis['b_crit_over_b_simple'], 2)}"
            if analysis.get("b_crit_over_b_simple") is not None else "")
         + (f"   (online EMA at target: {fmt(analysis['b_simple_online_at_target'])})"
            if analysis.get("b_simple_online_at_target") is not None else ""),
     ]
-    trend = analysis.get("gap_trend_per_doubling")
+    trend = (analysis.get("gap_trend") or {}).get("gap")
     if trend is not None:
-        lines.append(f"train-test accuracy gap at target: {100 * trend:+.2f} points per doubling of the batch")
-    trend_b = analysis.get("gap_at_budget_trend_per_doubling")
-    if trend_b is not None:
-        lines.append(f"train-test accuracy gap at the epoch budget: {100 * trend_b:+.2f} points per doubling")
+        ci = trend.get("ci")
+        lines.append(f"gap phase ({analysis.get('gap_criterion')}): train - test accuracy "
+                     f"{100 * trend['slope']:+.2f} points per doubling of the batch"
+                     + (f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" if ci else ""))
+    sharp = (analysis.get("gap_trend") or {}).get("log2_sharpness")
+    if sharp is not None:
+        ci = sharp.get("ci")
+        lines.append(f"sharpness (train-mode top Hessian eigenvalue) x {2 ** sharp['slope']:.2f} per doubling"
+                     + (f" [{2 ** ci[0]:.2f}, {2 ** ci[1]:.2f}]" if ci else ""))
+    if analysis.get("edge_batches"):
+        lines.append(f"best lr still at an edge of the lr grid (S there is an upper bound): {analysis['edge_batches']}")
     if analysis.get("note"):
         lines.append(f"note: {analysis['note']}")
     return lines

@@ -1,13 +1,17 @@
-"""`bigbatch report SWEEP_DIR`: plots (PNG) and report.md / report.html from a sweep folder.
+"""`bigbatch report SWEEP_DIR`: critical.json, plots (PNG) and report.md / report.html, rebuilt
+from a sweep folder's trials.jsonl.
 
-Reads trials.jsonl, critical.json and the trials' metrics.jsonl; needs no service. The HTML
-embeds its plots (base64 PNG), so the one file can be mailed or opened anywhere.
+The analysis is refitted from the trial records alone (`critical.analyse`, the stated rule; its
+bootstrap is seeded, so the same records give the same critical.json) and the trials'
+metrics.jsonl feed the curves; needs no service. The HTML embeds its plots (base64 PNG), so the
+one file can be mailed or opened anywhere.
 
 Plots:
-    steps_vs_batch.png    steps to target at the best lr per batch, with the fit S_min(1 + B_crit/B)
+    steps_vs_batch.png    steps to target per seed and the median at the best lr per batch, the fit
+                          S_min(1 + B_crit/B) with its 95 % band, Shallue et al.'s regimes shaded
     pareto.png            examples vs steps to target (the trade-off curve of McCandlish et al.)
-    lr_sensitivity.png    batch x lr multiplier -> steps to target (blank: not reached / failed)
-    gap_vs_batch.png      train - test accuracy at the target and at the fixed epoch budget
+    lr_sensitivity.png    batch x lr multiplier -> median steps to target (>N: raced, slower)
+    gap_vs_batch.png      gap phase: train - test accuracy and train-mode sharpness vs batch
     b_simple.png          B_simple (measure.gns) during training, per batch size (when measured)
 """
 
@@ -17,12 +21,11 @@ import argparse
 import base64
 import html
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from bigbatch.errors import UsageError
-from bigbatch.study.records import fmt, headline, load_sweep, read_rows
+from bigbatch.study import critical
+from bigbatch.study.records import CRITICAL, fmt, headline, load_sweep, read_rows
 
 PLOTS = ("steps_vs_batch", "pareto", "lr_sensitivity", "gap_vs_batch", "b_simple")
 
@@ -53,33 +56,58 @@ def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend: boo
     return True
 
 
+REGIME_COLORS = {"perfect scaling": "#2ca02c", "diminishing returns": "#ff7f0e", "maximal data parallelism": "#d62728"}
+
+
 def plot_steps_vs_batch(analysis: dict[str, Any], path: Path) -> bool:
     best = analysis["best"]
     if not best:
         return False
+    import numpy as np
+
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     b = [r["batch"] for r in best]
-    s = [r["steps_to_target"] for r in best]
+    lo_b, hi_b = min(b) / 1.5, max(b) * 1.5
+    reg = analysis.get("regimes") or {}
+    if reg.get("perfect_scaling_below"):  # Shallue et al. 2018's three regimes under the fit
+        edges = [lo_b, min(max(reg["perfect_scaling_below"], lo_b), hi_b), min(max(reg["max_parallelism_above"], lo_b), hi_b), hi_b]
+        for (x0, x1), name in zip(zip(edges, edges[1:]), REGIME_COLORS):
+            if x1 > x0:
+                ax.axvspan(x0, x1, color=REGIME_COLORS[name], alpha=0.08, lw=0, label=name)
     excluded = set(analysis.get("excluded_batches") or [])
-    ax.loglog([x for x in b if x not in excluded], [y for x, y in zip(b, s) if x not in excluded], "o",
-              color="C0", label="best lr per batch")
+    seeds_x = [r["batch"] for r in best for _ in r.get("seed_steps", [])]
+    seeds_y = [v for r in best for v in r.get("seed_steps", [])]
+    ax.scatter(seeds_x, seeds_y, s=9, color="0.45", zorder=3, label="each seed at the best lr")
+    med = [(r["batch"], r["steps_to_target"]) for r in best if r["batch"] not in excluded]
+    ax.plot(*zip(*med), "o", color="C0", ms=6, zorder=4, label="median (best lr, majority rule)")
     if excluded:
-        ax.loglog([x for x in b if x in excluded], [y for x, y in zip(b, s) if x in excluded], "x", color="C3",
-                  label="steps rise again (left out of the fit)")
+        ax.plot([r["batch"] for r in best if r["batch"] in excluded],
+                [r["steps_to_target"] for r in best if r["batch"] in excluded], "x", color="C3", ms=8, zorder=4,
+                label="steps rise again (left out of the fit)")
+    edge = [(r["batch"], r["steps_to_target"]) for r in best if r.get("edge")]
+    if edge:
+        ax.plot(*zip(*edge), "^", mfc="none", color="k", ms=10, zorder=5, label="best lr at the grid's edge")
     fit = analysis.get("fit")
     if fit and fit["s_min"] > 0 and fit["e_min"] > 0:
-        import numpy as np
-
         grid = np.geomspace(min(b), max(b), 200)
-        ax.loglog(grid, fit["s_min"] + fit["e_min"] / grid, "-", color="C1",
-                  label=f"S_min(1 + B_crit/B): B_crit={fmt(analysis['b_crit'])}, S_min={fmt(fit['s_min'])}")
+        label = f"fit: B_crit={fmt(analysis['b_crit'])}"
+        if analysis.get("b_crit_ci"):
+            lo, hi = analysis["b_crit_ci"]
+            label += f" [{fmt(lo)}, {fmt(hi) if hi is not None else 'inf'}]"
+        ax.plot(grid, fit["s_min"] + fit["e_min"] / grid, "-", color="C1", label=label)
+        band = analysis.get("fit_band")
+        if band:
+            ax.fill_between(band["batch"], band["lo"], band["hi"], color="C1", alpha=0.25, lw=0, label="95 % band (bootstrap)")
         ax.axhline(fit["s_min"], color="C1", ls=":", lw=1)
         if analysis.get("b_crit"):
-            ax.axvline(analysis["b_crit"], color="C1", ls="--", lw=1, label=f"B_crit = {fmt(analysis['b_crit'])}")
+            ax.axvline(analysis["b_crit"], color="C1", ls="--", lw=1)
     if analysis.get("b_simple_at_target"):
         ax.axvline(analysis["b_simple_at_target"], color="C2", ls="--", lw=1, label=f"B_simple at target = {fmt(analysis['b_simple_at_target'])}")
-    return _save(fig, ax, path, "global batch B", "steps to target", "Steps to target vs batch size")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo_b, hi_b)
+    return _save(fig, ax, path, "global batch B", "steps to target (interpolated crossing)", "Steps to target vs batch size")
 
 
 def plot_pareto(analysis: dict[str, Any], path: Path) -> bool:
@@ -109,18 +137,26 @@ def plot_pareto(analysis: dict[str, Any], path: Path) -> bool:
 def plot_lr_sensitivity(trials: list[dict[str, Any]], path: Path) -> bool:
     import numpy as np
 
-    batches = sorted({t["batch"] for t in trials})
-    mults = sorted({t["lr_multiplier"] for t in trials})
+    crit = [t for t in trials if critical.phase_of(t) == "critical"]
+    batches = sorted({t["batch"] for t in crit})
+    mults = sorted({t["lr_multiplier"] for t in crit})
     if not batches or not mults:
         return False
     grid = np.full((len(mults), len(batches)), np.nan)
-    for t in trials:
-        if t.get("status") == "ok" and t.get("steps_to_target"):
-            i, j = mults.index(t["lr_multiplier"]), batches.index(t["batch"])
-            v = t["steps_to_target"]
-            grid[i, j] = v if np.isnan(grid[i, j]) else min(grid[i, j], v)
+    label = [["-"] * len(batches) for _ in mults]
+    cells: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for t in crit:
+        cells.setdefault((mults.index(t["lr_multiplier"]), batches.index(t["batch"])), []).append(t)
+    for (i, j), ts in cells.items():
+        ok = sorted(t["steps_to_target"] for t in ts if t.get("status") == "ok" and t.get("steps_to_target"))
+        raced = [t["steps_lower_bound"] for t in ts if t.get("status") == "slower" and t.get("steps_lower_bound")]
+        if len(ok) > len(ts) / 2:
+            grid[i, j] = float(np.median(ok))
+            label[i][j] = fmt(grid[i, j], 3) + (f" ({len(ok)}/{len(ts)})" if len(ts) > 1 else "")
+        elif raced:
+            label[i][j] = f">{fmt(float(min(raced)), 3)}"
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(batches) + 2), max(3, 0.5 * len(mults) + 1.8)))
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(batches) + 2), max(3, 0.5 * len(mults) + 1.8)))
     im = ax.imshow(np.log10(grid), aspect="auto", origin="lower", cmap="viridis_r")
     logs = np.log10(grid[~np.isnan(grid)])
     lo, hi = (logs.min(), logs.max()) if logs.size else (0.0, 1.0)
@@ -128,27 +164,40 @@ def plot_lr_sensitivity(trials: list[dict[str, Any]], path: Path) -> bool:
         for j in range(len(batches)):
             v = grid[i, j]
             light = np.isnan(v) or (np.log10(v) - lo) < 0.5 * (hi - lo)  # the few-step end of viridis_r is yellow
-            ax.text(j, i, "-" if np.isnan(v) else fmt(float(v), 3), ha="center", va="center", fontsize=7,
-                    color="k" if light else "w")
+            ax.text(j, i, label[i][j], ha="center", va="center", fontsize=6, color="k" if light else "w")
     ax.set_xticks(range(len(batches)), [str(b) for b in batches])
     ax.set_yticks(range(len(mults)), [f"{m:g}x" for m in mults])
-    fig.colorbar(im, ax=ax, label="log10 steps")
+    fig.colorbar(im, ax=ax, label="log10 median steps")
     return _save(fig, ax, path, "global batch", "lr multiplier (of the scaled lr)",
-                 "Steps to target (- = not reached, diverged or failed)", legend=False, grid=False)
+                 "Median steps to target (seeds reached/run; >N raced; - not reached)", legend=False, grid=False)
 
 
 def plot_gap(analysis: dict[str, Any], path: Path) -> bool:
-    rows = [r for r in analysis["gap"] if r.get("gap") is not None or r.get("gap_at_budget") is not None]
+    """Gap phase: train - test accuracy and train-mode sharpness vs batch, mean +- sd over seeds."""
+    rows = [r for r in analysis["gap"] if r.get("gap") is not None]
     if not rows:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label, style in (("gap", "at target (end of trial)", "o-"), ("gap_at_budget", "at the fixed epoch budget", "s--")):
-        pts = [(r["batch"], 100 * r[key]) for r in rows if r.get(key) is not None]
-        if pts:
-            ax.semilogx(*zip(*pts), style, label=label, base=2)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.8))
+    b = [r["batch"] for r in rows]
+    ax.errorbar(b, [100 * r["gap"] for r in rows], yerr=[100 * (r["gap_sd"] or 0) for r in rows], fmt="o-", capsize=3,
+                label="train - test accuracy")
     ax.axhline(0, color="k", lw=0.5)
-    return _save(fig, ax, path, "global batch", "train - test accuracy (points)", "Generalization gap vs batch size (best lr)")
+    ax.set_xscale("log", base=2)
+    trend = (analysis.get("gap_trend") or {}).get("gap")
+    title = "Gap at the training criterion"
+    if trend and trend.get("ci"):
+        title += f"\n{100 * trend['slope']:+.2f} pts/doubling [{100 * trend['ci'][0]:+.2f}, {100 * trend['ci'][1]:+.2f}]"
+    sharp = [(r["batch"], r["sharpness"], r["sharpness_sd"] or 0) for r in rows if r.get("sharpness")]
+    if sharp:
+        ax2.errorbar(*zip(*[(x, y) for x, y, _ in sharp]), yerr=[e for _, _, e in sharp], fmt="s-", color="C3", capsize=3)
+        ax2.set_xscale("log", base=2)
+        ax2.set_yscale("log")
+        ax2.set_xlabel("global batch")
+        ax2.set_ylabel("top Hessian eigenvalue (train-mode BN)")
+        ax2.set_title("Sharpness at the training criterion")
+        ax2.grid(True, which="both", alpha=0.3)
+    return _save(fig, ax, path, "global batch", "train - test accuracy (points)", title)
 
 
 def plot_b_simple(analysis: dict[str, Any], sweep_dir: Path, path: Path) -> bool:
@@ -174,23 +223,35 @@ def plot_b_simple(analysis: dict[str, Any], sweep_dir: Path, path: Path) -> bool
 
 
 def _tables(trials: list[dict[str, Any]], analysis: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
-    best = (["batch", "best lr", "steps to target", "examples to target", "fit S(B)", "B_simple at target"],
-            [[fmt(r["batch"]), fmt(r["lr"]), fmt(r["steps_to_target"]), fmt(r["examples_to_target"]),
+    best = (["batch", "best lr", "lr x", "seeds", "steps to target (median)", "seed range", "examples to target",
+             "fit S(B)", "regime", "B_simple at target"],
+            [[fmt(r["batch"]), fmt(r["lr"]), fmt(r.get("lr_multiplier")) + (f" ({r['edge']} edge)" if r.get("edge") else ""),
+              f"{len(r['seeds'])}/{r.get('n_seeds', len(r['seeds']))}", fmt(r["steps_to_target"]),
+              f"{fmt(min(r['seed_steps']))}-{fmt(max(r['seed_steps']))}" if r.get("seed_steps") else "n/a",
+              fmt(r["examples_to_target"]),
               fmt(analysis["s_min"] + analysis["e_min"] / r["batch"]) if analysis.get("fit") else "n/a",
-              fmt(r.get("b_simple_at_target"))] for r in analysis["best"]])
-    gap = (["batch", "epochs", "train acc", "test acc", "gap (points)", "gap at epoch budget (points)", "loss gap", "sharpness"],
-           [[fmt(r["batch"]), fmt(r["epochs"], 3), fmt(r["train_acc"]), fmt(r["test_acc"]), _points(r["gap"]),
-             _points(r["gap_at_budget"]), fmt(r["loss_gap"], 3), fmt(r["sharpness"])] for r in analysis["gap"]])
-    every = (["batch", "lr x", "seed", "lr", "status", "steps to target", "steps", "test acc", "note"],
-             [[fmt(t["batch"]), f"{t['lr_multiplier']:g}", str(t["seed"]), fmt(t.get("lr")), t["status"],
-               fmt(t.get("steps_to_target")), fmt(t.get("steps")), fmt(t.get("test_acc")), (t.get("error") or "")[:120]]
+              r.get("regime") or "n/a", fmt(r.get("b_simple_at_target"))] for r in analysis["best"]])
+    gap = (["batch", "lr", "seeds (not met)", "epochs", "train acc", "test acc", "gap (points)", "loss gap", "sharpness"],
+           [[fmt(r["batch"]), fmt(r["lr"]), f"{r['n_seeds']} ({r['n_not_met']})", _pm(r, "epochs", 1, 3),
+             _pm(r, "train_acc", 100, 4), _pm(r, "test_acc", 100, 4), _pm(r, "gap", 100, 3), _pm(r, "loss_gap", 1, 3),
+             _pm(r, "sharpness", 1, 3)] for r in analysis["gap"]])
+    every = (["phase", "batch", "lr x", "seed", "lr", "status", "steps to target", "resolution", "steps", "train acc",
+              "test acc", "note"],
+             [[t.get("phase") or "critical", fmt(t["batch"]), f"{t['lr_multiplier']:g}", str(t["seed"]), fmt(t.get("lr")),
+               t["status"], fmt(t.get("steps_to_target")) if t.get("steps_lower_bound") is None else f"> {fmt(t['steps_lower_bound'])}",
+               f"{100 * t['crossing_resolution']:.1f} %" if t.get("crossing_resolution") is not None else "",
+               fmt(t.get("steps")), fmt(t.get("train_acc")), fmt(t.get("test_acc")), (t.get("error") or "")[:120]]
               for t in trials])
-    return [("Best learning rate per batch size", *best), ("Train/test gap at the best lr", *gap),
+    return [("Best learning rate per batch size", *best), ("Gap phase: train/test gap at the training criterion (mean ± sd over seeds)", *gap),
             ("Every trial", *every)]
 
 
-def _points(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:+.2f}"
+def _pm(row: dict[str, Any], key: str, scale: float, digits: int) -> str:
+    """mean +- sd over seeds (scaled: 100 for accuracy points)."""
+    v, sd = row.get(key), row.get(f"{key}_sd")
+    if v is None:
+        return "n/a"
+    return fmt(scale * v, digits) + (f" ± {fmt(scale * sd, 2)}" if sd is not None else "")
 
 
 def _summary_lines(analysis: dict[str, Any]) -> list[str]:
@@ -207,6 +268,7 @@ def write_report(sweep_dir: str | Path) -> Path:
     """Plots, report.md and report.html in `sweep_dir`; returns the report.html path."""
     sweep_dir = Path(sweep_dir)
     trials, analysis = load_sweep(sweep_dir)
+    (sweep_dir / CRITICAL).write_text(json.dumps(analysis, indent=2, allow_nan=False) + "\n")
     for r in analysis["best"]:  # run folders of each batch's best-lr trials (for the B_simple curves)
         r["trial_dirs"] = [t["run_dir"] for t in trials if t["batch"] == r["batch"] and t.get("lr") == r["lr"]
                            and t.get("status") == "ok" and t.get("run_dir")]

@@ -39,7 +39,9 @@ from typing import Any
 from bigbatch import config as config_mod
 from bigbatch.config import Config
 from bigbatch.errors import ConfigError
+from bigbatch.study import adaptive
 from bigbatch.trainer import batching
+from bigbatch.trainer.data import train_size_hint
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -142,6 +144,68 @@ class TrialSpec:
 
 
 @dataclass
+class SearchSpec:
+    """The adaptive schedule (`bigbatch.study.adaptive`); off = the full grid batch x lr x seed."""
+
+    adaptive: bool = False
+    """Seed 0 on the lr grid first, then: one more multiplier beyond an edge that is best, and all
+    `seeds` at each batch's best lr and its neighbours (the lrs that decide the answer)."""
+    neighbours: int = 1
+    """Grid neighbours on each side of the best lr that also get every seed (if they reached)."""
+    extend: int = 2
+    """Multipliers that may be added beyond the grid's edge, per batch."""
+    race: float = 1.5
+    """Stop a trial as `slower` once its steps exceed this multiple of the steps of its batch's
+    best finished trial at another lr (0 = off); its steps then are a lower bound."""
+    close: float = 1.25
+    """A neighbour of the best lr gets every seed only if its steps so far are within this factor
+    of the best's (a clearly slower lr does not decide the answer)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.adaptive, bool), "search.adaptive", "expected true or false")
+        _check(_is_int(self.neighbours) and self.neighbours >= 0, "search.neighbours",
+               f"expected an integer >= 0, got {self.neighbours!r}")
+        _check(_is_int(self.extend) and self.extend >= 0, "search.extend", f"expected an integer >= 0, got {self.extend!r}")
+        _check(_is_number(self.race) and (self.race == 0 or self.race > 1), "search.race",
+               f"expected 0 (off) or a factor > 1, got {self.race!r}")
+        _check(_is_number(self.close) and self.close >= 1, "search.close", f"expected a factor >= 1, got {self.close!r}")
+
+
+@dataclass
+class GapSpec:
+    """The gap phase (Keskar et al. 2016): best lr per batch, trained to a training criterion."""
+
+    batch_sizes: list = field(default_factory=list)
+    """Batch sizes of the gap phase (each must be in batch_sizes; empty = no gap phase)."""
+    seeds: list = field(default_factory=lambda: [0, 1])
+    train_acc: float = 0.99
+    """The training criterion: train until training accuracy (on the whole training subset) >= this."""
+    train_samples: int = 5000
+    """Train on the first N training examples (0 = all), so the criterion is within reach."""
+    max_epochs: float = 60.0
+    """Budget cap: a seed that has not met the criterion by then is recorded as not_reached."""
+    eval_every_epochs: float = 1.0
+    """Evaluation interval (finer near the criterion: train.eval_fine)."""
+    sharpness_samples: int = 1024
+    """Training examples for the top Hessian eigenvalue at the end (train-mode BatchNorm)."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.batch_sizes, list) and all(_is_int(b) and b >= 1 for b in self.batch_sizes),
+               "gap.batch_sizes", f"expected a list of positive integers, got {self.batch_sizes!r}")
+        _check(isinstance(self.seeds, list) and len(self.seeds) > 0 and all(_is_int(s) and s >= 0 for s in self.seeds),
+               "gap.seeds", f"expected a non-empty list of integers >= 0, got {self.seeds!r}")
+        _check(_is_number(self.train_acc) and 0 < self.train_acc <= 1, "gap.train_acc",
+               f"expected a fraction in (0, 1], got {self.train_acc!r}")
+        _check(_is_int(self.train_samples) and self.train_samples >= 0, "gap.train_samples",
+               f"expected an integer >= 0, got {self.train_samples!r}")
+        for key in ("max_epochs", "eval_every_epochs"):
+            v = getattr(self, key)
+            _check(_is_number(v) and v > 0, f"gap.{key}", f"expected a positive number, got {v!r}")
+        _check(_is_int(self.sharpness_samples) and self.sharpness_samples >= 0, "gap.sharpness_samples",
+               f"expected an integer >= 0, got {self.sharpness_samples!r}")
+
+
+@dataclass
 class SweepSpec:
     name: str
     """Sweep name: the W&B group of its trials and the default output folder."""
@@ -158,6 +222,8 @@ class SweepSpec:
     """Log every trial to W&B (offline without an API key), grouped under the sweep's name."""
     target: TargetSpec = field(default_factory=TargetSpec)
     trial: TrialSpec = field(default_factory=TrialSpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    gap: GapSpec = field(default_factory=GapSpec)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name),
@@ -180,6 +246,8 @@ class SweepSpec:
         _check(isinstance(self.overrides, list) and all(isinstance(o, str) for o in self.overrides), "overrides",
                'expected a list of "section.key=value" strings')
         _check(isinstance(self.wandb, bool), "wandb", "expected true or false")
+        for i, b in enumerate(self.gap.batch_sizes):
+            _check(b in self.batch_sizes, f"gap.batch_sizes[{i}]", f"{b} is not one of batch_sizes {self.batch_sizes}")
 
     def points(self) -> list[dict[str, Any]]:
         """The grid, longest trials (smallest batch) first so parallel slots stay busy."""
@@ -187,7 +255,7 @@ class SweepSpec:
                 for b in self.batch_sizes for m in self.lr_multipliers for s in self.seeds]
 
     def trial_name(self, point: dict[str, Any]) -> str:
-        return f"b{point['batch']}-lr{point['lr_multiplier']:g}-s{point['seed']}"
+        return adaptive.point_name(point)
 
     def trial_config(self, point: dict[str, Any]) -> Config:
         """The training config of one grid point (validated; raises ConfigError naming the field)."""
@@ -207,6 +275,19 @@ class SweepSpec:
         train["eval_every"] = self.trial.eval_every_for(batch, base_cfg.train.eval_every or train["steps"])
         train["log_every"] = train["eval_every"]
         raw["target"] = {k: v for k, v in dataclasses.asdict(self.target).items() if v is not None}
+        if point.get("phase") == "gap":  # train to the training criterion on the gap subset, full evaluations
+            g = self.gap
+            raw["data"]["train_samples"] = g.train_samples
+            raw["data"]["eval_subset"] = 0
+            n_train = train_size_hint(dataclasses.replace(base_cfg.data, train_samples=g.train_samples), exact=True)
+            _check(n_train is not None, "gap.train_samples", "the training set's size is not known before loading: set it")
+            if g.train_samples:
+                raw["data"]["train_eval_samples"] = g.train_samples
+            train["steps"] = max(1, math.ceil(g.max_epochs * n_train / batch))
+            train["eval_every"] = max(1, round(g.eval_every_epochs * n_train / batch))
+            train["log_every"] = train["eval_every"]
+            train["stop_at_target"] = True
+            raw["target"] = {"train_acc": g.train_acc}
         raw["track"]["wandb"] = self.wandb or base_cfg.track.wandb
         raw["track"]["group"] = self.name
         raw["track"]["progress"] = "off"
@@ -220,12 +301,15 @@ class SweepSpec:
         return cfg
 
 
-SECTIONS = {"target": TargetSpec, "trial": TrialSpec}
+SECTIONS = {"target": TargetSpec, "trial": TrialSpec, "search": SearchSpec, "gap": GapSpec}
 TOP_KEYS = {f.name for f in dataclasses.fields(SweepSpec)} - set(SECTIONS)
 
 
-def from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
-    """Build a SweepSpec from a parsed TOML dict; `base` paths are relative to `base_dir`."""
+def from_dict(raw: dict[str, Any], base_dir: Path | None = None, validate_trials: bool = True) -> SweepSpec:
+    """Build a SweepSpec from a parsed TOML dict; `base` paths are relative to `base_dir`.
+
+    validate_trials: build every trial's training config to check it (the driver does, before
+    anything runs; a trial, handed the already checked dict, skips it)."""
     raw = dict(raw)
     for k in raw:
         _check(k in TOP_KEYS | set(SECTIONS), k, f"unknown key; expected one of {', '.join(sorted(TOP_KEYS | set(SECTIONS)))}")
@@ -247,8 +331,13 @@ def from_dict(raw: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
     hints = typing.get_type_hints(SweepSpec)
     top = {k: config_mod.coerce(v, hints[k], k) for k, v in raw.items()}
     spec = SweepSpec(base=base, **top, **kwargs)
-    for point in spec.points():
-        spec.trial_config(point)  # every trial's config, validated before anything runs
+    if not validate_trials:
+        return spec
+    for b in spec.batch_sizes:  # every batch's trial config, validated before anything runs (the lr and
+        for m in spec.lr_multipliers:  # seed change no check, so one seed per multiplier)
+            spec.trial_config({"batch": b, "lr_multiplier": m, "seed": spec.seeds[0]})
+    for b in spec.gap.batch_sizes:
+        spec.trial_config({"batch": b, "lr_multiplier": 1.0, "seed": spec.gap.seeds[0], "phase": "gap"})
     return spec
 
 

@@ -1,19 +1,31 @@
 """`bigbatch study`: the main job with an embedded default sweep.
 
-A critical-batch-size study of the MNIST-1D CNN on this CPU (no download): 10 global batch sizes
-from 8 to 4096 x 5 learning rates each, every trial trained to 95 % test accuracy and stopped
-there, then the fit S(B) = S_min (1 + B_crit / B), B_simple at the target and the train/test gap,
-ending in a report with plots. Sized to finish in a few minutes on 2 cores: constant lr (so the
-schedule does not depend on the step budget), evaluation every 4,096 examples on a 5k test set
-and a 5k training subset, one torch thread per trial, two trials at a time.
+A critical-batch-size study of the MNIST-1D CNN on this CPU (no download): 8 global batch sizes
+from 16 to 2048, each trained to 95 % test accuracy at its own best lr with 3 seeds, the fit
+S(B) = S_min (1 + B_crit / B) with 95 % bootstrap intervals, B_simple at the target, and a gap
+phase (Keskar et al. 2016) at 5 batch sizes, ending in a report with plots. Sized for <= 300 s on
+2 cores: constant lr (the schedule does not depend on the step budget), one torch thread per
+trial, two trials at a time, and an adaptive plan (`bigbatch.study.adaptive`) instead of the
+full grid: seed 0 on 3 lr multipliers (1x first), racing (a trial at 1.5x the steps of its
+batch's best finished trial stops as `slower`), the grid extended at an edge that is best, then
+seeds 1 and 2 at the best lr and at its neighbours within 1.25x of its steps. B = 8 (~5,000 steps
+per trial, ~10 trials) and B = 4096 (~350k examples per trial) would each take a fifth to a third
+of the budget: the batches are 16..2048 (2048 is already >= 4 B_crit, maximal data parallelism).
 
 Why these choices:
-- lr grid: multipliers 1/8..2 of a square-root scaling rule from 0.1 at batch 128. Linear
-  scaling from the same point diverges at the largest batches and square root is too hot at the
-  smallest, so a grid of 5 multipliers around sqrt brackets the best lr at every batch
-  (Shallue et al. 2018: compare batch sizes only at their own best lr).
+- lr grid: multipliers 0.5, 1, 2 of a square-root scaling rule from 0.1 at batch 128, extended by
+  up to two more (x2 or /2) where the best sits at an edge (Shallue et al. 2018: compare batch
+  sizes only at their own best lr; they too found the best at the edge of a search space).
 - target 95 %: reached by every batch size in 1-25 epochs of the 45k training set; steps-to-95 %
-  measured here span 5,000+ (B = 8) to ~70 (B >= 2048), so the fit sees both regimes.
+  span ~2,300 (B = 16) to ~90 (B = 2048), so the fit sees both regimes.
+- steps to target: the crossing interpolated between the evaluations around it; within 10
+  points of the target the loop evaluates every 2.5 % more steps (train.eval_fine) on the first
+  2,000 test examples (data.eval_subset), so crossings are resolved to <= 3 %; every trial's
+  final numbers are on the full 5k test set.
+- gap phase: the best lr of 64, 128, 512, 1024, 2048, seeds 0 and 1, trained on the first 5,000
+  training examples until training accuracy >= 99 % on them (cap 60 epochs), so the criterion is
+  reachable in seconds; then train/test accuracy and loss on the full sets and the top Hessian
+  eigenvalue of the training loss with train-mode BatchNorm (1,024 examples).
 """
 
 from __future__ import annotations
@@ -30,33 +42,38 @@ from bigbatch.study.sweep import default_out, finish
 # The training config every trial starts from (configs/mnist1d-cnn.toml, with a constant lr).
 BASE: dict[str, Any] = {
     "name": "study-mnist1d-cnn",
-    "data": {"name": "mnist1d", "num_samples": 50000, "test_fraction": 0.1, "train_eval_samples": 5000},
+    # eval_subset: evaluations during training on the first 2,000 test (and training-subset)
+    # examples; the final numbers of every trial on the full 5k test set.
+    "data": {"name": "mnist1d", "num_samples": 50000, "test_fraction": 0.1, "train_eval_samples": 5000,
+             "eval_subset": 2000},
     "model": {"name": "cnn1d", "channels": 32},
-    # Two micro-batches per step give the online gradient noise scale (measure.gns: the small and
-    # the big batch of the two-batch estimator) for the "B_simple during training" plot.
-    "batch": {"global_batch": 128, "accum_steps": 2},
+    "batch": {"global_batch": 128},
     "optim": {"name": "sgd", "base_lr": 0.1, "base_batch": 128, "scaling": "sqrt", "momentum": 0.9,
               "weight_decay": 5e-4},
     "schedule": {"name": "constant"},
-    "train": {"seed": 0},
-    "measure": {"gns": True},
+    # eval_fine: within 10 points of the target, evaluate every 2.5 % more steps, so the
+    # interpolated crossing is resolved to <= 3 % at every batch size.
+    "train": {"seed": 0, "eval_fine": 0.025, "eval_fine_within": 0.10},
 }
 
 DEFAULT_SWEEP: dict[str, Any] = {
     "name": "study-mnist1d-cnn",
     "base": BASE,
-    "batch_sizes": [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
-    "lr_multipliers": [0.125, 0.25, 0.5, 1.0, 2.0],
-    "seeds": [0],
+    "batch_sizes": [16, 32, 64, 128, 256, 512, 1024, 2048],
+    "lr_multipliers": [0.5, 1.0, 2.0],   # extended by up to 2 more at an edge that is best
+    "seeds": [0, 1, 2],                  # at each batch's best lr and its neighbours
     "target": {"test_acc": 0.95},
     "trial": {
-        "max_steps": 20000,          # B = 8 needs ~6,000
-        "max_examples": 2_000_000,   # B = 4096 needs ~300k; caps trials whose lr is far off
-        "eval_every_examples": 4096,
-        "gap_epochs": 0.5,           # every trial trains at least this long (B = 8 reaches 95 % after ~0.9 epoch)
+        "max_steps": 20000,          # B = 16 needs ~2,500
+        "max_examples": 2_000_000,   # B = 2048 needs ~200k; caps trials whose lr is far off
+        "eval_every_examples": 8192,
         "torch_threads": 1,
         "cpus_per_worker": 1.0,
+        "b_simple_samples": 1024,
     },
+    "search": {"adaptive": True, "neighbours": 1, "extend": 2, "race": 1.5, "close": 1.25},
+    "gap": {"batch_sizes": [64, 128, 512, 1024, 2048], "seeds": [0, 1], "train_acc": 0.99, "train_samples": 5000,
+            "max_epochs": 60.0, "eval_every_epochs": 1.0},
 }
 
 

@@ -5,14 +5,18 @@ trained to the target or to its budget; evaluation rows are reported to Ray Tune
 The records it leaves are read and written by `bigbatch.study.records`.
 
 A trial that raises is recorded as failed and the others go on; a diverged trial (non-finite
-loss) is stopped and recorded as diverged. An interrupted sweep continues with `--resume`
-(Tuner.restore): finished trials are not run again, an unfinished one restarts from its last
-checkpoint when it has one.
+loss) is stopped and recorded as diverged. With `[search] adaptive = true` the trials are not a
+fixed grid: a Ray Tune searcher (`bigbatch.study.search`) asks the plan (`bigbatch.study.adaptive`)
+for each next trial as others finish (lr-grid extension at an edge, seeds at the deciding lrs,
+racing, the gap phase). An interrupted sweep continues with `--resume` (a grid: Tuner.restore;
+adaptive: the plan replayed, finished trials answering from their trial.json): finished trials
+are not run again, an unfinished one restarts from its last checkpoint when it has one.
 
 Output folder:
     sweep.toml        the sweep config as given
     runs/<trial>/     each trial's run folder (config.toml, metrics.jsonl, summary.json, ...)
     tune/             Ray Tune's experiment state (what --resume restores)
+    race/             steps of finished trials that racing trials compare against (adaptive)
     trials.jsonl      one line per trial (see `trial_record`)
     critical.json     the critical-batch-size fit and gap table (`bigbatch.study.critical.analyse`)
     report.md, report.html, *.png   (`bigbatch.study.report`)
@@ -23,16 +27,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bigbatch import config as config_mod
 from bigbatch.errors import UsageError
-from bigbatch.study import critical
+from bigbatch.study import adaptive, critical, search
 from bigbatch.study import spec as spec_mod
 from bigbatch.study.records import CRITICAL, RUNS_DIR, TRIAL_RECORD, TRIALS, headline, read_rows, trial_record
 from bigbatch.study.report import write_report
@@ -79,29 +84,52 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray starts its workers at niceness 15 (to favour the raylet); here the workers are the
+        # study, and on a shared machine niced trials starve behind every other process.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env_vars})
 
 
-def _progress_callback(spec: SweepSpec, total: int):
+def _progress_callback(spec: SweepSpec, total: Callable[[], int], concurrency: int):
     from ray import tune
 
     class Progress(tune.Callback):
-        """One line per finished trial on the driver's stdout."""
+        """One line per finished trial on the driver's stdout, with the elapsed time and an ETA.
+
+        ETA = the mean wall time per finished trial x the trials still planned / the trials run at
+        once; an adaptive study plans more trials as it goes, so its ETA can grow."""
 
         def __init__(self) -> None:
             self.done = 0
+            self.t0 = time.perf_counter()
+            self.trial_s: list[float] = []
 
         def _line(self, trial, text: str) -> None:
             self.done += 1
-            print(f"[{self.done}/{total}] {spec.trial_name(trial.config['point'])}: {text}", flush=True)
+            elapsed = time.perf_counter() - self.t0
+            r = trial.last_result or {}
+            if r.get("wall_s"):
+                self.trial_s.append(r["wall_s"])
+            n = total()
+            eta = ""
+            if self.trial_s and n > self.done:
+                eta = f", ETA {sum(self.trial_s) / len(self.trial_s) * (n - self.done) / concurrency:.0f} s"
+            print(f"[{self.done}/{n}] {spec.trial_name(trial.config['point'])}: {text}  ({elapsed:.0f} s{eta})", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
             s = r.get("steps_to_target")
-            text = f"{int(s)} steps to target" if s is not None else "target not reached"
+            if r.get("steps_lower_bound") is not None:
+                text = f"slower (> {int(r['steps_lower_bound'])} steps, raced)"
+            elif s is not None:
+                text = f"{s:.1f} steps to target"
+            else:
+                text = "target not reached"
             if r.get("test_acc") is not None:
                 text += f", test_acc {r['test_acc']:.4f}"
+            if r.get("train_acc") is not None and trial.config["point"].get("phase") == "gap":
+                text += f", train_acc {r['train_acc']:.4f}"
             self._line(trial, text)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -133,6 +161,7 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
     owns_ray = not ray.is_initialized()  # a caller's Ray session (a notebook, a test) is used as it is
     if owns_ray:
         init_ray(ray_address, num_cpus)
+    plan = adaptive.Plan(spec) if spec.search.adaptive else None
     try:
         t = spec.trial
         resources = {"cpu": t.cpus_per_worker, "gpu": t.gpus_per_worker}
@@ -142,53 +171,75 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, spec_dict=spec_dict, out_dir=str(out_dir)), resources)
         points = spec.points()
-        callbacks = [] if quiet else [_progress_callback(spec, len(points))]
-        if resume:
+        concurrency = t.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // max(t.cpus_per_worker, 1e-9)))
+        total = plan.planned if plan else (lambda: len(points))
+        callbacks = [] if quiet else [_progress_callback(spec, total, concurrency)]
+        names = dict(trial_name_creator=lambda tr: spec.trial_name(tr.config["point"]),
+                     trial_dirname_creator=lambda tr: spec.trial_name(tr.config["point"]))
+        run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(out_dir), verbose=0, callbacks=callbacks,
+                                    failure_config=tune.FailureConfig(max_failures=0))
+        if plan is not None:
+            # Adaptive: the plan decides trial by trial. A resumed study replays the plan: finished
+            # trials report their trial.json at once, so only the unfinished ones train again.
+            if resume:
+                shutil.rmtree(tune_dir)
+            searcher = search.plan_searcher(plan, lambda p: read_record(spec, out_dir, p))
+            tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
+                search_alg=searcher, num_samples=-1, max_concurrent_trials=t.max_concurrent or None,
+                reuse_actors=True, **names))
+        elif resume:
             tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=False)
         else:
             tuner = tune.Tuner(
                 trainable,
                 param_space={"point": tune.grid_search(points)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=t.max_concurrent or None, reuse_actors=True,
-                                            trial_name_creator=lambda tr: spec.trial_name(tr.config["point"]),
-                                            trial_dirname_creator=lambda tr: spec.trial_name(tr.config["point"])),
-                run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(out_dir), verbose=0, callbacks=callbacks,
-                                          failure_config=tune.FailureConfig(max_failures=0)),
+                tune_config=tune.TuneConfig(max_concurrent_trials=t.max_concurrent or None, reuse_actors=True, **names),
+                run_config=run_config,
             )
         results = tuner.fit()
         errors = {spec.trial_name(r.config["point"]): r.error for r in results if r.error is not None}
     finally:
         if owns_ray:
             ray.shutdown()
+    if plan is not None:
+        points = list(plan.issued.values())
     unfinished = [spec.trial_name(p) for p in points
                   if spec.trial_name(p) not in errors and not (out_dir / RUNS_DIR / spec.trial_name(p) / TRIAL_RECORD).is_file()]
     if unfinished:  # Tune returns normally after SIGINT, with the state saved for Tuner.restore
         raise Interrupted(f"{len(points) - len(unfinished)} of {len(points)} trials finished")
-    return collect(spec, out_dir, errors)
+    return collect(spec, out_dir, errors, points)
 
 
-def collect(spec: SweepSpec, out_dir: Path, errors: dict[str, BaseException] | None = None) -> dict[str, Any]:
+def read_record(spec: SweepSpec, out_dir: Path, point: dict[str, Any], error: BaseException | None = None) -> dict[str, Any]:
+    """A trial's trials.jsonl record: its trial.json, or a `failed` record when it has none."""
+    name = spec.trial_name(point)
+    path = out_dir / RUNS_DIR / name / TRIAL_RECORD
+    if path.is_file() and error is None:
+        rec = json.loads(path.read_text())
+    else:
+        message = _first_line(error) if error is not None else "no result (the trial did not finish)"
+        rows = read_rows(out_dir / RUNS_DIR / name / "metrics.jsonl") if (out_dir / RUNS_DIR / name).is_dir() else []
+        rec = trial_record(point, None, rows, spec.trial.gap_epochs, "failed", message)
+    rec["trial"] = name
+    return rec
+
+
+def collect(spec: SweepSpec, out_dir: Path, errors: dict[str, BaseException] | None = None,
+            points: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """trials.jsonl and critical.json from the run folders (a trial without a record failed)."""
     errors = errors or {}
-    records = []
-    for point in spec.points():
-        name = spec.trial_name(point)
-        path = out_dir / RUNS_DIR / name / TRIAL_RECORD
-        if path.is_file() and name not in errors:
-            rec = json.loads(path.read_text())
-        else:
-            err = errors.get(name)
-            message = _first_line(err) if err is not None else "no result (the trial did not finish)"
-            rec = trial_record(point, None, read_rows(out_dir / RUNS_DIR / name / "metrics.jsonl")
-                               if (out_dir / RUNS_DIR / name).is_dir() else [], spec.trial.gap_epochs,
-                               "failed", message)
-        rec["trial"] = name
-        records.append(rec)
+    records = [read_record(spec, out_dir, p, errors.get(spec.trial_name(p))) for p in (points or spec.points())]
     (out_dir / TRIALS).write_text("".join(json.dumps(r) + "\n" for r in records))
+    analysis = analyse_records(records, spec)
+    (out_dir / CRITICAL).write_text(json.dumps(analysis, indent=2, allow_nan=False) + "\n")
+    return analysis
+
+
+def analyse_records(records: list[dict[str, Any]], spec: SweepSpec) -> dict[str, Any]:
+    """critical.json's content from trials.jsonl's records (what `bigbatch report` refits too)."""
     analysis = critical.analyse(records)
     analysis["sweep"] = spec.name
     analysis["target"] = {k: v for k, v in vars(spec.target).items() if v is not None}
-    (out_dir / CRITICAL).write_text(json.dumps(analysis, indent=2, allow_nan=False) + "\n")
     return analysis
 
 

@@ -4,7 +4,10 @@ Every trial is one ordinary training run (`bigbatch.trainer.loop.run`, the funct
 SLURM jobs call) in SWEEP/runs/<trial>/. With `trial.workers_per_trial > 1` the trial starts a
 Ray Train TorchTrainer whose workers each call `run`; `bigbatch.distributed.env.init` adopts the
 gloo or NCCL process group Ray Train created. A diverged trial (non-finite loss) is stopped and
-recorded as diverged; a trial whose folder holds a checkpoint resumes from it.
+recorded as diverged; a trial whose folder holds a checkpoint resumes from it. In an adaptive
+study (`search.adaptive`) a trial also races (`bigbatch.study.search`): stopped as `slower` once
+clearly behind its batch's best. A gap-phase trial trains to the training criterion and ends with
+the train-mode sharpness.
 """
 
 from __future__ import annotations
@@ -14,15 +17,17 @@ import math
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from bigbatch import config as config_mod
 from bigbatch.measure.noise import per_sample_stats
+from bigbatch.measure.sharpness import hessian_top_eigs
+from bigbatch.study import search
 from bigbatch.study import spec as spec_mod
-from bigbatch.study.records import RUNS_DIR, eval_row, finish_trial, trial_status
+from bigbatch.study.records import RUNS_DIR, TRIAL_RECORD, eval_row, finish_trial, trial_status
 from bigbatch.trainer import checkpoint as ckpt
 from bigbatch.trainer.data import build_data, tensor_batch
 from bigbatch.trainer.loop import run
@@ -77,8 +82,28 @@ def _tune_reporter(row: dict[str, Any]) -> None:
         tune.report({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
-def _single_process_trial(cfg_dict: dict[str, Any], run_dir: Path, resume: bool) -> dict[str, Any]:
-    return run(config_mod.from_dict(cfg_dict), run_dir, resume=resume, reporter=_tune_reporter)
+def _single_process_trial(cfg_dict: dict[str, Any], run_dir: Path, resume: bool,
+                          race: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def report(row: dict[str, Any]) -> None:
+        _tune_reporter(row)
+        if race is not None:
+            race(row)
+
+    return run(config_mod.from_dict(cfg_dict), run_dir, resume=resume, reporter=report)
+
+
+def train_mode_sharpness(cfg, run_dir: Path, samples: int) -> float | None:
+    """Top Hessian eigenvalue of the training loss at the run's final weights, BatchNorm in train
+    mode (the loss that is trained, with batch statistics of the `samples` examples), Lanczos on
+    HVPs (`measure.sharpness`); the first `samples` training examples, no augmentation."""
+    bundle = build_data(cfg.data)
+    if not bundle.in_memory or not samples:
+        return None
+    model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
+    model.load_state_dict(ckpt.load(run_dir / ckpt.FILENAME)["model"])
+    model.train()
+    x, y = tensor_batch(bundle.train, torch.arange(min(samples, len(bundle.train))), torch.device("cpu"), train=False)
+    return hessian_top_eigs(model, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), x, y, k=1, iters=30)[0]
 
 
 def _ddp_worker(loop_config: dict[str, Any]) -> None:
@@ -119,32 +144,62 @@ def _ddp_trial(cfg_dict: dict[str, Any], run_dir: Path, resume: bool, trial: spe
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def trial_target(spec: spec_mod.SweepSpec, point: dict[str, Any]) -> dict[str, float]:
+    """The metric and value a trial's steps-to-target are counted to."""
+    if point.get("phase") == "gap":
+        return {"train_acc": spec.gap.train_acc}
+    return {k: v for k, v in vars(spec.target).items() if v is not None}
+
+
+def gap_criterion(spec: spec_mod.SweepSpec) -> str:
+    g = spec.gap
+    on = f"the first {g.train_samples} training examples" if g.train_samples else "the training set"
+    return f"train_acc >= {g.train_acc:g} on {on} (cap {g.max_epochs:g} epochs)"
+
+
 def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str) -> None:
     """The Ray Tune function trainable: train one grid point and report its record."""
     point = params["point"]
     from ray import tune
 
-    spec = spec_mod.from_dict(spec_dict)
+    spec = spec_mod.from_dict(spec_dict, validate_trials=False)  # the driver checked every trial's config
     torch.set_num_threads(spec.trial.torch_threads)
     run_dir = Path(out_dir) / RUNS_DIR / spec.trial_name(point)
+    if (run_dir / TRIAL_RECORD).is_file():  # finished in an earlier attempt (resume)
+        tune.report(_numeric(json.loads((run_dir / TRIAL_RECORD).read_text())) | {"done": True})
+        return
     cfg = spec.trial_config(point)
+    target = trial_target(spec, point)
+    gap = point.get("phase") == "gap"
+    extra: dict[str, Any] = {"criterion": gap_criterion(spec)} if gap else {}
     resume, summary = _prepare_run_dir(run_dir)
     if summary is None:
         cfg_dict = config_mod.to_dict(cfg)
+        race = search.racer(Path(out_dir), point, spec.search.race) if spec.search.adaptive else None
         try:
             if spec.trial.workers_per_trial > 1:
                 summary = _ddp_trial(cfg_dict, run_dir, resume, spec.trial, Path(out_dir) / "train")
             else:
-                summary = _single_process_trial(cfg_dict, run_dir, resume)
-        except Diverged:
+                summary = _single_process_trial(cfg_dict, run_dir, resume, race)
+        except (Diverged, search.Slower) as e:
             _close_wandb()
-            rec = finish_trial(run_dir, point, spec.trial.gap_epochs, None, "diverged")
+            slower = isinstance(e, search.Slower)
+            if slower:
+                extra |= {"steps_lower_bound": e.step, "raced_against": e.best}
+            rec = finish_trial(run_dir, point, spec.trial.gap_epochs, None, "slower" if slower else "diverged",
+                               target=target, extra=extra)
             tune.report(_numeric(rec) | {"done": True})
             return
     exact = None
-    if spec.trial.b_simple_samples and summary.get("status") == "target_reached":
+    reached = summary.get("status") == "target_reached"
+    if spec.trial.b_simple_samples and reached and not gap:
         exact = exact_b_simple(cfg, run_dir, spec.trial.b_simple_samples)
-    rec = finish_trial(run_dir, point, spec.trial.gap_epochs, summary, trial_status(summary), exact)
+    if gap and summary.get("status") != "diverged":
+        extra |= {"sharpness": train_mode_sharpness(cfg, run_dir, spec.gap.sharpness_samples), "sharpness_mode": "train"}
+    rec = finish_trial(run_dir, point, spec.trial.gap_epochs, summary, trial_status(summary), exact,
+                       target=target, extra=extra)
+    if spec.search.adaptive and rec["status"] == "ok" and not gap:
+        search.record_finish(Path(out_dir), point, rec["steps_to_target"])
     tune.report(_numeric(rec) | {"done": True})
 
 

@@ -305,10 +305,14 @@ def train_size_hint(cfg: DataConfig, exact: bool = False) -> int | None:
     For checks before any work and for --dry-run."""
     if cfg.name in ("mnist1d", "synthetic", "fake_images", "digits"):
         n = KNOWN_TRAIN_SIZES.get(cfg.name, cfg.num_samples)
-        return n - max(int(round(n * cfg.test_fraction)), 1)
-    if cfg.name not in KNOWN_TRAIN_SIZES:  # "module:function": only calling it tells
+        n -= max(int(round(n * cfg.test_fraction)), 1)
+    elif cfg.name not in KNOWN_TRAIN_SIZES:  # "module:function": only calling it tells
         return None
-    return None if exact else KNOWN_TRAIN_SIZES[cfg.name]
+    elif exact:
+        return None
+    else:
+        n = KNOWN_TRAIN_SIZES[cfg.name]
+    return min(n, cfg.train_samples) if cfg.train_samples else n
 
 
 def load_user_data(cfg: DataConfig) -> DataBundle:
@@ -321,8 +325,14 @@ def load_user_data(cfg: DataConfig) -> DataBundle:
 
 def build_data(cfg: DataConfig) -> DataBundle:
     if cfg.name not in LOADERS:  # "package.module:function" (config checked the form)
-        return load_user_data(cfg)
-    return LOADERS[cfg.name](cfg)
+        bundle = load_user_data(cfg)
+    else:
+        bundle = LOADERS[cfg.name](cfg)
+    if cfg.train_samples and cfg.train_samples < len(bundle.train):  # the first N: the same subset for every seed
+        t = bundle.train
+        bundle.train = (TensorData(t.x[:cfg.train_samples], t.y[:cfg.train_samples], t.augment, t.normalize)
+                        if isinstance(t, TensorData) else torch.utils.data.Subset(t, range(cfg.train_samples)))
+    return bundle
 
 
 # --- batches -------------------------------------------------------------------------------

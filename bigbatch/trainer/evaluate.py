@@ -12,22 +12,30 @@ from bigbatch.distributed.env import DistEnv
 from bigbatch.trainer.data import DataBundle, eval_batches
 
 
-def reached_target(cfg: Config, metrics: dict[str, float]) -> bool:
-    if cfg.target.test_acc is not None and metrics["test_acc"] >= cfg.target.test_acc:
+def reached_target(cfg: Config, metrics: dict[str, float], within: float = 0.0) -> bool:
+    """The target met (within = 0), or nearly: accuracy within `within` of it, loss within that fraction."""
+    t = cfg.target
+    if t.test_acc is not None and metrics["test_acc"] >= t.test_acc - within:
         return True
-    return cfg.target.test_loss is not None and metrics["test_loss"] <= cfg.target.test_loss
+    if t.train_acc is not None and metrics["train_acc"] >= t.train_acc - within:
+        return True
+    return t.test_loss is not None and metrics["test_loss"] <= t.test_loss * (1 + within)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, bundle: DataBundle, env: DistEnv, cfg: Config, batch_size: int = 1024) -> dict[str, float]:
+def evaluate(model: nn.Module, bundle: DataBundle, env: DistEnv, cfg: Config, batch_size: int = 1024,
+             limit: int = 0) -> dict[str, float]:
     """Test loss/accuracy and train loss/accuracy (on a fixed training subset).
 
     Every rank evaluates its shard; the sums are all-reduced. Plain cross-entropy (no label
-    smoothing), BatchNorm in eval mode.
+    smoothing), BatchNorm in eval mode. limit > 0: only the first `limit` examples of each set.
     """
     model.eval()
     sums = []
-    for data, limit in ((bundle.test, 0), (bundle.train, cfg.data.train_eval_samples)):
+    train_limit = cfg.data.train_eval_samples
+    if limit:
+        train_limit = min(train_limit, limit) if train_limit else limit
+    for data, limit in ((bundle.test, limit), (bundle.train, train_limit)):
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         correct = torch.zeros((), dtype=torch.float64, device=env.device)
         count = 0

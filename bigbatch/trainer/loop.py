@@ -66,6 +66,7 @@ class LoopState:
     steps_to_target: int | None = None
     examples_to_target: int | None = None
     last_eval: dict[str, float] = field(default_factory=dict)
+    last_eval_step: int = 0
     interval_loss: float = 0.0  # loss sum (this rank) since the last log line
     interval_count: int = 0
 
@@ -235,12 +236,15 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                               loss_mean, st.step, lr)
                     break
 
-            if (cfg.train.eval_every and st.step % cfg.train.eval_every == 0) or last:
-                st.last_eval = evaluate(model, bundle, env, cfg)  # the plain module: no DDP collectives
+            if (cfg.train.eval_every and st.step % cfg.train.eval_every == 0) or last or fine_eval_due(cfg, st):
+                # the plain module: no DDP collectives; data.eval_subset: the first N examples only
+                st.last_eval = evaluate(model, bundle, env, cfg, limit=cfg.data.eval_subset)
+                st.last_eval_step = st.step
                 if st.steps_to_target is None and reached_target(cfg, st.last_eval):
                     st.steps_to_target, st.examples_to_target = st.step, st.examples
                 tracker.log({"step": st.step, "examples": st.examples, "epoch": epoch, "lr": lr,
-                             "global_batch": global_batch, **st.last_eval, **measures.at_eval()})
+                             "global_batch": global_batch, **st.last_eval, **measures.at_eval(),
+                             **({"eval_set": "subset"} if cfg.data.eval_subset else {})})
                 if cfg.train.stop_at_target and st.steps_to_target is not None:
                     status = "target_reached"
                     break
@@ -255,6 +259,10 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                 save_checkpoint()
         if status not in ("preempted", "diverged"):
             save_checkpoint()  # the final state: `bigbatch interpolate` and fine-tuning read it
+            if cfg.data.eval_subset:  # the run's numbers on the full test and training-evaluation sets
+                st.last_eval = evaluate(model, bundle, env, cfg)
+                tracker.log({"step": st.step, "examples": st.examples, "epoch": st.examples / len(bundle.train),
+                             **st.last_eval, "eval_set": "full"})
 
     wall = st.wall_s + time.perf_counter() - t_start
     summary = {
@@ -290,3 +298,12 @@ def _mean_over_ranks(loss_sum: torch.Tensor, count: int, env: dist_env.DistEnv) 
     if env.initialized:
         dist.all_reduce(t)
     return (t[0] / t[1].clamp_min(1)).item()
+
+
+def fine_eval_due(cfg: Config, st: LoopState) -> bool:
+    """train.eval_fine: near the target, evaluate once the steps grew by that fraction since the last evaluation."""
+    if not cfg.train.eval_fine or not st.last_eval or st.steps_to_target is not None:
+        return False
+    if not reached_target(cfg, st.last_eval, cfg.train.eval_fine_within):
+        return False
+    return st.step - st.last_eval_step >= max(1, math.floor(cfg.train.eval_fine * st.step))

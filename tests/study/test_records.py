@@ -69,8 +69,8 @@ def test_report_from_records(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert analysis["excluded_batches"] == [4096]
     assert f"B_crit = {analysis['b_crit']:.4g}" in md and "B_simple at target = 500" in md
-    for name in ("steps_vs_batch", "pareto", "lr_sensitivity", "gap_vs_batch"):
+    for name in ("steps_vs_batch", "pareto", "lr_sensitivity"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000 and f"{name}.png" in md
-    assert not (tmp_path / "b_simple.png").exists()  # no online GNS rows: not drawn, and said so
-    assert "Not plotted (no data): b_simple" in md
-    assert html.count("data:image/png;base64,") == 4 and "diverged" in html
+    assert not (tmp_path / "b_simple.png").exists()  # no online GNS rows, no gap phase: not drawn, and said so
+    assert "Not plotted (no data): gap_vs_batch, b_simple" in md
+    assert html.count("data:image/png;base64,") == 3 and "diverged" in html

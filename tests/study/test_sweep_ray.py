@@ -144,3 +144,40 @@ def test_trial_with_two_workers_trains_ddp_with_two_gloo_processes_inside_ray(tm
     assert t["world_size"] == 2
     log = (out / "runs" / "b32-lr1-s0" / "train.log").read_text()
     assert "2 rank(s) x 16 per device" in log and "backend gloo" in log
+
+
+def test_adaptive_study_seeds_the_best_lr_races_the_slow_one_and_refits_to_its_critical_json(tmp_path, local_ray):
+    # lr 0.05x is hopeless next to 1x: once a 1x trial finished it is raced (stopped as slower).
+    d = sweep_dict("adaptive", batch_sizes=[16, 64], lr_multipliers=[1.0, 0.05], seeds=[0, 1, 2],
+                   trial={"max_steps": 400, "eval_every_examples": 256, "gap_epochs": None, "b_simple_samples": 0},
+                   search={"adaptive": True, "race": 1.5, "extend": 0},
+                   gap={"batch_sizes": [16, 64], "seeds": [0, 1], "train_acc": 0.9, "train_samples": 0,
+                        "max_epochs": 30, "eval_every_epochs": 1, "sharpness_samples": 128})
+    d["base"] = {**BASE, "train": {**BASE["train"], "eval_fine": 0.03, "eval_fine_within": 0.1}}
+    out = tmp_path / "sweep"
+    analysis = run_sweep(spec_mod.from_dict(d), d, out, num_cpus=2, quiet=True)
+    trials = list(read_trials(out).values())
+    best = {r["batch"]: r for r in analysis["best"]}
+    assert set(best) == {16, 64}
+    for b, r in best.items():
+        assert r["lr_multiplier"] == 1.0 and r["n_seeds"] == 3 and len(r["seed_steps"]) == 3  # 3 seeds at the best lr
+    assert analysis["n_seeds"] == 3 and analysis["b_crit_ci"] is not None
+    slow = [t for t in trials if t["lr_multiplier"] == 0.05]
+    assert any(t["status"] == "slower" and t["steps_lower_bound"] > 1.5 * t["raced_against"] for t in slow), slow
+    # interpolated crossings: not the step of an evaluation
+    ok = [t for t in trials if t["status"] == "ok" and t["phase"] == "critical"]
+    assert ok and all(t["steps_to_target"] < t["steps_to_target_eval"] or t["crossing_resolution"] == 1.0 for t in ok)
+    assert any(t["steps_to_target"] != int(t["steps_to_target"]) for t in ok)
+    # the gap phase: every row at the training criterion, two seeds each
+    assert [g["batch"] for g in analysis["gap"]] == [16, 64]
+    for g in analysis["gap"]:
+        assert g["n_seeds"] == 2 and g["train_acc"] >= 0.9 and g["sharpness"] > 0
+    # refitting trials.jsonl by the stated rule reproduces critical.json
+    critical_json = json.loads((out / "critical.json").read_text())
+    write_report(out)
+    assert json.loads((out / "critical.json").read_text()) == critical_json
+    from bigbatch.study import critical
+
+    refit = critical.analyse(trials)
+    assert refit["b_crit"] == critical_json["b_crit"] and refit["b_crit_ci"] == critical_json["b_crit_ci"]
+    assert (out / "gap_vs_batch.png").is_file()

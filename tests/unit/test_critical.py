@@ -7,14 +7,17 @@ import numpy as np
 import pytest
 
 from bigbatch.study.critical import (
+    _wls_rows,
     analyse,
     best_per_batch,
+    bootstrap_fit,
+    crossing,
     fit_critical_batch,
     fit_points,
-    gap_table,
-    gap_trend,
     predict_steps,
+    regime,
 )
+from bigbatch.study.gap import gap_rows, gap_trends, trend_per_doubling
 
 BATCHES = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
@@ -82,6 +85,96 @@ def test_best_lr_per_batch_uses_median_over_seeds_and_skips_failures():
     assert best[32]["steps_to_target"] == pytest.approx(112.5)
     assert best[32]["examples_to_target"] == pytest.approx(112.5 * 32)
     assert best[32]["seeds"] == [0, 1]
+    assert best[32]["edge"] is None  # 0.1 < 0.2 < 0.4 were run
+
+
+def test_best_lr_needs_a_majority_of_its_seeds():
+    # lr 0.4 is fastest on the one seed of three that reached: it does not count.
+    trials = [trial(64, 0.4, 50, seed=0), trial(64, 0.4, None, seed=1, status="not_reached"),
+              trial(64, 0.4, None, seed=2, status="slower", steps_lower_bound=120),
+              trial(64, 0.2, 80, seed=0), trial(64, 0.2, 90, seed=1), trial(64, 0.2, None, seed=2, status="diverged"),
+              trial(64, 0.1, 95, seed=0)]
+    best = best_per_batch(trials)[64]
+    assert best["lr"] == 0.2 and best["steps_to_target"] == pytest.approx(85.0)  # 2 of 3: median of the 2
+    assert best["n_seeds"] == 3 and best["n_reached"] == 2
+    # The best at the top of the lr grid is flagged as an edge.
+    assert best_per_batch([trial(8, 0.1, 90), trial(8, 0.2, 80)])[8]["edge"] == "high"
+
+
+def test_raced_and_diverged_trials_without_an_lr_still_bound_the_grid():
+    # A trial stopped before its summary has no recorded lr, only its multiplier: it still makes
+    # the fastest lr an interior point of the grid, not an edge.
+    trials = [{**trial(32, 0.05, 1000), "lr_multiplier": 1.0},
+              {**trial(32, None, None, status="slower"), "lr_multiplier": 2.0},
+              {**trial(32, None, None, status="diverged"), "lr_multiplier": 4.0},
+              {**trial(32, 0.025, 1400), "lr_multiplier": 0.5}]
+    best = best_per_batch(trials)[32]
+    assert best["lr_multiplier"] == 1.0 and best["lr"] == 0.05 and best["edge"] is None and best["n_seeds"] == 1
+
+
+def test_crossing_is_interpolated_between_the_evaluations_around_the_target():
+    evals = [(100, 0.80), (200, 0.90), (300, 0.94), (310, 0.96)]
+    c = crossing(evals, 0.95)
+    assert c["steps"] == pytest.approx(305.0)  # halfway from 0.94 to 0.96
+    assert c["steps_at_eval"] == 310 and c["resolution"] == pytest.approx(10 / 305)
+    assert crossing(evals, 0.99) is None
+    assert crossing([(50, 0.97)], 0.95) == {"steps": 50.0, "resolution": 1.0, "steps_at_eval": 50.0}
+    # A loss target: the first evaluation at or below it.
+    assert crossing([(10, 0.5), (20, 0.3)], 0.4, higher_is_better=False)["steps"] == pytest.approx(15.0)
+
+
+def test_vectorised_fit_equals_the_lstsq_fit():
+    rng = np.random.default_rng(5)
+    s = synthetic_steps(120.0, 900.0, BATCHES, 0.05, rng)
+    a, b = _wls_rows(1.0 / np.asarray(BATCHES, float), s[None, :])
+    fit = fit_critical_batch(BATCHES, s)
+    assert a[0] == pytest.approx(fit["s_min"], rel=1e-9) and b[0] == pytest.approx(fit["e_min"], rel=1e-9)
+
+
+def _coverage(n_seeds, draws=50, noise=0.05, s_min=250.0, b_crit=600.0, seed=0):
+    rng = np.random.default_rng(seed)
+    true = s_min * (1.0 + b_crit / np.asarray(BATCHES, float))
+    covered, widths = 0, []
+    for d in range(draws):
+        samples = {b: list(t * np.exp(noise * rng.standard_normal(n_seeds))) for b, t in zip(BATCHES, true)}
+        ci = bootstrap_fit(samples, reps=1000, seed=d)["b_crit_ci"]
+        covered += ci[0] <= b_crit <= ci[1]
+        widths.append(ci[1] - ci[0])
+    return covered / draws, float(np.median(widths))
+
+
+def test_bootstrap_interval_covers_the_true_b_crit_and_shrinks_with_more_seeds():
+    # S(B) = 250 (1 + 600/B) with 5 % seed-to-seed noise, 10 batch sizes: 50 draws.
+    cov3, width3 = _coverage(3)
+    cov8, width8 = _coverage(8)
+    assert cov3 >= 0.9 and cov8 >= 0.9
+    assert width8 < 0.8 * width3
+
+
+def test_bootstrap_is_seeded_and_brackets_the_point_estimate():
+    rng = np.random.default_rng(2)
+    samples = {b: list(synthetic_steps(200.0, 500.0, [b] * 3, 0.05, rng)) for b in BATCHES}
+    a, b = bootstrap_fit(samples, reps=500), bootstrap_fit(samples, reps=500)
+    assert a == b
+    point = fit_critical_batch(BATCHES, [float(np.median(samples[x])) for x in BATCHES])
+    assert a["b_crit_ci"][0] <= point["b_crit"] <= a["b_crit_ci"][1]
+    assert a["s_min_ci"][0] <= point["s_min"] <= a["s_min_ci"][1]
+
+
+def test_trend_per_doubling_has_an_interval_around_the_slope():
+    rng = np.random.default_rng(0)
+    pts = [(b, 0.01 * np.log2(b) + 0.002 * rng.standard_normal()) for b in [16, 64, 256, 1024, 4096] for _ in range(2)]
+    t = trend_per_doubling(pts)
+    assert t["n"] == 10 and t["ci"][0] < t["slope"] < t["ci"][1]
+    assert t["ci"][0] < 0.01 < t["ci"][1]
+    assert trend_per_doubling([(16, 0.1), (16, 0.2)]) is None
+
+
+def test_regimes_follow_b_crit():
+    assert regime(64, 1000) == "perfect scaling"
+    assert regime(1000, 1000) == "diminishing returns"
+    assert regime(8192, 1000) == "maximal data parallelism"
+    assert regime(64, None) is None
 
 
 def test_batches_past_the_minimum_with_rising_steps_are_left_out_of_the_fit():
@@ -91,27 +184,35 @@ def test_batches_past_the_minimum_with_rising_steps_are_left_out_of_the_fit():
     assert fit_points(best_per_batch(trials), drop_rising=False)[2] == []
 
 
-def test_gap_table_and_trend():
-    trials = [trial(b, 0.1, 100, gap=g, train_acc=0.9 + g, test_acc=0.9, gap_at_budget=g / 2)
-              for b, g in [(16, 0.01), (64, 0.03), (256, 0.05)]]
-    rows = gap_table(best_per_batch(trials))
+def test_gap_rows_hold_seeds_that_met_the_criterion_and_the_trend():
+    trials = [dict(trial(b, 0.1, 100, seed=sd, phase="gap", train_acc=0.99, test_acc=0.99 - g - 0.002 * sd,
+                         gap=g + 0.002 * sd, loss_gap=g, sharpness=10.0 * b ** 0.5))
+              for b, g in [(16, 0.01), (64, 0.03), (256, 0.05)] for sd in (0, 1)]
+    trials.append(dict(trial(256, 0.1, None, seed=2, status="not_reached", phase="gap", train_acc=0.9)))
+    rows = gap_rows(trials)
     assert [r["batch"] for r in rows] == [16, 64, 256]
-    assert rows[2]["gap"] == pytest.approx(0.05) and rows[2]["gap_at_budget"] == pytest.approx(0.025)
-    assert gap_trend(rows) == pytest.approx(0.01)  # +1 point of accuracy gap per doubling
-    assert gap_trend(rows[:1]) is None
+    assert all(r["train_acc"] == pytest.approx(0.99) for r in rows)  # every row at the criterion
+    assert rows[2]["n_seeds"] == 2 and rows[2]["n_not_met"] == 1
+    assert rows[2]["gap"] == pytest.approx(0.051) and rows[2]["gap_sd"] == pytest.approx(0.002 * 2 ** -0.5)
+    trends = gap_trends(trials)
+    assert trends["gap"]["slope"] == pytest.approx(0.01)  # +1 point of accuracy gap per doubling
+    assert trends["log2_sharpness"]["slope"] == pytest.approx(0.5)  # sqrt(B): x 2^0.5 per doubling
 
 
 def test_analyse_is_json_and_compares_b_crit_with_b_simple():
     rng = np.random.default_rng(3)
     steps = synthetic_steps(200.0, 500.0, BATCHES, 0.03, rng)
-    trials = [trial(b, 0.1, float(s), b_simple_at_target=1500.0, gap=0.0) for b, s in zip(BATCHES, steps)]
+    trials = [trial(b, 0.1, float(s) * f, seed=sd, b_simple_at_target=1500.0)
+              for b, s in zip(BATCHES, steps) for sd, f in enumerate((0.97, 1.0, 1.04))]
     trials.append(trial(8, 0.1, None, status="failed", error="boom"))
-    out = analyse(trials)
+    out = analyse(trials, reps=500)
     json.dumps(out, allow_nan=False)  # critical.json is strict JSON
     assert out["b_crit"] == pytest.approx(500.0, rel=0.1)
+    assert out["n_seeds"] == 3 and out["b_crit_ci"][0] <= out["b_crit"] <= out["b_crit_ci"][1]
+    assert out["best"][0]["regime"] == "perfect scaling" and out["best"][-1]["regime"] == "maximal data parallelism"
     assert out["b_simple_at_target"] == 1500.0
     assert out["b_crit_over_b_simple"] == pytest.approx(out["b_crit"] / 1500.0)
-    assert out["trials"] == {"ok": len(BATCHES), "failed": 1}
+    assert out["trials"] == {"ok": 3 * len(BATCHES), "failed": 1}
 
 
 def test_analyse_with_too_few_batches_says_so():
