@@ -57,6 +57,7 @@ def test_a_run_folder_without_noise_scale_rows_exits_2(tmp_path, capsys):
     _exit_2(capsys, ["plan", "--from", str(run)], "no gns/b_simple rows")
 
 
+@pytest.mark.timeout(900)  # two short runs' worth of spawned process groups: minutes on a loaded 2-core VM
 def test_one_short_run_gives_a_consistent_plan_and_from_reproduces_it(tmp_path, monkeypatch, capsys, mlp_overrides):
     monkeypatch.chdir(tmp_path)
     sets = [a for o in mlp_overrides + ["target.test_acc=0.3"] for a in ("--set", o)]
