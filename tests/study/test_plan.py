@@ -95,13 +95,14 @@ def test_one_short_run_gives_a_consistent_plan_and_from_reproduces_it(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.json", "plan.json", "plan.png", "run"]
 
 
-def test_recorded_sweep_steps_within_50_percent_up_to_batch_1024():
-    """The recorded plan run (one run at B0 = 128 of the study's base config, its online noise scale
-    at the target) against the recorded study sweep (best-lr steps to 95 % per batch)."""
+@pytest.mark.parametrize("run, sweep", [("plan_run", "sweep"), ("plan_run_2026_12_02", "sweep_2026_12_02")])
+def test_recorded_sweep_steps_within_50_percent_up_to_batch_1024(run, sweep):
+    """A recorded plan run (one run at B0 = 128 of the study's base config, its online noise scale
+    near the target) against the recorded study sweep of the same base (best-lr steps to 95 % per batch)."""
     rec = json.loads(RECORDED.read_text())
-    noise = noise_near_target([tuple(p) for p in rec["plan_run"]["noise_history"]], rec["plan_run"]["steps_to_target"])
-    t = Tradeoff.from_run(rec["plan_run"]["steps_to_target"], rec["plan_run"]["global_batch"], noise["value"])
-    assert 0.5 <= t.b_crit / rec["sweep"]["b_crit"] <= 2.0  # Done-when 1: within 2x of the swept B_crit
-    for b, measured in rec["sweep"]["best_steps"].items():
+    noise = noise_near_target([tuple(p) for p in rec[run]["noise_history"]], rec[run]["steps_to_target"])
+    t = Tradeoff.from_run(rec[run]["steps_to_target"], rec[run]["global_batch"], noise["value"])
+    assert 0.5 <= t.b_crit / rec[sweep]["b_crit"] <= 2.0  # Done-when 1: within 2x of the swept B_crit
+    for b, measured in rec[sweep]["best_steps"].items():
         if int(b) <= 1024:
             assert abs(t.steps(int(b)) / measured - 1) <= 0.5, (b, t.steps(int(b)), measured)
