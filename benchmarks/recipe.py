@@ -11,6 +11,17 @@ Prints one JSON object (hardware, torch version, per-method accuracies, mean, st
 time) and writes a plot: test accuracy per method, and the lr / global batch each method used.
 
     flock /tmp/bigbatch-cpu.lock python benchmarks/recipe.py --seeds 5 --json recipe.json --plot recipe.png
+
+--sweep: the same question across global batches (default 128 ... 8192, from the baseline to ~11x
+the measured critical batch) for eight methods, each a rule that sets the lr/warmup/optimizer as a
+function of the batch (`sweep_method`). It prints and writes one JSON (a row per method x batch x
+seed, mean +- std per method x batch, CPU and wall time) and a plot of test error vs batch with
+B_crit marked (from --critical CRITICAL_JSON, else the value measured by `bigbatch study` in
+benchmarks/RESULTS.md). Runs go to --jobs worker processes with one torch thread each; every
+finished run is appended to --rows at once, so --resume continues a cut sweep. It measures accuracy,
+not time: run it at low priority without the CPU lock.
+
+    nice -n 19 python benchmarks/recipe.py --sweep --seeds 3 --json docs/recipe-sweep.json --plot docs/recipe-sweep.png
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import shutil
 import statistics
@@ -106,6 +118,286 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# --- the sweep across batch sizes -----------------------------------------------------------------
+
+SWEEP_BATCHES = (128, 256, 512, 1024, 2048, 4096, 8192)
+# method -> how it sets the run at global batch B (W = the warmup, E = the epoch budget)
+SWEEP_METHODS = {
+    "unscaled": "SGD at the small-batch lr (0.05) at every batch, no warmup, cosine",
+    "linear": "SGD, linear rule (0.05 per 128), no warmup, cosine",
+    "linear+constant": "SGD, linear rule, constant warmup: 0.05 for W epochs, then the scaled lr (Goyal 2.2), cosine",
+    "linear+gradual": "SGD, linear rule, gradual warmup from 0.05 over W epochs (Goyal), cosine",
+    "sqrt+gradual": "SGD, square-root rule, gradual warmup from 0.05 over W epochs, cosine",
+    "lars": "LARS (eta 0.001), lr 20 at 4096 by the sqrt rule, warmup from 0 over W epochs, poly (power 2)",
+    "lamb": "LAMB as configs/mnist1d-cnn-large-batch.toml (lr 0.1 at 4096) by the sqrt rule, warmup from 0 over W, cosine",
+    "batch-schedule": "batch B/4 -> B/2 -> B at epochs 0, E/3, 2E/3; lr 0.05 per 128 at B/4, held; warmup from 0 over W",
+}
+SGD_RULES = ("unscaled", "linear", "linear+constant", "linear+gradual", "sqrt+gradual")
+# The critical batch of this task when no --critical is given: `bigbatch study` on configs/mnist1d-cnn.toml.
+MEASURED_B_CRIT = {
+    "b_crit": 730.5,
+    "source": "benchmarks/RESULTS.md, 'Critical batch size of the MNIST-1D CNN': bigbatch study, 10 batches 8-4096 "
+              "x 5 lrs, seed 0, target 95 % (without micro-batching the same sweep gave 579)",
+}
+CHANCE_ACC = 0.1  # MNIST-1D has 10 classes: a diverged run counts as chance accuracy
+
+
+def sweep_method(method: str, batch: int, *, base_lr: float, base_batch: int, warmup_epochs: float,
+                 epochs: float) -> tuple[Path, list[str]]:
+    """(config file, overrides) of `method` at global batch `batch`; see SWEEP_METHODS.
+
+    At the base batch every SGD rule gives the base lr and a warmup from it is flat, so all five
+    are one run there: the baseline config itself (its 0.5-epoch warmup from the base lr is a no-op).
+    """
+    b = [f"batch.global_batch={batch}"]
+    sgd = [f"optim.base_lr={base_lr:g}", f"optim.base_batch={base_batch}"]
+    w = f"schedule.warmup_epochs={warmup_epochs:g}"
+    if method in SGD_RULES and batch == base_batch:
+        return BASE_CONFIG, b + sgd
+    if method == "unscaled":
+        return BASE_CONFIG, b + sgd + ["optim.scaling='none'", "schedule.warmup_epochs=0"]
+    if method == "linear":
+        return BASE_CONFIG, b + sgd + ["optim.scaling='linear'", "schedule.warmup_epochs=0"]
+    if method == "linear+constant":
+        return BASE_CONFIG, b + sgd + ["optim.scaling='linear'", w, "schedule.warmup_start='base'", "schedule.warmup_shape='constant'"]
+    if method == "linear+gradual":
+        return BASE_CONFIG, b + sgd + ["optim.scaling='linear'", w, "schedule.warmup_start='base'"]
+    if method == "sqrt+gradual":
+        return BASE_CONFIG, b + sgd + ["optim.scaling='sqrt'", w, "schedule.warmup_start='base'"]
+    if method == "lars":
+        return BASE_CONFIG, b + ["optim.name='lars'", "optim.base_lr=20.0", "optim.base_batch=4096", "optim.scaling='sqrt'",
+                                 "schedule.name='poly'", w, "schedule.warmup_start=0.0", "schedule.end_lr=1e-4"]
+    if method == "lamb":
+        return LARGE_BATCH_CONFIG, b + ["optim.scaling='sqrt'", w, "schedule.warmup_start=0.0"]
+    if method == "batch-schedule":
+        if batch % 4:
+            raise ValueError(f"--batches: the batch schedule needs batches divisible by 4, got {batch}")
+        return BASE_CONFIG, b + sgd + [
+            f"batch.phases=[[0, {batch // 4}], [{epochs / 3:g}, {batch // 2}], [{2 * epochs / 3:g}, {batch}]]",
+            "optim.scaling='linear'", "batch.lr_follows_batch=false", w, "schedule.warmup_start=0.0", "schedule.name='constant'"]
+    raise ValueError(f"--methods: unknown method {method!r}; expected one of {', '.join(SWEEP_METHODS)}")
+
+
+def _sweep_worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one core's worth per run: no spin-waiting threads on a shared CPU
+    logging.disable(logging.WARNING)
+
+
+def sweep_one(task: dict) -> dict:
+    """One run of the sweep: trains `task`'s config through `bigbatch.trainer.loop.run` and returns its row."""
+    from bigbatch import config
+    from bigbatch.trainer.loop import run
+
+    extra = [f"train.seed={task['seed']}", f"train.epochs={task['epochs']:g}", "train.log_every=10", "train.eval_every=0",
+             "track.progress='off'", "track.wandb=false"]
+    if task["num_samples"]:
+        extra.append(f"data.num_samples={task['num_samples']}")
+    cfg = config.load(ROOT / task["config"], task["overrides"] + extra)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with tempfile.TemporaryDirectory(prefix="bigbatch-recipe-sweep-") as out:
+        summary = run(cfg, Path(out))
+    diverged = summary["status"] == "diverged"
+    return {
+        "key": task["key"], "seed": task["seed"], "status": summary["status"],
+        "test_acc": CHANCE_ACC if diverged else summary["test_acc"], "train_acc": None if diverged else summary["train_acc"],
+        "test_loss": None if diverged else summary["test_loss"], "steps": summary["steps"], "epochs": summary["epochs"],
+        "peak_lr": summary["peak_lr"], "final_global_batch": summary["global_batch"],
+        "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+    }
+
+
+def run_key(config_path: Path, overrides: list[str]) -> str:
+    """One name per distinct run (methods that coincide at a batch share it)."""
+    return f"{config_path.name}|" + "|".join(overrides)
+
+
+def sweep_tasks(batches: list[int], method_names: list[str], seeds: int, *, base_lr: float, base_batch: int,
+                warmup_epochs: float, epochs: float, num_samples: int | None) -> tuple[list[dict], dict]:
+    """The distinct runs, in batch order then seed then method, and (method, batch) -> run key."""
+    cells: dict[tuple[str, int], str] = {}
+    runs: dict[str, tuple[Path, list[str]]] = {}
+    for batch in batches:
+        for m in method_names:
+            path, overrides = sweep_method(m, batch, base_lr=base_lr, base_batch=base_batch,
+                                           warmup_epochs=warmup_epochs, epochs=epochs)
+            key = run_key(path, overrides)
+            cells[(m, batch)] = key
+            runs.setdefault(key, (path, overrides))
+    tasks = []
+    for batch in batches:  # a sweep cut short loses whole (largest-listed) batches, never seeds of one
+        keys = list(dict.fromkeys(cells[(m, batch)] for m in method_names))
+        for seed in range(seeds):
+            for key in keys:
+                path, overrides = runs[key]
+                tasks.append({"key": key, "seed": seed, "config": str(path.relative_to(ROOT)), "overrides": overrides,
+                              "epochs": epochs, "num_samples": num_samples})
+    return tasks, cells
+
+
+def read_critical(path: Path | None) -> dict:
+    """B_crit to mark: a study's critical.json (its `b_crit`, and an interval if it has one), else MEASURED_B_CRIT."""
+    if path is None:
+        return dict(MEASURED_B_CRIT)
+    data = json.loads(path.read_text())
+    b = data.get("b_crit")
+    if not isinstance(b, (int, float)) or not b > 0:
+        raise ValueError(f"--critical: {path} has no positive b_crit (got {b!r})")
+    out = {"b_crit": float(b), "source": str(path)}
+    for name in ("b_crit_interval", "b_crit_ci", "b_crit_90"):
+        iv = data.get(name) or (data.get("fit") or {}).get(name)
+        if isinstance(iv, (list, tuple)) and len(iv) == 2 and all(isinstance(v, (int, float)) for v in iv):
+            out["interval"] = [float(iv[0]), float(iv[1])]
+            break
+    return out
+
+
+def summarise_sweep(rows: list[dict], cells: dict[tuple[str, int], str], method_names: list[str], batches: list[int]) -> dict:
+    """method -> batch -> mean +- std (over seeds) of test accuracy and the run's settings."""
+    by_key: dict[str, list[dict]] = {}
+    for r in rows:
+        by_key.setdefault(r["key"], []).append(r)
+    table: dict[str, dict[str, dict]] = {}
+    for m in method_names:
+        table[m] = {}
+        for batch in sorted(batches):
+            runs = sorted(by_key.get(cells[(m, batch)], []), key=lambda r: r["seed"])
+            if not runs:
+                continue
+            accs = [r["test_acc"] for r in runs]
+            table[m][str(batch)] = {
+                "test_acc": accs, "seeds": [r["seed"] for r in runs],
+                "mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "diverged": sum(r["status"] == "diverged" for r in runs),
+                "steps": runs[0]["steps"], "epochs": runs[0]["epochs"], "peak_lr": runs[0]["peak_lr"],
+                "final_global_batch": runs[0]["final_global_batch"],
+                "shared_with": sorted(o for o in method_names if o != m and cells[(o, batch)] == cells[(m, batch)]),
+                "run": cells[(m, batch)],
+            }
+    return table
+
+
+def plot_sweep(table: dict, critical: dict, baseline: dict | None, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_err, ax_acc) = plt.subplots(1, 2, figsize=(15, 5.5))
+    styles = ["o-", "s-", "^-", "D-", "v-", "P-", "X-", "*-"]
+    for i, (m, cells) in enumerate(table.items()):
+        bs = sorted(int(b) for b in cells)
+        if not bs:
+            continue
+        mean = [cells[str(b)]["mean"] for b in bs]
+        std = [cells[str(b)]["std"] for b in bs]
+        ax_err.errorbar(bs, [100 * (1 - a) for a in mean], yerr=[100 * s for s in std], fmt=styles[i % len(styles)],
+                        ms=5, capsize=3, label=m)
+        ax_acc.errorbar(bs, [100 * a for a in mean], yerr=[100 * s for s in std], fmt=styles[i % len(styles)],
+                        ms=5, capsize=3, label=m)
+    bc = critical["b_crit"]
+    for ax in (ax_err, ax_acc):
+        ax.set_xscale("log", base=2)
+        ax.axvline(bc, color="k", ls="--", lw=1.2, label=f"B_crit = {bc:.0f}")
+        if "interval" in critical:
+            ax.axvspan(*critical["interval"], color="k", alpha=0.08)
+        ax.set_xlabel("global batch (same epoch budget)")
+        ax.grid(True, which="both", alpha=0.3)
+    if baseline:
+        lo = 100 * (baseline["mean"] - 0.005)
+        ax_acc.axhspan(lo, 100 * baseline["mean"], color="tab:green", alpha=0.12, label="baseline - 0.5 points")
+        ax_err.axhspan(100 * (1 - baseline["mean"]), 100 - lo, color="tab:green", alpha=0.12)
+    ax_err.set_yscale("log")
+    ax_err.set_ylabel("test error % (mean ± std over seeds, log)")
+    ax_acc.set_ylabel("test accuracy % (mean ± std over seeds)")
+    ax_acc.set_ylim(bottom=max(0.0, ax_acc.get_ylim()[0]))
+    ax_acc.legend(fontsize=8, loc="lower left")
+    top = ax_err.secondary_xaxis("top", functions=(lambda x: x / bc, lambda x: x * bc))
+    top.set_xlabel("global batch / B_crit")
+    fig.suptitle(title + f"; B_crit from {critical['source'].split(':')[0]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def sweep(args: argparse.Namespace) -> int:
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import resource
+
+    import torch
+
+    from bigbatch import config
+
+    base = config.load(BASE_CONFIG)
+    epochs = args.epochs if args.epochs is not None else base.train.epochs
+    warmup = args.warmup_epochs if args.warmup_epochs is not None else epochs / 6  # Goyal: 5 of 90 epochs; here 1 of 6
+    method_names = args.methods or list(SWEEP_METHODS)
+    batches = args.batches or list(SWEEP_BATCHES)
+    critical = read_critical(args.critical)
+    tasks, cells = sweep_tasks(batches, method_names, args.seeds, base_lr=base.optim.base_lr, base_batch=args.small_batch,
+                               warmup_epochs=warmup, epochs=epochs, num_samples=args.num_samples)
+    rows: list[dict] = []
+    if args.resume and args.rows.exists():
+        wanted = {(t["key"], t["seed"]) for t in tasks}
+        rows = [r for r in map(json.loads, args.rows.read_text().splitlines()) if (r["key"], r["seed"]) in wanted]
+    done = {(r["key"], r["seed"]) for r in rows}
+    todo = [t for t in tasks if (t["key"], t["seed"]) not in done]
+    print(f"sweep: {len(tasks)} distinct runs ({len(method_names)} methods x {len(batches)} batches x {args.seeds} seeds, "
+          f"coinciding runs shared), {len(todo)} to run on {args.jobs} worker(s)", file=sys.stderr, flush=True)
+    args.rows.parent.mkdir(parents=True, exist_ok=True)
+    t_start, c_start = time.perf_counter(), time.process_time()
+    with args.rows.open("a" if args.resume else "w") as sink:
+        with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn"),
+                                    initializer=_sweep_worker_init) as pool:
+            futures = {pool.submit(sweep_one, t): t for t in todo}
+            for i, fut in enumerate(cf.as_completed(futures), 1):
+                row = fut.result()
+                rows.append(row)
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                print(f"[{i}/{len(todo)}] {row['key']} seed {row['seed']}: {row['test_acc']:.4f} ({row['status']}, "
+                      f"{row['wall_s']:.0f} s)", file=sys.stderr, flush=True)
+    wall = time.perf_counter() - t_start
+    cpu = time.process_time() - c_start
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    table = summarise_sweep(rows, cells, method_names, batches)
+    base_cell = table.get(method_names[0], {}).get(str(args.small_batch)) if method_names[0] in SGD_RULES else None
+    report = {
+        "benchmark": "recipe-sweep", "dataset": "mnist1d", "model": "cnn1d", "base_config": str(BASE_CONFIG.relative_to(ROOT)),
+        "epochs": epochs, "warmup_epochs": warmup, "seeds": args.seeds, "batches": batches, "base_batch": args.small_batch,
+        "base_lr": base.optim.base_lr, "num_samples": args.num_samples or base.data.num_samples,
+        "methods": {m: SWEEP_METHODS[m] for m in method_names}, "critical": critical,
+        "command": "python benchmarks/recipe.py " + " ".join(args.argv),
+        "hardware": {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+                     "cpus": os.cpu_count(), "torch_threads_per_run": 1, "workers": args.jobs, "device": "cpu"},
+        "torch": torch.__version__, "python": platform.python_version(),
+        "time": {"wall_s": wall, "cpu_s_workers": children.ru_utime + children.ru_stime, "cpu_s_main": cpu,
+                 "cpu_s_runs_sum": sum(r["cpu_s"] for r in rows), "runs": len(rows), "runs_this_invocation": len(todo),
+                 "note": "cpu_s_runs_sum covers every row (also rows resumed from --rows); the other fields this invocation"},
+        "table": table, "rows": rows,
+    }
+    if rows and args.plot:
+        title = (f"MNIST-1D CNN, {epochs:g} epochs at every batch, {args.seeds} seeds"
+                 + (f"; baseline {100 * base_cell['mean']:.2f} % at {args.small_batch}" if base_cell else ""))
+        plot_sweep(table, critical, base_cell, args.plot, title)
+        report["plot"] = str(args.plot)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        args.json.write_text(text + "\n")
+    for m in method_names:
+        cells_m = table[m]
+        print(f"{m:16s} " + "  ".join(f"{b}: {100 * c['mean']:.2f}±{100 * c['std']:.2f}" for b, c in cells_m.items()),
+              file=sys.stderr)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=3, help="seeds per method (model init and data order)")
@@ -116,9 +408,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--plot", type=Path, default=Path("recipe.png"))
     p.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: a temp folder)")
+    p.add_argument("--sweep", action="store_true", help="test accuracy across global batches for every method (see above)")
+    p.add_argument("--batches", type=_int_list, default=None, help="--sweep: comma-separated global batches "
+                   f"(default {','.join(map(str, SWEEP_BATCHES))})")
+    p.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m], default=None,
+                   help=f"--sweep: comma-separated methods (default all: {','.join(SWEEP_METHODS)})")
+    p.add_argument("--epochs", type=float, default=None, help="--sweep: epoch budget at every batch (default: the base config's)")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="--sweep: warmup W (default: a sixth of the epochs)")
+    p.add_argument("--critical", type=Path, default=None, help="--sweep: a study's critical.json whose B_crit the plot marks")
+    p.add_argument("--jobs", type=int, default=2, help="--sweep: worker processes, one torch thread each")
+    p.add_argument("--rows", type=Path, default=Path("recipe-sweep-rows.jsonl"), help="--sweep: one JSON line per finished run")
+    p.add_argument("--resume", action="store_true", help="--sweep: keep the runs already in --rows and run the rest")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.seeds < 1 or args.small_batch < 1 or args.large_batch < 4:
         p.error("--seeds, --small-batch must be >= 1 and --large-batch >= 4")
+    if args.sweep:
+        bad = [m for m in (args.methods or []) if m not in SWEEP_METHODS]
+        if bad:
+            p.error(f"--methods: unknown {', '.join(bad)}; expected some of {','.join(SWEEP_METHODS)}")
+        if args.batches is not None and (not args.batches or min(args.batches) < 4):
+            p.error("--batches: expected comma-separated global batches >= 4")
+        if "batch-schedule" in (args.methods or SWEEP_METHODS) and any(b % 4 for b in args.batches or SWEEP_BATCHES):
+            p.error("--batches: the batch schedule needs batches divisible by 4")
+        if args.jobs < 1 or (args.epochs is not None and args.epochs <= 0):
+            p.error("--jobs must be >= 1 and --epochs > 0")
+        if args.critical is not None and not args.critical.is_file():
+            p.error(f"--critical: no such file {args.critical}")
+        return sweep(args)
 
     import torch
 

@@ -228,6 +228,8 @@ class ScheduleConfig:
     """Warmup length in steps; overrides warmup_epochs."""
     warmup_start: Union[str, float] = "base"
     """Warmup starts at "base" = the unscaled base lr (Goyal's gradual warmup) or at a number (0 = from zero)."""
+    warmup_shape: Literal["gradual", "constant"] = "gradual"
+    """gradual: linear ramp from warmup_start to the peak; constant: warmup_start for the whole warmup, then the peak (Goyal et al. 2017, 2.2)."""
     milestones: list = field(default_factory=list)
     """step: epochs at which the lr is multiplied by factor (Goyal et al.: [30, 60, 80])."""
     factor: float = 0.1

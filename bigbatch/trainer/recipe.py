@@ -1,7 +1,8 @@
 """The large-minibatch recipe as pure functions: lr scaling, warmup, decay, batch-size phases.
 
 - Linear scaling rule and gradual warmup: Goyal et al. 2017 ("lr = 0.1 * B / 256", warmup from
-  the small-batch lr over 5 epochs, then /10 at epochs 30, 60, 80).
+  the small-batch lr over 5 epochs, then /10 at epochs 30, 60, 80). Their "constant warmup"
+  (section 2.2: the small-batch lr for 5 epochs, then the scaled lr at once) is warmup_shape="constant".
 - Square-root scaling: Krizhevsky 2014; Hoffer et al. 2017.
 - Polynomial decay (power 2) after warmup: the LARS/MLPerf schedule (You et al. 2017).
 - Batch-size control: Mikami et al. 2018 (34k -> 68k); Smith et al. 2018 ("don't decay the
@@ -22,6 +23,7 @@ from bigbatch.errors import ConfigError
 
 RULES = ("linear", "sqrt", "none")
 DECAYS = ("constant", "step", "cosine", "poly")
+WARMUP_SHAPES = ("gradual", "constant")
 
 
 def scaled_lr(base_lr: float, global_batch: int, base_batch: int = 256, rule: str = "linear") -> float:
@@ -42,6 +44,7 @@ def lr_at(
     total_steps: int,
     warmup_steps: int = 0,
     warmup_start_lr: float = 0.0,
+    warmup_shape: str = "gradual",
     decay: str = "constant",
     milestones: tuple[int, ...] | list[int] = (),
     factor: float = 0.1,
@@ -50,7 +53,8 @@ def lr_at(
 ) -> float:
     """Learning rate at optimizer step `step` (0-based): linear warmup, then decay.
 
-    Warmup: lr goes linearly from `warmup_start_lr` at step 0 to `peak_lr` at `warmup_steps`.
+    Warmup: lr goes linearly from `warmup_start_lr` at step 0 to `peak_lr` at `warmup_steps`
+    ("gradual"), or stays at `warmup_start_lr` until `warmup_steps` ("constant", Goyal et al. 2017 section 2.2).
     Decay (from the end of warmup to `total_steps`):
       constant  peak_lr
       step      peak_lr * factor ** (number of milestones <= step)       (milestones in steps)
@@ -58,6 +62,10 @@ def lr_at(
       poly      end_lr + (peak_lr - end_lr) * (1 - t) ** power
     """
     if warmup_steps > 0 and step < warmup_steps:
+        if warmup_shape == "constant":
+            return warmup_start_lr
+        if warmup_shape != "gradual":
+            raise ConfigError("schedule.warmup_shape", f"expected one of {', '.join(WARMUP_SHAPES)}; got {warmup_shape!r}")
         return warmup_start_lr + (peak_lr - warmup_start_lr) * step / warmup_steps
     if decay == "constant":
         return peak_lr
@@ -175,6 +183,7 @@ class Schedule:
             total_steps=self.total_steps,
             warmup_steps=self.warmup_steps,
             warmup_start_lr=self.warmup_start_lr,
+            warmup_shape=self.sched.warmup_shape,
             decay=self.sched.name,
             milestones=self.milestones,
             factor=self.sched.factor,
@@ -191,6 +200,7 @@ class Schedule:
             "peak_lr": self.peak_lr(self.phases[0].global_batch),
             "warmup_steps": self.warmup_steps,
             "warmup_start_lr": self.warmup_start_lr,
+            "warmup_shape": self.sched.warmup_shape,
             "decay": self.sched.name,
             "milestone_steps": list(self.milestones),
             "total_steps": self.total_steps,
@@ -206,7 +216,7 @@ class Schedule:
         s = self.summary()
         line = (
             f"lr: base {s['base_lr']:g} per {s['base_batch']} ({s['scaling']} rule) -> peak {s['peak_lr']:g} "
-            f"at global batch {s['global_batch']}; warmup {s['warmup_steps']} steps from {s['warmup_start_lr']:g}; "
+            f"at global batch {s['global_batch']}; {'constant ' if s['warmup_shape'] == 'constant' else ''}warmup {s['warmup_steps']} steps from {s['warmup_start_lr']:g}; "
             f"{s['decay']} decay; {s['total_steps']} steps ({s['epochs']:.2f} epochs)"
         )
         if len(self.phases) > 1:
