@@ -27,6 +27,7 @@ not time: run it at low priority without the CPU lock.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -147,13 +148,14 @@ def sweep_method(method: str, batch: int, *, base_lr: float, base_batch: int, wa
     """(config file, overrides) of `method` at global batch `batch`; see SWEEP_METHODS.
 
     At the base batch every SGD rule gives the base lr and a warmup from it is flat, so all five
-    are one run there: the baseline config itself (its 0.5-epoch warmup from the base lr is a no-op).
+    are one run there: the baseline config itself (its 0.5-epoch warmup from the base lr is a no-op,
+    so it is dropped: then a budget shorter than 0.5 epochs works too).
     """
     b = [f"batch.global_batch={batch}"]
     sgd = [f"optim.base_lr={base_lr:g}", f"optim.base_batch={base_batch}"]
     w = f"schedule.warmup_epochs={warmup_epochs:g}"
     if method in SGD_RULES and batch == base_batch:
-        return BASE_CONFIG, b + sgd
+        return BASE_CONFIG, b + sgd + ["schedule.warmup_epochs=0"]
     if method == "unscaled":
         return BASE_CONFIG, b + sgd + ["optim.scaling='none'", "schedule.warmup_epochs=0"]
     if method == "linear":
@@ -196,8 +198,11 @@ def sweep_one(task: dict) -> dict:
         extra.append(f"data.num_samples={task['num_samples']}")
     cfg = config.load(ROOT / task["config"], task["overrides"] + extra)
     t0, c0 = time.perf_counter(), time.process_time()
-    with tempfile.TemporaryDirectory(prefix="bigbatch-recipe-sweep-") as out:
-        summary = run(cfg, Path(out))
+    try:
+        with tempfile.TemporaryDirectory(prefix="bigbatch-recipe-sweep-") as out:
+            summary = run(cfg, Path(out))
+    except Exception as e:  # the project's errors do not pickle back from a worker: send the text
+        raise RuntimeError(f"{task['key']} seed {task['seed']}: {type(e).__name__}: {e}") from None
     diverged = summary["status"] == "diverged"
     return {
         "key": task["key"], "seed": task["seed"], "status": summary["status"],
@@ -243,7 +248,7 @@ def read_critical(path: Path | None) -> dict:
     data = json.loads(path.read_text())
     b = data.get("b_crit")
     if not isinstance(b, (int, float)) or not b > 0:
-        raise ValueError(f"--critical: {path} has no positive b_crit (got {b!r})")
+        raise ValueError(f"{path} has no positive b_crit (got {b!r})")
     out = {"b_crit": float(b), "source": str(path)}
     for name in ("b_crit_interval", "b_crit_ci", "b_crit_90"):
         iv = data.get(name) or (data.get("fit") or {}).get(name)
@@ -321,8 +326,33 @@ def plot_sweep(table: dict, critical: dict, baseline: dict | None, path: Path, t
     plt.close(fig)
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+def check_sweep_args(args: argparse.Namespace) -> str | None:
+    """The first bad --sweep flag as 'flag: why', or None; also parses --batches/--methods/--critical."""
+    try:
+        args.batches = [int(v) for v in args.batches.split(",")] if args.batches else list(SWEEP_BATCHES)
+    except ValueError:
+        return f"--batches: expected comma-separated integers, got {args.batches!r}"
+    if not args.batches or min(args.batches) < 4 or len(set(args.batches)) != len(args.batches):
+        return f"--batches: expected distinct global batches >= 4, got {args.batches}"
+    args.methods = [m for m in args.methods.split(",") if m] if args.methods else list(SWEEP_METHODS)
+    bad = [m for m in args.methods if m not in SWEEP_METHODS]
+    if bad or not args.methods:
+        return f"--methods: unknown {', '.join(bad) or '(none given)'}; expected some of {','.join(SWEEP_METHODS)}"
+    if "batch-schedule" in args.methods and any(b % 4 for b in args.batches):
+        return "--batches: the batch schedule needs batches divisible by 4"
+    if args.jobs < 1:
+        return f"--jobs: must be >= 1, got {args.jobs}"
+    if args.epochs is not None and not args.epochs > 0:
+        return f"--epochs: must be > 0, got {args.epochs}"
+    if args.warmup_epochs is not None and args.warmup_epochs < 0:
+        return f"--warmup-epochs: must be >= 0, got {args.warmup_epochs}"
+    if args.num_samples is not None and args.num_samples < 100:
+        return f"--num-samples: must be >= 100, got {args.num_samples}"
+    try:
+        args.critical_info = read_critical(args.critical)
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        return f"--critical: {e}"
+    return None
 
 
 def sweep(args: argparse.Namespace) -> int:
@@ -337,9 +367,7 @@ def sweep(args: argparse.Namespace) -> int:
     base = config.load(BASE_CONFIG)
     epochs = args.epochs if args.epochs is not None else base.train.epochs
     warmup = args.warmup_epochs if args.warmup_epochs is not None else epochs / 6  # Goyal: 5 of 90 epochs; here 1 of 6
-    method_names = args.methods or list(SWEEP_METHODS)
-    batches = args.batches or list(SWEEP_BATCHES)
-    critical = read_critical(args.critical)
+    method_names, batches, critical = args.methods, args.batches, args.critical_info
     tasks, cells = sweep_tasks(batches, method_names, args.seeds, base_lr=base.optim.base_lr, base_batch=args.small_batch,
                                warmup_epochs=warmup, epochs=epochs, num_samples=args.num_samples)
     rows: list[dict] = []
@@ -352,12 +380,13 @@ def sweep(args: argparse.Namespace) -> int:
           f"coinciding runs shared), {len(todo)} to run on {args.jobs} worker(s)", file=sys.stderr, flush=True)
     args.rows.parent.mkdir(parents=True, exist_ok=True)
     t_start, c_start = time.perf_counter(), time.process_time()
-    with args.rows.open("a" if args.resume else "w") as sink:
-        with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn"),
-                                    initializer=_sweep_worker_init) as pool:
-            futures = {pool.submit(sweep_one, t): t for t in todo}
+    with args.rows.open("a" if args.resume else "w") as sink, contextlib.ExitStack() as stack:
+        if todo:
+            pool = stack.enter_context(cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn"),
+                                                              initializer=_sweep_worker_init))
+            futures = [pool.submit(sweep_one, t) for t in todo]
             for i, fut in enumerate(cf.as_completed(futures), 1):
-                row = fut.result()
+                row = {**fut.result(), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 rows.append(row)
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
@@ -409,10 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", type=Path, default=Path("recipe.png"))
     p.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: a temp folder)")
     p.add_argument("--sweep", action="store_true", help="test accuracy across global batches for every method (see above)")
-    p.add_argument("--batches", type=_int_list, default=None, help="--sweep: comma-separated global batches "
+    p.add_argument("--batches", default=None, help="--sweep: comma-separated global batches, run in this order "
                    f"(default {','.join(map(str, SWEEP_BATCHES))})")
-    p.add_argument("--methods", type=lambda t: [m for m in t.split(",") if m], default=None,
-                   help=f"--sweep: comma-separated methods (default all: {','.join(SWEEP_METHODS)})")
+    p.add_argument("--methods", default=None, help=f"--sweep: comma-separated methods (default all: {','.join(SWEEP_METHODS)})")
     p.add_argument("--epochs", type=float, default=None, help="--sweep: epoch budget at every batch (default: the base config's)")
     p.add_argument("--warmup-epochs", type=float, default=None, help="--sweep: warmup W (default: a sixth of the epochs)")
     p.add_argument("--critical", type=Path, default=None, help="--sweep: a study's critical.json whose B_crit the plot marks")
@@ -424,17 +452,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1 or args.small_batch < 1 or args.large_batch < 4:
         p.error("--seeds, --small-batch must be >= 1 and --large-batch >= 4")
     if args.sweep:
-        bad = [m for m in (args.methods or []) if m not in SWEEP_METHODS]
-        if bad:
-            p.error(f"--methods: unknown {', '.join(bad)}; expected some of {','.join(SWEEP_METHODS)}")
-        if args.batches is not None and (not args.batches or min(args.batches) < 4):
-            p.error("--batches: expected comma-separated global batches >= 4")
-        if "batch-schedule" in (args.methods or SWEEP_METHODS) and any(b % 4 for b in args.batches or SWEEP_BATCHES):
-            p.error("--batches: the batch schedule needs batches divisible by 4")
-        if args.jobs < 1 or (args.epochs is not None and args.epochs <= 0):
-            p.error("--jobs must be >= 1 and --epochs > 0")
-        if args.critical is not None and not args.critical.is_file():
-            p.error(f"--critical: no such file {args.critical}")
+        problem = check_sweep_args(args)
+        if problem:  # one line naming the flag, exit 2, before any run folder or worker exists
+            print(f"recipe.py: {problem}", file=sys.stderr)
+            return 2
         return sweep(args)
 
     import torch

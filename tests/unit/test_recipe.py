@@ -52,6 +52,21 @@ def test_warmup_from_zero_and_no_warmup():
     assert lr_at(0, peak_lr=2.0, total_steps=100) == 2.0
 
 
+def test_constant_warmup_holds_the_small_batch_lr_then_jumps_to_the_peak():
+    """Goyal et al. 2017, 2.2: "a low constant learning rate for the first 5 epochs" (then k * eta)."""
+    kw = dict(peak_lr=3.2, total_steps=1000, warmup_steps=100, warmup_start_lr=0.1, warmup_shape="constant")
+    assert [lr_at(k, **kw) for k in (0, 50, 99)] == pytest.approx([0.1] * 3)
+    assert lr_at(100, **kw) == pytest.approx(3.2)
+    cfg = _cfg(batch={"global_batch": 8192}, optim={"base_lr": 0.1, "base_batch": 256},
+               schedule={"warmup_epochs": 5, "warmup_shape": "constant"}, train={"epochs": 90})
+    s = Schedule(cfg, IMAGENET_TRAIN)
+    assert s.lr_at(s.warmup_steps - 1) == pytest.approx(0.1) and s.lr_at(s.warmup_steps) == pytest.approx(3.2)
+    assert "constant warmup 782 steps from 0.1" in s.describe()
+    with pytest.raises(ConfigError) as e:
+        _cfg(schedule={"warmup_shape": "step"})
+    assert e.value.field == "schedule.warmup_shape"
+
+
 # --- lr_at: decays ---------------------------------------------------------------------------------
 
 
