@@ -283,6 +283,21 @@ def summarise_sweep(rows: list[dict], cells: dict[tuple[str, int], str], method_
     return table
 
 
+def matches_baseline(table: dict, baseline_mean: float, b_crit: float, tolerance: float = 0.005) -> dict:
+    """method -> the largest batch up to which every measured batch's mean test accuracy is within
+    `tolerance` (0.5 points) of the baseline's, and that batch as a multiple of B_crit (means only:
+    with 3 seeds the stds here are 0.1-0.3 points, so a cell at the edge can fall either way)."""
+    out = {}
+    for m, cells in table.items():
+        ok = None
+        for b in sorted(int(k) for k in cells):
+            if cells[str(b)]["mean"] < baseline_mean - tolerance:
+                break
+            ok = b
+        out[m] = {"batch": ok, "x_b_crit": None if ok is None else ok / b_crit}
+    return out
+
+
 def plot_sweep(table: dict, critical: dict, baseline: dict | None, path: Path, title: str) -> None:
     import matplotlib
 
@@ -340,6 +355,8 @@ def check_sweep_args(args: argparse.Namespace) -> str | None:
         return f"--methods: unknown {', '.join(bad) or '(none given)'}; expected some of {','.join(SWEEP_METHODS)}"
     if "batch-schedule" in args.methods and any(b % 4 for b in args.batches):
         return "--batches: the batch schedule needs batches divisible by 4"
+    if args.report_only and not args.rows.is_file():
+        return f"--rows: --report-only needs the rows of a sweep, no such file {args.rows}"
     if args.jobs < 1:
         return f"--jobs: must be >= 1, got {args.jobs}"
     if args.epochs is not None and not args.epochs > 0:
@@ -371,16 +388,16 @@ def sweep(args: argparse.Namespace) -> int:
     tasks, cells = sweep_tasks(batches, method_names, args.seeds, base_lr=base.optim.base_lr, base_batch=args.small_batch,
                                warmup_epochs=warmup, epochs=epochs, num_samples=args.num_samples)
     rows: list[dict] = []
-    if args.resume and args.rows.exists():
+    if (args.resume or args.report_only) and args.rows.exists():
         wanted = {(t["key"], t["seed"]) for t in tasks}
         rows = [r for r in map(json.loads, args.rows.read_text().splitlines()) if (r["key"], r["seed"]) in wanted]
     done = {(r["key"], r["seed"]) for r in rows}
-    todo = [t for t in tasks if (t["key"], t["seed"]) not in done]
+    todo = [] if args.report_only else [t for t in tasks if (t["key"], t["seed"]) not in done]
     print(f"sweep: {len(tasks)} distinct runs ({len(method_names)} methods x {len(batches)} batches x {args.seeds} seeds, "
           f"coinciding runs shared), {len(todo)} to run on {args.jobs} worker(s)", file=sys.stderr, flush=True)
     args.rows.parent.mkdir(parents=True, exist_ok=True)
     t_start, c_start = time.perf_counter(), time.process_time()
-    with args.rows.open("a" if args.resume else "w") as sink, contextlib.ExitStack() as stack:
+    with args.rows.open("a" if (args.resume or args.report_only) else "w") as sink, contextlib.ExitStack() as stack:
         if todo:
             pool = stack.enter_context(cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn"),
                                                               initializer=_sweep_worker_init))
@@ -396,7 +413,9 @@ def sweep(args: argparse.Namespace) -> int:
     cpu = time.process_time() - c_start
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     table = summarise_sweep(rows, cells, method_names, batches)
-    base_cell = table.get(method_names[0], {}).get(str(args.small_batch)) if method_names[0] in SGD_RULES else None
+    # the baseline: SGD at the base batch, where every SGD rule is the same run (configs/mnist1d-cnn.toml)
+    base_cell = next((table[m][str(args.small_batch)] for m in method_names
+                      if m in SGD_RULES and str(args.small_batch) in table[m]), None)
     report = {
         "benchmark": "recipe-sweep", "dataset": "mnist1d", "model": "cnn1d", "base_config": str(BASE_CONFIG.relative_to(ROOT)),
         "epochs": epochs, "warmup_epochs": warmup, "seeds": args.seeds, "batches": batches, "base_batch": args.small_batch,
@@ -409,6 +428,10 @@ def sweep(args: argparse.Namespace) -> int:
         "time": {"wall_s": wall, "cpu_s_workers": children.ru_utime + children.ru_stime, "cpu_s_main": cpu,
                  "cpu_s_runs_sum": sum(r["cpu_s"] for r in rows), "runs": len(rows), "runs_this_invocation": len(todo),
                  "note": "cpu_s_runs_sum covers every row (also rows resumed from --rows); the other fields this invocation"},
+        "baseline": None if base_cell is None else {"batch": args.small_batch, "mean": base_cell["mean"], "std": base_cell["std"],
+                                                     "run": base_cell["run"]},
+        "matches_baseline_within_0.5_points": None if base_cell is None else matches_baseline(table, base_cell["mean"],
+                                                                                                critical["b_crit"]),
         "table": table, "rows": rows,
     }
     if rows and args.plot:
@@ -447,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="--sweep: worker processes, one torch thread each")
     p.add_argument("--rows", type=Path, default=Path("recipe-sweep-rows.jsonl"), help="--sweep: one JSON line per finished run")
     p.add_argument("--resume", action="store_true", help="--sweep: keep the runs already in --rows and run the rest")
+    p.add_argument("--report-only", action="store_true",
+                   help="--sweep: run nothing; the JSON and plot from the runs in --rows (a cut sweep: cells list their seeds)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.seeds < 1 or args.small_batch < 1 or args.large_batch < 4:

@@ -55,6 +55,9 @@ def test_sweep_writes_one_row_per_run_and_a_cell_per_method_and_batch(tmp_path):
     assert table["unscaled"]["64"]["peak_lr"] == pytest.approx(0.05)  # the small-batch lr kept
     assert table["linear+gradual"]["64"]["peak_lr"] == pytest.approx(0.025)  # 0.05 * 64 / 128
     assert table["unscaled"]["64"]["run"] != table["linear+gradual"]["64"]["run"]
+    assert report["baseline"]["mean"] == table["unscaled"]["128"]["mean"]
+    for method, reach in report["matches_baseline_within_0.5_points"].items():
+        assert reach["batch"] in (None, 64, 128) and (reach["batch"] is None or reach["x_b_crit"] == reach["batch"] / 96.0)
     t = report["time"]
     assert t["runs"] == 3 and t["wall_s"] > 0 and t["cpu_s_workers"] > 0 and t["cpu_s_runs_sum"] > 0
 
