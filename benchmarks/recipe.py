@@ -303,6 +303,7 @@ def plot_sweep(table: dict, critical: dict, baseline: dict | None, path: Path, t
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax_err, ax_acc) = plt.subplots(1, 2, figsize=(15, 5.5))
     styles = ["o-", "s-", "^-", "D-", "v-", "P-", "X-", "*-"]
@@ -317,8 +318,11 @@ def plot_sweep(table: dict, critical: dict, baseline: dict | None, path: Path, t
         ax_acc.errorbar(bs, [100 * a for a in mean], yerr=[100 * s for s in std], fmt=styles[i % len(styles)],
                         ms=5, capsize=3, label=m)
     bc = critical["b_crit"]
+    batches = sorted({int(b) for cells in table.values() for b in cells})
     for ax in (ax_err, ax_acc):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.axvline(bc, color="k", ls="--", lw=1.2, label=f"B_crit = {bc:.0f}")
         if "interval" in critical:
             ax.axvspan(*critical["interval"], color="k", alpha=0.08)
@@ -329,13 +333,17 @@ def plot_sweep(table: dict, critical: dict, baseline: dict | None, path: Path, t
         ax_acc.axhspan(lo, 100 * baseline["mean"], color="tab:green", alpha=0.12, label="baseline - 0.5 points")
         ax_err.axhspan(100 * (1 - baseline["mean"]), 100 - lo, color="tab:green", alpha=0.12)
     ax_err.set_yscale("log")
+    ax_err.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax_err.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax_err.set_ylabel("test error % (mean ± std over seeds, log)")
     ax_acc.set_ylabel("test accuracy % (mean ± std over seeds)")
     ax_acc.set_ylim(bottom=max(0.0, ax_acc.get_ylim()[0]))
     ax_acc.legend(fontsize=8, loc="lower left")
     top = ax_err.secondary_xaxis("top", functions=(lambda x: x / bc, lambda x: x * bc))
+    top.set_xticks([b / bc for b in batches], [f"{b / bc:.2g}" for b in batches])
+    top.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     top.set_xlabel("global batch / B_crit")
-    fig.suptitle(title + f"; B_crit from {critical['source'].split(':')[0]}", fontsize=10)
+    fig.suptitle(title + f"; B_crit = {bc:.0f} from {critical['source'].split(',')[0].split(':')[0]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
