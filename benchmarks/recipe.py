@@ -298,6 +298,28 @@ def matches_baseline(table: dict, baseline_mean: float, b_crit: float, tolerance
     return out
 
 
+def markdown_table(table: dict, b_crit: float) -> str:
+    """The method x batch table (test accuracy %, mean ± std over seeds) as Markdown; n < 3 seeds is marked."""
+    batches = sorted({int(b) for cells in table.values() for b in cells})
+    head = "| method | " + " | ".join(f"{b} ({b / b_crit:.2g}×)" for b in batches) + " |"
+    lines = [head, "|---|" + "---|" * len(batches)]
+    for m, cells in table.items():
+        out = []
+        for b in batches:
+            c = cells.get(str(b))
+            if c is None:
+                out.append("—")
+                continue
+            text = f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}"
+            if len(c["seeds"]) < 3:
+                text += f" (n={len(c['seeds'])})"
+            if c["diverged"]:
+                text += f" ({c['diverged']} diverged)"
+            out.append(text)
+        lines.append(f"| {m} | " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_sweep(table: dict, critical: dict, baseline: dict | None, path: Path, title: str) -> None:
     import matplotlib
 
@@ -450,6 +472,8 @@ def sweep(args: argparse.Namespace) -> int:
     text = json.dumps(report, indent=2)
     if args.json:
         args.json.write_text(text + "\n")
+    if args.markdown and rows:
+        args.markdown.write_text(markdown_table(table, critical["b_crit"]))
     for m in method_names:
         cells_m = table[m]
         print(f"{m:16s} " + "  ".join(f"{b}: {100 * c['mean']:.2f}±{100 * c['std']:.2f}" for b, c in cells_m.items()),
@@ -478,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="--sweep: worker processes, one torch thread each")
     p.add_argument("--rows", type=Path, default=Path("recipe-sweep-rows.jsonl"), help="--sweep: one JSON line per finished run")
     p.add_argument("--resume", action="store_true", help="--sweep: keep the runs already in --rows and run the rest")
+    p.add_argument("--markdown", type=Path, default=None, help="--sweep: also write the method x batch table as Markdown here")
     p.add_argument("--report-only", action="store_true",
                    help="--sweep: run nothing; the JSON and plot from the runs in --rows (a cut sweep: cells list their seeds)")
     args = p.parse_args(argv)

@@ -27,7 +27,8 @@ def _recipe(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 def test_sweep_writes_one_row_per_run_and_a_cell_per_method_and_batch(tmp_path):
     critical = tmp_path / "critical.json"
     critical.write_text(json.dumps({"b_crit": 96.0, "s_min": 10.0}))  # a study's critical.json, as far as the plot reads it
-    out = ["--json", "sweep.json", "--plot", "sweep.png", "--rows", "rows.jsonl", "--critical", str(critical)]
+    out = ["--json", "sweep.json", "--plot", "sweep.png", "--rows", "rows.jsonl", "--critical", str(critical),
+           "--markdown", "table.md"]
     p = _recipe(tmp_path, *TINY, *out)
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads((tmp_path / "sweep.json").read_text())
@@ -58,6 +59,9 @@ def test_sweep_writes_one_row_per_run_and_a_cell_per_method_and_batch(tmp_path):
     assert report["baseline"]["mean"] == table["unscaled"]["128"]["mean"]
     for method, reach in report["matches_baseline_within_0.5_points"].items():
         assert reach["batch"] in (None, 64, 128) and (reach["batch"] is None or reach["x_b_crit"] == reach["batch"] / 96.0)
+    md = (tmp_path / "table.md").read_text().splitlines()
+    assert md[0] == "| method | 64 (0.67×) | 128 (1.3×) |" and len(md) == 4
+    assert md[2].startswith("| unscaled | ") and "(n=1)" in md[2]
     t = report["time"]
     assert t["runs"] == 3 and t["wall_s"] > 0 and t["cpu_s_workers"] > 0 and t["cpu_s_runs_sum"] > 0
 
