@@ -203,6 +203,8 @@ def sweep_one(task: dict) -> dict:
             summary = run(cfg, Path(out))
     except Exception as e:  # the project's errors do not pickle back from a worker: send the text
         raise RuntimeError(f"{task['key']} seed {task['seed']}: {type(e).__name__}: {e}") from None
+    if summary["status"] not in ("completed", "diverged"):  # e.g. "preempted" by a SIGTERM: not a result
+        raise RuntimeError(f"{task['key']} seed {task['seed']}: run ended {summary['status']!r}")
     diverged = summary["status"] == "diverged"
     return {
         "key": task["key"], "seed": task["seed"], "status": summary["status"],
