@@ -1,21 +1,31 @@
-"""Gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish, Kaplan, Amodei 2018).
+"""Gradient noise scales B_simple = tr(Sigma)/|G|^2 and B_noise = tr(H Sigma)/(G^T H G)
+(McCandlish, Kaplan, Amodei 2018, section 2.2; estimators as in appendix A).
 
-Two pieces:
+Three pieces:
 
 - `two_batch_estimate` + `GNSEstimator`: the online estimate from the squared norms of a
   gradient at two batch sizes (McCandlish et al. 2018, appendix A.1). Under data parallelism the
   small batch is one rank's local batch and the big batch the global batch, so both norms come
   almost for free; in one process the micro-batches of gradient accumulation are the small batches.
-- `per_sample_b_simple`: the exact value from per-example gradients (torch.func), the reference
-  the online estimate is checked against.
+- `train_mode_noise`: the reference on the loss that is trained. K independent gradients of the
+  training micro-batch size b, BatchNorm in train mode (each micro-batch normalised by its own
+  statistics, as SGD sees it), give unbiased |G|^2 and tr(Sigma); with Hessian-vector products on
+  an independent batch also G^T H G and tr(H Sigma), hence B_noise.
+- `per_sample_b_simple`: the exact value from per-example gradients (torch.func), for models
+  without batch-dependent layers (a BatchNorm model is refused unless eval mode is asked for:
+  a per-example gradient in eval mode is the gradient of a different loss).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
 
 import torch
+
+from bigbatch.measure.modes import has_batch_norm, measuring
+from bigbatch.measure.sharpness import HessianOperator
 
 
 def two_batch_estimate(sq_small: float, b_small: float, sq_big: float, b_big: float) -> tuple[float, float]:
@@ -118,20 +128,34 @@ def per_sample_stats(
     x: torch.Tensor,
     y: torch.Tensor,
     chunk: int = 256,
+    eval_batchnorm: bool = False,
 ) -> tuple[float, float]:
     """Exact (|G|^2, tr(Sigma)) over the examples (x, y) from per-example gradients.
 
     G is the mean of the per-example gradients g_i; tr(Sigma) = sum_i |g_i - G|^2 / (n - 1), the
     unbiased sample covariance, which is what the two-batch estimator measures when its batches
     are drawn without replacement from these n examples. Computed in chunks (sums of g_i and
-    |g_i|^2 in float64), so memory is chunk x parameters, not n x parameters. The model is used in
-    its current mode (put BatchNorm models in eval mode: a batch of one has no batch statistics).
+    |g_i|^2 in float64), so memory is chunk x parameters, not n x parameters.
+
+    A model with BatchNorm has no per-example gradient of its training loss (a batch of one has
+    no batch statistics): it is refused (use `train_mode_noise`), unless `eval_batchnorm=True`
+    asks for the eval-mode value (running statistics) by name. Other models run in their
+    current mode; buffers and the RNG are restored.
     """
+    if has_batch_norm(model) and not eval_batchnorm:
+        raise ValueError("the model has BatchNorm: per-example gradients would be of the eval-mode loss, not the "
+                         "trained one; use train_mode_noise (micro-batches), or pass eval_batchnorm=True to ask for it")
+    if x.shape[0] < 2:
+        raise ValueError("need at least 2 examples")
+    mode = "eval" if has_batch_norm(model) else ("train" if model.training else "eval")
+    with measuring(model, mode):
+        return _per_sample_stats(model, loss_fn, x, y, chunk)
+
+
+def _per_sample_stats(model, loss_fn, x, y, chunk):
     from torch.func import functional_call, grad, vmap
 
     n = x.shape[0]
-    if n < 2:
-        raise ValueError("need at least 2 examples")
     params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 
@@ -160,12 +184,118 @@ def per_sample_b_simple(
     x: torch.Tensor,
     y: torch.Tensor,
     chunk: int = 256,
+    eval_batchnorm: bool = False,
 ) -> float:
     """Exact B_simple = tr(Sigma)/|G|^2 on (x, y) from per-example gradients (see `per_sample_stats`).
 
     Exact for the distribution "uniform over these n examples" (what the tests and a full
     in-memory dataset give). When (x, y) is a sample of a larger training set, |mean gradient|^2
-    over-estimates |G|^2 by tr(Sigma)/n; subtract it as `bigbatch.study.sweep.exact_b_simple` does.
+    over-estimates |G|^2 by tr(Sigma)/n; subtract it (or use `train_mode_noise`, which does).
     """
-    grad_sq, trace_sigma = per_sample_stats(model, loss_fn, x, y, chunk)
+    grad_sq, trace_sigma = per_sample_stats(model, loss_fn, x, y, chunk, eval_batchnorm)
     return trace_sigma / grad_sq
+
+
+@dataclass
+class NoiseMeasurement:
+    """What `train_mode_noise` measured; `to_dict` gives the JSON fields."""
+
+    micro_batch: int  # b: the examples in each gradient (the training micro-batch)
+    samples: int  # K: independent micro-batch gradients
+    grad_sq: float  # |G|^2, unbiased
+    trace_sigma: float  # tr(Sigma), per-example units: b x tr Cov(G_b)
+    g_h_g: float | None = None  # G^T H G, unbiased given H
+    trace_h_sigma: float | None = None  # tr(H Sigma), per-example units
+    hessian_examples: int = 0  # examples in the independent Hessian batch (0: B_noise not measured)
+    bn_mode: str = "train"  # "train": batch statistics of each micro-batch; "none": no BatchNorm
+    gradients: torch.Tensor | None = field(default=None, repr=False)  # the first `keep` gradients (K', P)
+
+    @property
+    def b_simple(self) -> float | None:
+        """tr(Sigma)/|G|^2 (None when the |G|^2 estimate is not positive: noise dominates)."""
+        return self.trace_sigma / self.grad_sq if self.grad_sq > 0 else None
+
+    @property
+    def b_noise(self) -> float | None:
+        """tr(H Sigma)/(G^T H G) (None when not measured or G^T H G is not positive)."""
+        if self.g_h_g is None or self.trace_h_sigma is None or self.g_h_g <= 0:
+            return None
+        return self.trace_h_sigma / self.g_h_g
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "gradients"}
+        return {**out, "b_simple": self.b_simple, "b_noise": self.b_noise}
+
+
+def train_mode_noise(
+    model: torch.nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    hessian: HessianOperator | None = None,
+    keep: int = 0,
+) -> NoiseMeasurement:
+    """B_simple (and with `hessian`, B_noise) of the training loss from K independent
+    micro-batch gradients.
+
+    `batches`: K >= 2 independent micro-batches (x_k, y_k), each of the training micro-batch
+    size b, drawn as training draws them (augmentation included). Each gradient G_k is taken in
+    train mode: BatchNorm normalises the micro-batch by its own statistics, which is the loss SGD
+    follows. G = E[G_k] is the gradient of that expected loss and Cov(G_k) = Sigma/b defines the
+    per-example-equivalent covariance Sigma, so the noise of any batch built from micro-batches
+    of b (accumulation, data parallelism) is Sigma/B, as McCandlish et al. 2018 assume. Unbiased
+    estimators (the mean gradient Gbar over K; E|G_B|^2 = |G|^2 + tr(Sigma)/B at B = b and B = bK):
+
+        tr(Sigma) = b * sum_k |G_k - Gbar|^2 / (K - 1)
+        |G|^2     = |Gbar|^2 - tr(Sigma) / (b K)
+
+    `hessian`: a `HessianOperator` of the same training loss on a batch independent of the K
+    micro-batches (so E[H] is the Hessian and does not correlate with the G_k). Given H,
+    E[G_k^T H G_k] = G^T H G + tr(H Sigma)/b (McCandlish et al. 2018, section 2.2: the
+    second-order term of the expected loss change), so the same two estimators with H in the
+    inner product give
+
+        tr(H Sigma) = b * sum_k (G_k - Gbar)^T H (G_k - Gbar) / (K - 1)
+        G^T H G     = Gbar^T H Gbar - tr(H Sigma) / (b K)
+
+    and B_noise = tr(H Sigma)/(G^T H G) (section 2.2; B_simple is its H = I form). One HVP per
+    gradient; sums in float64, memory O(parameters) plus `keep` stored gradients (float32; for
+    the tail index). Mode, BatchNorm buffers and RNG are restored afterwards.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    bn_mode = "train" if has_batch_norm(model) else "none"
+    sum_g = sum_hg = None
+    sum_sq = sum_ghg = 0.0
+    kept: list[torch.Tensor] = []
+    count, micro = 0, None
+    with measuring(model, "train"):
+        for x, y in batches:
+            if micro is None:
+                micro = x.shape[0]
+            elif x.shape[0] != micro:
+                raise ValueError(f"every micro-batch must have the same size b; got {x.shape[0]} after {micro}")
+            loss = loss_fn(model(x), y)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            g = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1) for gi, p in zip(grads, params)])
+            if len(kept) < keep:
+                kept.append(g.detach().float())
+            g = g.detach().double()
+            sum_g = g.clone() if sum_g is None else sum_g.add_(g)
+            sum_sq += float(g @ g)
+            if hessian is not None:
+                hg = hessian.hvp(g)
+                sum_hg = hg.clone() if sum_hg is None else sum_hg.add_(hg)
+                sum_ghg += float(g @ hg)
+            count += 1
+    if count < 2:
+        raise ValueError(f"need at least 2 micro-batch gradients, got {count}")
+    k, b = count, micro
+    cov_trace = (sum_sq - float(sum_g @ sum_g) / k) / (k - 1)  # tr Cov(G_b)
+    out = NoiseMeasurement(micro_batch=b, samples=k, trace_sigma=b * cov_trace,
+                           grad_sq=float(sum_g @ sum_g) / k**2 - cov_trace / k, bn_mode=bn_mode,
+                           gradients=torch.stack(kept) if kept else None)
+    if hessian is not None:
+        cov_h_trace = (sum_ghg - float(sum_g @ sum_hg) / k) / (k - 1)  # tr(H Cov(G_b))
+        out.trace_h_sigma = b * cov_h_trace
+        out.g_h_g = float(sum_g @ sum_hg) / k**2 - cov_h_trace / k
+        out.hessian_examples = hessian.examples
+    return out

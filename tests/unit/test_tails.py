@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bigbatch.measure.tails import noise_from_gradients, tail_index
+from bigbatch.measure.tails import noise_from_gradients, probe_tail_index, tail_index
 
 
 def symmetric_stable(alpha: float, shape, gen: torch.Generator) -> torch.Tensor:
@@ -40,3 +40,29 @@ def test_heavier_tails_give_smaller_alpha_and_k1_is_checked():
 def test_noise_is_measured_against_the_mean_gradient():
     grads = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     assert torch.equal(noise_from_gradients(grads), torch.tensor([[-1.0, -1.0], [1.0, 1.0]]))
+
+
+def test_the_probe_is_unbiased_on_64_gaussian_samples_with_a_nonzero_mean():
+    """Centring 64 samples on their own mean gives 2.12 for Gaussian noise (the noise vectors
+    then sum to zero); the probe differences independent pairs instead and gets 2."""
+    centred, probe = [], []
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        samples = torch.randn(64, 1000, generator=gen, dtype=torch.float64) + torch.linspace(-3, 5, 1000, dtype=torch.float64)
+        centred.append(tail_index(noise_from_gradients(samples), k1=8))
+        probe.append(probe_tail_index(samples))
+    assert sum(centred) / 20 == pytest.approx(2.12, abs=0.02)  # the bias the issue reported
+    assert sum(probe) / 20 == pytest.approx(2.0, abs=0.05)
+
+
+def test_the_probe_recovers_alpha_1_5_from_64_stable_samples_with_a_nonzero_mean():
+    got = []
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(100 + seed)
+        got.append(probe_tail_index(symmetric_stable(1.5, (64, 1000), gen) + 2.0))
+    assert sum(got) / 20 == pytest.approx(1.5, abs=0.1)
+
+
+def test_the_probe_needs_four_differences():
+    with pytest.raises(ValueError, match="at least 8 samples"):
+        probe_tail_index(torch.randn(7, 10))
