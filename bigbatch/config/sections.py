@@ -377,11 +377,16 @@ class MeasureConfig:
     """Top Hessian eigenvalue at each evaluation, on a fixed training subset."""
     sharpness_samples: int = 1024
     sharpness_iters: int = 20
+    sharpness_mode: str = "train"
+    """"train": BatchNorm with the statistics of each training micro-batch (the loss that is
+    trained; logged as sharpness/top); "eval": running statistics (sharpness/top_eval)."""
 
     def __post_init__(self) -> None:
         _check(self.gns_every >= 1, "measure.gns_every", "must be >= 1")
         _check(0.0 <= self.gns_ema < 1.0, "measure.gns_ema", "must be in [0, 1)")
         _check(self.tail_every >= 0, "measure.tail_every", "must be >= 0")
-        _check(self.tail_samples >= 4, "measure.tail_samples", "must be >= 4")
+        _check(self.tail_samples >= 8, "measure.tail_samples", "must be >= 8 (4 independent differences)")
         _check(self.sharpness_samples >= 1, "measure.sharpness_samples", "must be >= 1")
         _check(self.sharpness_iters >= 1, "measure.sharpness_iters", "must be >= 1")
+        _check(self.sharpness_mode in ("train", "eval"), "measure.sharpness_mode",
+               f'expected "train" or "eval", got {self.sharpness_mode!r}')

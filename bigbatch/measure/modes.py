@@ -47,7 +47,7 @@ def measuring(model: nn.Module, mode: str = "train") -> Iterator[nn.Module]:
                     buf.copy_(value)
 
 
-def micro_batch_loss(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def micro_batch_loss(model: Callable[[torch.Tensor], torch.Tensor], loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                      x: torch.Tensor, y: torch.Tensor, micro_batch: int | None = None) -> torch.Tensor:
     """The mean of loss_fn over consecutive micro-batches of `micro_batch` examples of (x, y).
 

@@ -207,6 +207,7 @@ class NoiseMeasurement:
     g_h_g: float | None = None  # G^T H G, unbiased given H
     trace_h_sigma: float | None = None  # tr(H Sigma), per-example units
     hessian_examples: int = 0  # examples in the independent Hessian batch (0: B_noise not measured)
+    hessian_samples: int = 0  # M: gradients that got an HVP
     bn_mode: str = "train"  # "train": batch statistics of each micro-batch; "none": no BatchNorm
     gradients: torch.Tensor | None = field(default=None, repr=False)  # the first `keep` gradients (K', P)
 
@@ -233,6 +234,7 @@ def train_mode_noise(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     hessian: HessianOperator | None = None,
     keep: int = 0,
+    hessian_samples: int | None = None,
 ) -> NoiseMeasurement:
     """B_simple (and with `hessian`, B_noise) of the training loss from K independent
     micro-batch gradients.
@@ -257,16 +259,25 @@ def train_mode_noise(
         tr(H Sigma) = b * sum_k (G_k - Gbar)^T H (G_k - Gbar) / (K - 1)
         G^T H G     = Gbar^T H Gbar - tr(H Sigma) / (b K)
 
-    and B_noise = tr(H Sigma)/(G^T H G) (section 2.2; B_simple is its H = I form). One HVP per
-    gradient; sums in float64, memory O(parameters) plus `keep` stored gradients (float32; for
-    the tail index). Mode, BatchNorm buffers and RNG are restored afterwards.
+    and B_noise = tr(H Sigma)/(G^T H G) (section 2.2; B_simple is its H = I form).
+
+    HVPs cost several backward passes, so only the first M = `hessian_samples` gradients (all
+    K by default) get one, and each H G_a is dotted with every gradient: for independent G_a, G_l
+    (l != a), E[G_l^T H G_a] = G^T H G and E[G_a^T H G_a] = G^T H G + tr(H Sigma)/b, so
+
+        G^T H G     = sum_{a <= M} sum_{l != a} G_l^T H G_a / (M (K - 1))
+        tr(H Sigma) = b * (sum_{a <= M} G_a^T H G_a / M - G^T H G)
+
+    which at M = K is exactly the pair of formulas above. Sums in float64, memory O(parameters)
+    plus `keep` stored gradients (float32; for the tail index). Mode, BatchNorm buffers and RNG
+    are restored afterwards.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     bn_mode = "train" if has_batch_norm(model) else "none"
     sum_g = sum_hg = None
     sum_sq = sum_ghg = 0.0
     kept: list[torch.Tensor] = []
-    count, micro = 0, None
+    count, micro, hvps = 0, None, 0
     with measuring(model, "train"):
         for x, y in batches:
             if micro is None:
@@ -281,10 +292,11 @@ def train_mode_noise(
             g = g.detach().double()
             sum_g = g.clone() if sum_g is None else sum_g.add_(g)
             sum_sq += float(g @ g)
-            if hessian is not None:
+            if hessian is not None and (hessian_samples is None or hvps < hessian_samples):
                 hg = hessian.hvp(g)
                 sum_hg = hg.clone() if sum_hg is None else sum_hg.add_(hg)
                 sum_ghg += float(g @ hg)
+                hvps += 1
             count += 1
     if count < 2:
         raise ValueError(f"need at least 2 micro-batch gradients, got {count}")
@@ -294,8 +306,9 @@ def train_mode_noise(
                            grad_sq=float(sum_g @ sum_g) / k**2 - cov_trace / k, bn_mode=bn_mode,
                            gradients=torch.stack(kept) if kept else None)
     if hessian is not None:
-        cov_h_trace = (sum_ghg - float(sum_g @ sum_hg) / k) / (k - 1)  # tr(H Cov(G_b))
-        out.trace_h_sigma = b * cov_h_trace
-        out.g_h_g = float(sum_g @ sum_hg) / k**2 - cov_h_trace / k
+        m = hvps
+        out.g_h_g = (float(sum_g @ sum_hg) - sum_ghg) / (m * (k - 1))
+        out.trace_h_sigma = b * (sum_ghg / m - out.g_h_g)
         out.hessian_examples = hessian.examples
+        out.hessian_samples = m
     return out

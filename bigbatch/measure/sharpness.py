@@ -31,7 +31,14 @@ class HessianOperator:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.num_params = sum(p.numel() for p in self.params)
         self.examples = x.shape[0] if micro_batch is None else (x.shape[0] // micro_batch) * micro_batch
-        loss = micro_batch_loss(model, loss_fn, x, y, micro_batch)
+        # the graph holds its own copy of the buffers: a later train-mode forward (which updates
+        # BatchNorm running statistics in place) or `measuring` restoring them must not break it
+        state = {**dict(model.named_parameters()), **{k: v.clone() for k, v in model.named_buffers()}}
+
+        def forward(inputs: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(model, state, (inputs,))
+
+        loss = micro_batch_loss(forward, loss_fn, x, y, micro_batch)
         grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         # a parameter the loss does not touch has a zero row and column in H
         self._flat_grad = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)

@@ -36,9 +36,10 @@ from torch import nn
 
 from bigbatch.errors import ConfigError
 from bigbatch.measure.gns import GradNormTap, attach_tap, grad_sq_norm
+from bigbatch.measure.modes import measuring
 from bigbatch.measure.noise import GNSEstimator
 from bigbatch.measure.sharpness import hessian_top_eigs
-from bigbatch.measure.tails import noise_from_gradients, tail_index
+from bigbatch.measure.tails import probe_tail_index
 from bigbatch.trainer.data import tensor_batch
 
 
@@ -193,22 +194,14 @@ class TailProbe:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 101 + self.env.rank)
         n = len(self.data)
         rows = []
-        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
-        devices = [self.env.device] if self.env.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            was_training = self.model.training
-            self.model.train()
+        with measuring(self.model, "train"):  # the training loss; BN buffers and RNG restored
             for _ in range(self.samples):
                 idx = torch.randint(0, n, (batch,), generator=gen)
                 x, y = tensor_batch(self.data, idx, self.env.device, train=True)
                 grads = torch.autograd.grad(self.loss_fn(self.model(x), y), self.params, allow_unused=True)
                 rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
                                        for g, p in zip(grads, self.params)]))
-            self.model.train(was_training)
-        with torch.no_grad():
-            for k, v in self.model.named_buffers():
-                v.copy_(buffers[k])
-        alpha = tail_index(noise_from_gradients(torch.stack(rows)))
+        alpha = probe_tail_index(torch.stack(rows))  # centres the raw samples without the small-N bias
         if self.env.initialized and self.env.world_size > 1:
             t = torch.tensor([alpha], dtype=torch.float64, device=self.env.device)
             dist.all_reduce(t)
@@ -218,26 +211,26 @@ class TailProbe:
 
 class SharpnessProbe:
     """Top Hessian eigenvalue of the training loss at each evaluation, on a fixed subset of
-    `measure.sharpness_samples` training examples, in eval mode (deterministic BatchNorm).
-    Computed on rank 0 only (the replicas are identical); other ranks get nothing to log."""
+    `measure.sharpness_samples` training examples. measure.sharpness_mode "train" (default): the
+    loss that is trained, BatchNorm normalising each micro-batch of the current training
+    micro-batch size by its own statistics (logged as sharpness/top); "eval": running statistics,
+    only when asked for (logged as sharpness/top_eval). Computed on rank 0 only (the replicas are
+    identical); other ranks get nothing to log."""
 
     def __init__(self, cfg, env, model: nn.Module, train_data, loss_fn):
         self.env, self.model, self.data, self.loss_fn = env, model, train_data, loss_fn
         self.iters = cfg.measure.sharpness_iters
+        self.mode = cfg.measure.sharpness_mode
+        self.key = "sharpness/top" if self.mode == "train" else "sharpness/top_eval"
         n = min(cfg.measure.sharpness_samples, len(train_data))
         self.idx = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.data.seed))[:n]
 
-    def measure(self) -> float | None:
+    def measure(self, micro_batch: int) -> float | None:
         if not self.env.is_main:
             return None
         x, y = tensor_batch(self.data, self.idx, self.env.device, train=False)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            top = hessian_top_eigs(self.model, self.loss_fn, x, y, k=1, iters=self.iters, tol=1e-3)[0]
-        finally:
-            self.model.train(was_training)
-        return top
+        return hessian_top_eigs(self.model, self.loss_fn, x, y, k=1, iters=self.iters, tol=1e-3, mode=self.mode,
+                                micro_batch=micro_batch if self.mode == "train" else None)[0]
 
 
 class OnlineMeasures:
@@ -248,7 +241,7 @@ class OnlineMeasures:
         self.gns = OnlineGNS(cfg, env, model, ddp_model) if m.gns else None
         self.tail = TailProbe(cfg, env, model, bundle.train, loss_fn) if m.tail_every else None
         self.sharpness = SharpnessProbe(cfg, env, model, bundle.train, loss_fn) if m.sharpness else None
-        self._micro = 1
+        self._micro: int | None = None  # the training micro-batch, known after the first step
         self._extra: dict[str, float] = {}
 
     def begin_step(self, step: int) -> None:
@@ -280,8 +273,8 @@ class OnlineMeasures:
     def at_eval(self) -> dict[str, float]:
         if self.sharpness is None:
             return {}
-        top = self.sharpness.measure()
-        return {} if top is None else {"sharpness/top": top}
+        top = self.sharpness.measure(self._micro)
+        return {} if top is None else {self.sharpness.key: top}
 
     def state_dict(self) -> dict[str, Any]:
         return {"gns": self.gns.estimator.state_dict() if self.gns is not None else None}

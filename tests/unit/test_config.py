@@ -35,6 +35,8 @@ def test_overrides_are_typed():
     ("optim.name=adam9", "optim.name"),
     ("schedule.name=linear", "schedule.name"),
     ("schedule.warmup_start=soon", "schedule.warmup_start"),
+    ("measure.sharpness_mode='test'", "measure.sharpness_mode"),
+    ("measure.tail_samples=4", "measure.tail_samples"),
     ("batch.phases=[[0, 128], [0, 256]]", "batch.phases[1]"),
     ("batch.phases=[[1, 128]]", "batch.phases[0]"),
     ("train.amp=fp8", "train.amp"),

@@ -173,6 +173,9 @@ def test_b_noise_equals_the_dense_hessian_ratio():
     assert got.trace_h_sigma == pytest.approx(float(torch.trace(H @ Sigma)), rel=0.10)
     assert got.b_simple == pytest.approx(exact_b_simple, rel=0.10)
     assert abs(exact_b_noise / exact_b_simple - 1) > 0.1  # H is not isotropic: the two differ
+    # HVPs on the first M = 1000 gradients only, each dotted with all K: the same ratio
+    fewer = train_mode_noise(model, loss_fn, ((x[i], y[i]) for i in batches), hessian=op, hessian_samples=1000)
+    assert fewer.hessian_samples == 1000 and fewer.b_noise == pytest.approx(exact_b_noise, rel=0.10)
 
 
 def test_micro_batches_must_share_one_size_and_be_at_least_two():
