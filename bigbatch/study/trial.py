@@ -68,7 +68,8 @@ def exact_b_simple(cfg, run_dir: Path, samples: int) -> float | None:
     model.eval()
     idx = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(0))[:samples]
     x, y = tensor_batch(bundle.train, idx, torch.device("cpu"), train=False)
-    grad_sq, trace_sigma = per_sample_stats(model, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), x, y)
+    grad_sq, trace_sigma = per_sample_stats(model, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), x, y,
+                                            eval_batchnorm=True)  # the eval-mode value, asked for by name
     grad_sq_unbiased = grad_sq - trace_sigma / len(idx)
     return trace_sigma / grad_sq_unbiased if grad_sq_unbiased > 0 else None
 
