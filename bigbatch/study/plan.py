@@ -190,6 +190,22 @@ def local_alpha_beta(cfg) -> dict:
                       "this machine's links, not a cluster's"}
 
 
+def read_measured_noise(path: str, key: str) -> dict:
+    """The noise scale `key` (b_noise or b_simple) from a `bigbatch measure RUN_DIR --json` file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError("--noise-from", f"file {path!r} not found")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        raise UsageError("--noise-from", f"{path!r} is not the JSON of `bigbatch measure RUN_DIR --json`") from None
+    value = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise UsageError("--noise-from", f"{path!r} has no positive {key!r} (got {value!r}); "
+                         f"`bigbatch measure` leaves b_noise null with --hessian-examples 0")
+    return {"value": float(value), "key": key, "file": path, "step": data.get("step")}
+
+
 def noise_estimate(history: list[tuple[int, float]], target_step: int) -> dict:
     n = pm.noise_near_target(history, target_step)
     return {**n, "source": "online B_simple (two-batch EMA, McCandlish et al. 2018 app. A.1), median over the last quarter "
@@ -217,6 +233,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scaling", default=None,
                         help="scaling.json of `bigbatch scaling` on this config: the overlap of all-reduce and backward "
                              "(default: none assumed)")
+    parser.add_argument("--noise-from", default=None, metavar="MEASURE_JSON",
+                        help="`bigbatch measure RUN_DIR --json` of the run at its target: B_crit from it (--noise) "
+                             "instead of the online B_simple (use with --from RUN_DIR)")
+    parser.add_argument("--noise", choices=("b_noise", "b_simple"), default="b_noise",
+                        help="with --noise-from: which noise scale is B_crit (default b_noise, McCandlish et al.'s)")
     parser.add_argument("--time-batches", default=None, help="per-device batches to time (default B0/4, B0, 4 B0)")
     parser.add_argument("--eval-every", type=int, default=None, help="short run: steps between evaluations (default every 4,096 examples)")
     parser.add_argument("--torch-threads", type=int, default=1,
@@ -236,7 +257,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"algos": parse_algos(args.algo), "worlds": parse_int_list(args.gpus, "--gpus"),
                            "batches": parse_int_list(args.batches, "--batches") if args.batches else None,
                            "comm": comm_source(args),
-                           "scaling": read_scaling(args.scaling) if args.scaling else None}
+                           "scaling": read_scaling(args.scaling) if args.scaling else None,
+                           "measured_noise": read_measured_noise(args.noise_from, args.noise) if args.noise_from else None}
     for name in ("intra_alpha_us", "intra_beta_gbps"):
         v = getattr(args, name)
         if v is not None and v <= 0:
@@ -296,7 +318,11 @@ def main(args: argparse.Namespace) -> int:
                          "model has it, normalised over these ghost batches)")
     s0, b0 = run["steps"], run["batch"]
     noise = noise_estimate(run["history"], s0)
-    b_crit = noise["value"]  # McCandlish et al. 2018: B_crit ~ B_noise, B_simple its Hessian-free proxy
+    # McCandlish et al. 2018: B_crit ~ B_noise; the online B_simple is its Hessian-free proxy
+    measured = v["measured_noise"]
+    b_crit = measured["value"] if measured else noise["value"]
+    b_crit_source = (f"{measured['key']} from {measured['file']} (bigbatch measure at the run's checkpoint)" if measured
+                     else "online B_simple near the target")
     tradeoff = pm.Tradeoff.from_run(s0, b0, b_crit)
 
     # 2. compute per step at 2-3 per-device batch sizes
@@ -322,8 +348,8 @@ def main(args: argparse.Namespace) -> int:
     plan = {
         "config_name": cfg.name, "run_dir": run["run_dir"], "b0": b0, "s0": s0,
         "target": {k: val for k, val in (("test_acc", cfg.target.test_acc), ("test_loss", cfg.target.test_loss)) if val is not None},
-        "noise_scale_at_target": noise["value"], "noise_scale": noise,
-        "b_crit": b_crit, "b_crit_source": "noise scale at the target (McCandlish et al. 2018: B_crit ~ B_noise)",
+        "noise_scale_at_target": b_crit, "noise_scale": noise, "noise_scale_measured": measured,
+        "b_crit": b_crit, "b_crit_source": b_crit_source + " (McCandlish et al. 2018: B_crit ~ B_noise)",
         "s_min": tradeoff.s_min, "e_min": tradeoff.e_min,
         "compute": {"overhead_s": compute.overhead_s, "per_example_s": compute.per_example_s,
                     "timed": [{"per_device_batch": t["per_device_batch"], "step_s": t["compute_s"]} for t in timed],
@@ -339,6 +365,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"{cfg.name}: {s0} steps to target at batch {b0}; noise scale near the target {noise['value']:.0f} "
           f"(median of the last quarter of the run, {noise['window_points']} readings {noise['min']:.0f}-{noise['max']:.0f}; "
           f"x{noise['moved_ratio']:.2f} since step {noise['window_start_step']}; {noise['last']:.0f} at step {noise['step']})")
+    if measured:
+        print(f"B_crit from {measured['key']} in {measured['file']}: {b_crit:.0f} (online B_simple near the target: {noise['value']:.0f})")
     print(f"B_crit ~ {b_crit:.0f}   S_min = {tradeoff.s_min:.1f} steps   E_min = {tradeoff.e_min:.3g} examples")
     print(f"compute: {1e3 * compute.overhead_s:.2f} ms + {1e6 * compute.per_example_s:.1f} us/example per step; "
           f"all-reduce of {grad_bytes / 2 ** 20:.2f} MiB: alpha {1e6 * comm.alpha_s:.1f} us, beta {comm.beta_bytes_per_s / 1e9:.3g} GB/s "

@@ -31,11 +31,15 @@ ROW_KEYS = {"global_batch", "world_size", "steps", "examples", "step_s", "time_s
     (["plan", "--from", "{empty}"], "has no metrics.jsonl"),
     (["plan", "--from", "{empty}", CNN], "--from: takes the run's own config.toml"),
     (["plan"], "config: a training config is required"),
+    (["plan", CNN, "--noise-from", "no-such-measure.json"], "--noise-from: file 'no-such-measure.json' not found"),
+    (["plan", CNN, "--noise-from", "{nulls}"], "has no positive 'b_noise'"),
 ])
 def test_bad_input_exits_2_naming_it_before_any_work(tmp_path, monkeypatch, capsys, argv, expect):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
-    _exit_2(capsys, [a.replace("{empty}", str(tmp_path / "empty")) for a in argv], expect)
+    (tmp_path / "nulls.json").write_text(json.dumps({"b_noise": None, "b_simple": 300.0}))
+    _exit_2(capsys, [a.replace("{empty}", str(tmp_path / "empty")).replace("{nulls}", str(tmp_path / "nulls.json"))
+                     for a in argv], expect)
     assert not (tmp_path / "runs").exists()
 
 
@@ -87,12 +91,14 @@ def test_one_short_run_gives_a_consistent_plan_and_from_reproduces_it(tmp_path, 
     assert plan["overlap"] == 0.0 and "assumed none" in plan["overlap_source"]
     assert "micro-batches of 64" in plan["notes"][0]
     capsys.readouterr()
-    # --from the same folder: the same statistics, no new run
-    assert main(["plan", "--from", "run", *common, "--json", "again.json"]) == 0
+    # --from the same folder: the same run statistics, no new run; B_crit from a `bigbatch measure` JSON
+    (tmp_path / "measure.json").write_text(json.dumps({"b_noise": 50.0, "b_simple": 120.0, "step": plan["s0"]}))
+    assert main(["plan", "--from", "run", *common, "--noise-from", "measure.json", "--json", "again.json"]) == 0
     again = json.loads((tmp_path / "again.json").read_text())
-    for k in ("s0", "b_crit", "s_min", "e_min", "noise_scale_at_target"):
-        assert again[k] == plan[k], k
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.json", "plan.json", "plan.png", "run"]
+    assert again["s0"] == plan["s0"] and again["noise_scale"]["value"] == plan["noise_scale"]["value"]
+    assert again["b_crit"] == again["noise_scale_at_target"] == 50.0 and "b_noise from measure.json" in again["b_crit_source"]
+    assert again["s_min"] == pytest.approx(plan["s0"] / (1 + 50.0 / 128))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.json", "measure.json", "plan.json", "plan.png", "run"]
 
 
 @pytest.mark.parametrize("run, sweep", [("plan_run", "sweep"), ("plan_run_2026_12_02", "sweep_2026_12_02")])
