@@ -63,6 +63,13 @@ class Config:
             _check(Path(self.data.root).expanduser().is_dir(), "data.root", f"folder {self.data.root!r} does not exist")
         if check_paths:  # user entry points must import here (PYTHONPATH or an installed package)
             check_entry_points(self)
+        if self.train.compile and self.train.compile_backend != "inductor":
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            _check(self.train.compile_backend in known, "train.compile_backend",
+                   f"unknown torch.compile backend {self.train.compile_backend!r}; expected inductor, eager, aot_eager, "
+                   "cudagraphs or another name from torch._dynamo.list_backends(exclude_tags=())")
         if self.train.amp == "fp16":
             import torch
 

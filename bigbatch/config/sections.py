@@ -274,6 +274,12 @@ class TrainConfig:
     """Mixed precision: auto = bf16 on GPU, off on CPU. fp16 uses a grad scaler (GPU only)."""
     compile: bool = False
     """torch.compile the model."""
+    compile_backend: str = "inductor"
+    """torch.compile backend: inductor (code generation); eager / aot_eager trace without generating
+    code (debugging, and the CPU smoke run of benchmarks/gpu_check.sh)."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device, for the logged mfu; default: H100 SXM / H200 under bf16 or
+    fp16 autocast from a datasheet table (bigbatch.trainer.flops), otherwise no mfu."""
     stop_at_target: bool = False
     """Stop as soon as the target is reached (sweeps)."""
     eval_fine: float = 0.0
@@ -294,6 +300,8 @@ class TrainConfig:
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
+        if self.peak_tflops is not None:
+            _check(self.peak_tflops > 0, "train.peak_tflops", f"must be > 0 TFLOP/s, got {self.peak_tflops}")
 
 
 @dataclass

@@ -39,7 +39,7 @@ from bigbatch.config import Config
 from bigbatch.distributed import env as dist_env
 from bigbatch.errors import ConfigError
 from bigbatch.track import make_tracker
-from bigbatch.trainer import batching, probes
+from bigbatch.trainer import batching, flops, probes
 from bigbatch.trainer import checkpoint as ckpt
 from bigbatch.trainer.batching import BatchPlan
 from bigbatch.trainer.build import amp_settings, prepare_model, wrap_ddp
@@ -50,6 +50,7 @@ from bigbatch.trainer.optim import build_optimizer
 from bigbatch.trainer.recipe import Schedule
 from bigbatch.trainer.rundir import NullRunDir, default_run_dir, open_run_dir
 from bigbatch.trainer.sources import make_source
+from bigbatch.trainer.steptime import StepTimer
 from bigbatch.trainer.stop import StopFlag, stop_requested
 
 log = logging.getLogger("bigbatch")
@@ -127,10 +128,14 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
     scaler = torch.amp.GradScaler(env.device.type, enabled=use_scaler)
     optimizer = build_optimizer(cfg.optim, model, schedule.lr_at(0))
     ddp_model = wrap_ddp(model, cfg, env)
-    train_model = torch.compile(ddp_model) if cfg.train.compile else ddp_model
+    train_model = torch.compile(ddp_model, backend=cfg.train.compile_backend) if cfg.train.compile else ddp_model
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     measures = probes.OnlineMeasures(cfg, env, model, ddp_model, bundle, loss_fn)
     autocast = (lambda: torch.autocast(env.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    # where the step's time goes (the all-reduce's exposed part only where there is one), and MFU
+    timer = StepTimer(env.device, list(model.parameters()) if env.initialized else None)
+    flops_per_example = flops.train_flops_per_example(model, bundle.input_shape)  # counted once
+    peak_tflops = flops.resolve_peak_tflops(cfg.train.peak_tflops, env.device, amp_dtype)
 
     st = LoopState()
     stream = ExampleStream(len(bundle.train), cfg.train.seed)
@@ -177,11 +182,12 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
 
     status = "completed"
     train_model.train()
-    last_log_step, last_log_examples, interval_train_s = st.step, st.examples, 0.0
+    last_log_examples, interval_train_s = st.examples, 0.0
     with StopFlag() as stop:
         while st.step < schedule.total_steps and not plan.finished(st.examples):
             # the batch and the lr of this step
             t0 = time.perf_counter()
+            timer.start()
             step = st.step
             global_batch, per_device, accum = plan.at(step)
             lr = schedule.lr_at(step, global_batch)
@@ -191,18 +197,23 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
             # forward and backward over this rank's micro-batches; all-reduce on the last one only
             measures.begin_step(step)
             for i, (x, y, n) in enumerate(source.micro_batches(step, global_batch, accum)):
+                timer.lap("data")
                 sync = i == accum - 1 or not env.initialized
+                timer.arm(sync)
                 with contextlib.nullcontext() if sync else ddp_model.no_sync():
                     with autocast():
                         loss = loss_fn(train_model(x), y)
                     scaler.scale(loss / accum if accum > 1 else loss).backward()
+                timer.backward_done()
                 interval_loss.add_(loss.detach(), alpha=n)
             measures.after_backward(global_batch, per_device, accum, scaler.get_scale)
+            timer.lap("other")
 
             # the optimizer step
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            timer.lap("compute")
             st.step += 1
             st.examples += global_batch
 
@@ -210,6 +221,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
             measures.after_step(st.step)
             plan.observe(st.step, measures.b_simple)
             st.interval_count += per_device * accum
+            timer.stop()
             dt = time.perf_counter() - t0
             st.train_time_s += dt
             interval_train_s += dt
@@ -221,15 +233,18 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                 loss_mean = _mean_over_ranks(interval_loss, st.interval_count, env)
                 interval_loss.zero_()
                 st.interval_count = 0
+                samples_per_s = (st.examples - last_log_examples) / max(interval_train_s, 1e-9)
                 tracker.log({
                     "step": st.step, "examples": st.examples, "epoch": epoch, "lr": lr,
-                    "global_batch": global_batch, "loss": loss_mean,
-                    "samples_per_s": (st.examples - last_log_examples) / max(interval_train_s, 1e-9),
-                    "time/step(s)": interval_train_s / max(st.step - last_log_step, 1),
+                    "global_batch": global_batch, "loss": loss_mean, "samples_per_s": samples_per_s,
+                    **timer.read(),  # time/data, compute, comm_exposed, step (s): per-step means since the last line
+                    "flops_per_example": flops_per_example,
+                    **({"mfu": flops.mfu(flops_per_example, samples_per_s, peak_tflops, world)}
+                       if peak_tflops and flops_per_example else {}),
                     **measures.metrics(),
                 })
                 tracker.progress(st.step, f"loss {loss_mean:.4f}")
-                last_log_step, last_log_examples, interval_train_s = st.step, st.examples, 0.0
+                last_log_examples, interval_train_s = st.examples, 0.0
                 if not math.isfinite(loss_mean):  # the same all-reduced value on every rank
                     status = "diverged"
                     log.error("training loss is %s at step %d: stopped (lr %.4g); the last checkpoint is kept",
@@ -264,6 +279,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                 tracker.log({"step": st.step, "examples": st.examples, "epoch": st.examples / len(bundle.train),
                              **st.last_eval, "eval_set": "full"})
 
+    timer.close()
     wall = st.wall_s + time.perf_counter() - t_start
     summary = {
         "status": status,
@@ -279,6 +295,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
         "wall_s": wall,
         "train_s": st.train_time_s,
         "samples_per_s": st.examples / max(st.train_time_s, 1e-9),
+        "flops_per_example": flops_per_example,
     }
     if status != "preempted":
         run_dir.write_summary(summary)

@@ -129,3 +129,30 @@ def test_a_diverged_run_stops_at_the_first_non_finite_loss_and_exits_4(tmp_path)
     assert summary["status"] == "diverged" and summary["steps"] == 10
     assert read_jsonl(out / "metrics.jsonl")[-1]["loss"] is None  # non-finite is written as null
     assert not (out / "checkpoint.pt").exists()
+
+
+BREAKDOWN = ("time/data(s)", "time/compute(s)", "time/comm_exposed(s)")
+
+
+def test_step_time_parts_sum_to_the_step_on_two_ranks(two_process_run):
+    rows = [r for r in read_jsonl(two_process_run / "metrics.jsonl") if "loss" in r][1:]  # step 1 warms up
+    assert len(rows) == 49 and all({*BREAKDOWN, "time/step(s)", "flops_per_example"} <= set(r) for r in rows)
+    assert all(r["flops_per_example"] == 449536 for r in rows)  # MLP 40-256-256-10: see tests/unit/test_flops.py
+    parts = sum(r[k] for r in rows for k in BREAKDOWN)
+    step = sum(r["time/step(s)"] for r in rows)
+    wall = sum(r["global_batch"] / r["samples_per_s"] for r in rows)  # the loop's own clock around each step
+    assert 0.9 * step <= parts <= step * (1 + 1e-9), (parts, step)
+    assert abs(parts - wall) <= 0.1 * wall, (parts, wall)
+    # one bucket: DDP starts the all-reduce after the last gradient, so all of it is exposed
+    assert sorted(r["time/comm_exposed(s)"] for r in rows)[len(rows) // 2] > 0
+    assert all(min(r[k] for k in BREAKDOWN) >= 0 for r in rows)
+    assert "mfu" not in rows[0]  # no peak known on a CPU
+
+
+def test_one_process_logs_no_exposed_comm_and_mfu_from_the_configured_peak(tmp_path, mlp_overrides):
+    summary = run(config.load(MLP, mlp_overrides + ["train.steps=4", "train.peak_tflops=0.5"]), tmp_path / "one")
+    rows = [r for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 4 and all(r["time/comm_exposed(s)"] == 0.0 for r in rows)
+    for r in rows:
+        assert r["mfu"] == pytest.approx(449536 * r["samples_per_s"] / 0.5e12)
+    assert summary["flops_per_example"] == 449536
