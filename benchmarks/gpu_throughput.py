@@ -19,6 +19,7 @@ is known (--peak-tflops, or the H100/H200 table), and bigbatch's step-time break
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -94,7 +95,16 @@ def bare(args, cfg, bundle) -> float:
     return args.batch * (args.steps - args.warmup) / seconds
 
 
-def ours(cfg, warmup_steps: int) -> tuple[float, dict]:
+def run_folder(args, name: str):
+    """A run folder under --out (kept), or a temporary one."""
+    if args.out:
+        path = Path(args.out) / name
+        path.mkdir(parents=True, exist_ok=True)
+        return contextlib.nullcontext(str(path))
+    return tempfile.TemporaryDirectory()
+
+
+def ours(args, cfg) -> tuple[float, dict]:
     """bigbatch's images/s after warm-up, and its last logged step-time breakdown and mfu."""
     stamps, rows = {}, []
 
@@ -103,9 +113,9 @@ def ours(cfg, warmup_steps: int) -> tuple[float, dict]:
             stamps[row["step"]] = (time.perf_counter(), row["examples"])
             rows.append(row)
 
-    with tempfile.TemporaryDirectory() as d:
+    with run_folder(args, "bigbatch") as d:
         run(cfg, d, reporter=reporter)
-    steps = sorted(s for s in stamps if s >= warmup_steps)
+    steps = sorted(s for s in stamps if s >= args.warmup)
     (t0, e0), (t1, e1) = stamps[steps[0]], stamps[steps[-1]]
     last = {k: v for k, v in rows[-1].items() if k.startswith("time/") or k in ("mfu", "flops_per_example")}
     return (e1 - e0) / (t1 - t0), last
@@ -114,7 +124,7 @@ def ours(cfg, warmup_steps: int) -> tuple[float, dict]:
 def nccl_one_rank(args) -> tuple[float | None, str | None]:
     """`bigbatch train --nproc 1`: DDP over NCCL (gloo on CPU) with one rank: (images/s from its
     metrics, the backend its train.log names)."""
-    with tempfile.TemporaryDirectory() as d:
+    with run_folder(args, "ddp-1rank") as d:
         cfg_path = Path(d) / "bench.toml"
         config.save(config.load(None, overrides(args)), cfg_path)
         out = Path(d) / "run"
@@ -145,6 +155,7 @@ def main() -> int:
     p.add_argument("--no-ddp", action="store_true", help="skip the one-rank DDP (`bigbatch train --nproc 1`) run")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s of the card (default: H100/H200 table)")
     p.add_argument("--json", default=None, help="also write the result to this file")
+    p.add_argument("--out", default=None, help="keep the bigbatch run folders under this folder (default: temporary)")
     args = p.parse_args()
     cfg = config.load(None, overrides(args))
     bundle = build_data(cfg.data)
@@ -157,7 +168,7 @@ def main() -> int:
     peak = flops.resolve_peak_tflops(args.peak_tflops, torch.device(args.device), amp_settings(cfg.train.amp, torch.device(args.device))[0])
     result.update(flops_per_example=flops_per_example, peak_tflops=peak)
     result["bare_images_per_s"] = bare(args, cfg, bundle)
-    result["bigbatch_images_per_s"], result["bigbatch_last_log"] = ours(cfg, args.warmup)
+    result["bigbatch_images_per_s"], result["bigbatch_last_log"] = ours(args, cfg)
     if not args.no_ddp:
         result["ddp_1rank_images_per_s"], result["backend_1rank"] = nccl_one_rank(args)
     result["ratio_bigbatch_vs_bare"] = result["bigbatch_images_per_s"] / result["bare_images_per_s"]
