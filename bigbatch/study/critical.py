@@ -284,6 +284,12 @@ def b_simple_at_target(best: dict[int, dict[str, Any]]) -> float | None:
     return _median_of(t.get("b_simple_at_target") for e in best.values() for t in e["trials"])
 
 
+def b_noise_at_target(best: dict[int, dict[str, Any]]) -> float | None:
+    """B_noise = tr(H Sigma)/(G^T H G) at the target (train mode), median as for B_simple: the
+    quantity McCandlish et al. 2018 predict B_crit from."""
+    return _median_of(t.get("b_noise_at_target") for e in best.values() for t in e["trials"])
+
+
 def phase_of(trial: dict[str, Any]) -> str:
     """"critical" (steps to the test target) or "gap" (trained to the training criterion)."""
     return trial.get("phase") or "critical"
@@ -315,6 +321,7 @@ def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: in
         note = f"only {len(batches)} batch size(s) reached the target: no fit"
     b_crit = _finite_or_none(fit["b_crit"]) if fit else None
     b_simple = b_simple_at_target(best)
+    b_noise = b_noise_at_target(best)
     counts: dict[str, int] = defaultdict(int)
     for t in trials:
         counts[t.get("status", "unknown")] += 1
@@ -341,12 +348,15 @@ def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: in
         "b_simple_at_target": b_simple,
         "b_simple_online_at_target": _median_of(t.get("b_simple_online_at_target") for e in best.values() for t in e["trials"]),
         "b_crit_over_b_simple": (b_crit / b_simple) if b_crit and b_simple else None,
+        "b_noise_at_target": b_noise,
+        "b_crit_over_b_noise": (b_crit / b_noise) if b_crit and b_noise else None,
         "best": [
             {"batch": b, "lr": e["lr"], "lr_multiplier": e["lr_multiplier"], "steps_to_target": e["steps_to_target"],
              "examples_to_target": e["examples_to_target"], "seeds": e["seeds"], "n_seeds": e["n_seeds"],
              "seed_steps": sorted(t["steps_to_target"] for t in e["trials"]), "edge": e["edge"],
              "regime": regime(b, b_crit),
-             "b_simple_at_target": _median_of(t.get("b_simple_at_target") for t in e["trials"])}
+             "b_simple_at_target": _median_of(t.get("b_simple_at_target") for t in e["trials"]),
+             "b_noise_at_target": _median_of(t.get("b_noise_at_target") for t in e["trials"])}
             for b, e in best.items()
         ],
         "gap": gap_rows(gap_trials),

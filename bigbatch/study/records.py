@@ -31,7 +31,7 @@ def eval_row(row: dict[str, Any]) -> bool:
 
 def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: list[dict[str, Any]],
                  gap_epochs: float | None, status: str, error: str | None = None,
-                 b_simple_exact: float | None = None, *, target: dict[str, float] | None = None,
+                 measured: dict[str, Any] | None = None, *, target: dict[str, float] | None = None,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """One line of trials.jsonl from a trial's summary.json and metrics.jsonl rows.
 
@@ -83,8 +83,12 @@ def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: li
     # The per-example value at the target weights is exact; the online EMA (measure.gns) lags and
     # is noisy, so it is the fallback and is kept beside it.
     rec["b_simple_online_at_target"] = b_simple[-1] if b_simple and rec["steps_to_target"] is not None else None
-    rec["b_simple_at_target"] = b_simple_exact if b_simple_exact is not None else rec["b_simple_online_at_target"]
-    rec["b_simple_source"] = "per_example" if b_simple_exact is not None else ("online" if b_simple else None)
+    # `measured`: `bigbatch measure`'s train-mode reference at the target weights (trial.exact_b_simple)
+    m = measured or {}
+    rec["b_simple_at_target"] = m["b_simple"] if m.get("b_simple") is not None else rec["b_simple_online_at_target"]
+    rec["b_simple_source"] = "train_mode" if m.get("b_simple") is not None else ("online" if b_simple else None)
+    rec["b_noise_at_target"] = m.get("b_noise")
+    rec["micro_batch"] = m.get("micro_batch")
     sharp = [r["sharpness/top"] for r in rows if r.get("sharpness/top") is not None]
     rec["sharpness"] = sharp[-1] if sharp else None
     rec.update(extra or {})
@@ -114,10 +118,10 @@ def trial_status(summary: dict[str, Any]) -> str:
 
 
 def finish_trial(run_dir: Path, point: dict[str, Any], gap_epochs: float | None, summary: dict[str, Any] | None,
-                  status: str, b_simple_exact: float | None = None, *, target: dict[str, float] | None = None,
+                  status: str, measured: dict[str, Any] | None = None, *, target: dict[str, float] | None = None,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     rec = trial_record(point, summary, read_rows(run_dir / "metrics.jsonl"), gap_epochs, status,
-                       b_simple_exact=b_simple_exact, target=target, extra=extra)
+                       measured=measured, target=target, extra=extra)
     rec["run_dir"] = str(run_dir)
     tmp = run_dir / (TRIAL_RECORD + ".tmp")
     tmp.write_text(json.dumps(rec) + "\n")
@@ -161,6 +165,11 @@ def _ci(analysis: dict[str, Any], key: str) -> str:
     return f" [{fmt(ci[0])}, {fmt(ci[1]) if ci[1] is not None else 'inf'}]"
 
 
+# McCandlish et al. 2018, Table 1 (run averages, as read by a third party; REFERENCES.md)
+MCCANDLISH_TABLE_1 = ("McCandlish et al. 2018 Table 1: B_crit / B_simple = 0.22 MNIST, 0.13 SVHN, 0.45 CIFAR-10, "
+                      "0.5 ImageNet; their model predicts B_crit ~ B_noise, i.e. B_crit / B_noise ~ 1")
+
+
 def headline(analysis: dict[str, Any]) -> list[str]:
     """The numbers a study ends with, one per line."""
     lines = [
@@ -176,6 +185,12 @@ def headline(analysis: dict[str, Any]) -> list[str]:
         + (f"   (online EMA at target: {fmt(analysis['b_simple_online_at_target'])})"
            if analysis.get("b_simple_online_at_target") is not None else ""),
     ]
+    if analysis.get("b_noise_at_target") is not None:
+        ratio = analysis.get("b_crit_over_b_noise")
+        lines.append(f"B_noise at target = {fmt(analysis['b_noise_at_target'])}"
+                     + (f"   B_crit / B_noise = {fmt(ratio, 2)}" if ratio is not None else ""))
+    if analysis.get("b_crit_over_b_simple") is not None or analysis.get("b_crit_over_b_noise") is not None:
+        lines.append(f"(noise scales on the trained loss: BatchNorm with each micro-batch's statistics. {MCCANDLISH_TABLE_1})")
     trend = (analysis.get("gap_trend") or {}).get("gap")
     if trend is not None:
         ci = trend.get("ci")

@@ -224,13 +224,14 @@ def plot_b_simple(analysis: dict[str, Any], sweep_dir: Path, path: Path) -> bool
 
 def _tables(trials: list[dict[str, Any]], analysis: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     best = (["batch", "best lr", "lr x", "seeds", "steps to target (median)", "seed range", "examples to target",
-             "fit S(B)", "regime", "B_simple at target"],
+             "fit S(B)", "regime", "B_simple at target", "B_noise at target"],
             [[fmt(r["batch"]), fmt(r["lr"]), fmt(r.get("lr_multiplier")) + (f" ({r['edge']} edge)" if r.get("edge") else ""),
               f"{len(r['seeds'])}/{r.get('n_seeds', len(r['seeds']))}", fmt(r["steps_to_target"]),
               f"{fmt(min(r['seed_steps']))}-{fmt(max(r['seed_steps']))}" if r.get("seed_steps") else "n/a",
               fmt(r["examples_to_target"]),
               fmt(analysis["s_min"] + analysis["e_min"] / r["batch"]) if analysis.get("fit") else "n/a",
-              r.get("regime") or "n/a", fmt(r.get("b_simple_at_target"))] for r in analysis["best"]])
+              r.get("regime") or "n/a", fmt(r.get("b_simple_at_target")), fmt(r.get("b_noise_at_target"))]
+             for r in analysis["best"]])
     gap = (["batch", "lr", "seeds (not met)", "epochs", "train acc", "test acc", "gap (points)", "loss gap", "sharpness"],
            [[fmt(r["batch"]), fmt(r["lr"]), f"{r['n_seeds']} ({r['n_not_met']})", _pm(r, "epochs", 1, 3),
              _pm(r, "train_acc", 100, 4), _pm(r, "test_acc", 100, 4), _pm(r, "gap", 100, 3), _pm(r, "loss_gap", 1, 3),

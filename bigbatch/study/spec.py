@@ -100,9 +100,11 @@ class TrialSpec:
     max_concurrent: int = 0
     """Trials running at once; 0 = as many as the cluster's resources allow."""
     b_simple_samples: int = 4096
-    """When a trial stops at the target, B_simple there is computed exactly from per-example
-    gradients on this many training examples at the final (target) weights; 0 = off (then the
-    online estimate of measure.gns, when logged, is used)."""
+    """When a trial stops at the target, B_simple and B_noise there are measured on the trained
+    loss (BatchNorm in train mode, as `bigbatch measure`) from about this many training examples
+    at the final (target) weights: K = b_simple_samples / b micro-batch gradients (32 <= K <= 256)
+    of the trial's micro-batch b; 0 = off (then the online estimate of measure.gns, when logged,
+    is used)."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "max_examples", "eval_every_examples"):

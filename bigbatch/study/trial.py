@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from bigbatch import config as config_mod
-from bigbatch.measure.noise import per_sample_stats
 from bigbatch.measure.sharpness import hessian_top_eigs
+from bigbatch.errors import UsageError
 from bigbatch.study import search
+from bigbatch.study.measurement import measure_checkpoint
 from bigbatch.study import spec as spec_mod
 from bigbatch.study.records import RUNS_DIR, TRIAL_RECORD, eval_row, finish_trial, trial_status
 from bigbatch.trainer import checkpoint as ckpt
@@ -50,28 +51,21 @@ def _prepare_run_dir(run_dir: Path) -> tuple[bool, dict[str, Any] | None]:
     return False, None
 
 
-def exact_b_simple(cfg, run_dir: Path, samples: int) -> float | None:
-    """B_simple = tr(Sigma)/|G|^2 from per-example gradients at the run's final weights.
+def exact_b_simple(cfg, run_dir: Path, samples: int) -> dict[str, Any] | None:
+    """The noise scales of the trained loss at the run's final weights (`bigbatch measure`).
 
     With train.stop_at_target the final checkpoint is the state at the target, which is where
-    McCandlish et al. 2018 compare B_noise with B_crit. Used when the run did not log the online
-    estimate (measure.gns); None for data that is not held in memory.
-
-    |mean of n per-example gradients|^2 over-estimates |G|^2 by tr(Sigma)/n, which near a
-    target (small |G|) is a large fraction of it: subtract it (McCandlish et al. 2018, A.1).
+    McCandlish et al. 2018 compare B_noise with B_crit. BatchNorm in train mode with the trial's
+    micro-batch b, the run's label smoothing: K = samples / b independent micro-batch gradients
+    (32 <= K <= 256) give unbiased |G|^2 and tr(Sigma), and HVPs on an independent batch of
+    max(512, b) examples give B_noise (no sharpness here: the gap phase measures it). None for
+    data that is not held in memory.
     """
-    bundle = build_data(cfg.data)
-    if not bundle.in_memory:
+    try:
+        return measure_checkpoint(cfg, run_dir, samples=lambda b: max(32, min(256, samples // b)),
+                                  hessian_examples=lambda b: max(512, b), sharpness=False)
+    except UsageError:
         return None
-    model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
-    model.load_state_dict(ckpt.load(run_dir / ckpt.FILENAME)["model"])
-    model.eval()
-    idx = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(0))[:samples]
-    x, y = tensor_batch(bundle.train, idx, torch.device("cpu"), train=False)
-    grad_sq, trace_sigma = per_sample_stats(model, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), x, y,
-                                            eval_batchnorm=True)  # the eval-mode value, asked for by name
-    grad_sq_unbiased = grad_sq - trace_sigma / len(idx)
-    return trace_sigma / grad_sq_unbiased if grad_sq_unbiased > 0 else None
 
 
 def _tune_reporter(row: dict[str, Any]) -> None:

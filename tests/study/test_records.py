@@ -42,9 +42,11 @@ def test_record_reads_target_gap_budget_and_measurements():
     assert rec["sharpness"] == 400.0
 
 
-def test_exact_b_simple_wins_and_budget_beyond_the_run_is_not_invented():
-    rec = trial_record(POINT, SUMMARY, rows(), gap_epochs=2.0, status="ok", b_simple_exact=321.0)
-    assert rec["b_simple_at_target"] == 321.0 and rec["b_simple_source"] == "per_example"
+def test_the_train_mode_measurement_wins_and_budget_beyond_the_run_is_not_invented():
+    rec = trial_record(POINT, SUMMARY, rows(), gap_epochs=2.0, status="ok",
+                       measured={"b_simple": 321.0, "b_noise": 150.0, "micro_batch": 32})
+    assert rec["b_noise_at_target"] == 150.0 and rec["micro_batch"] == 32
+    assert rec["b_simple_at_target"] == 321.0 and rec["b_simple_source"] == "train_mode"
     assert rec["gap_at_budget"] is None  # the run stopped at 1 epoch, before the 2-epoch budget
 
 
@@ -59,7 +61,7 @@ def test_report_from_records(tmp_path):
     for b, s in [(16, 4000), (64, 1100), (256, 400), (1024, 220), (4096, 260)]:
         t = trial_record({"batch": b, "lr_multiplier": 1.0, "seed": 0},
                          {**SUMMARY, "steps_to_target": s, "examples_to_target": s * b, "peak_lr": 0.01 * b},
-                         [], None, "ok", b_simple_exact=500.0)
+                         [], None, "ok", measured={"b_simple": 500.0, "b_noise": 250.0})
         trials.append({**t, "trial": f"b{b}", "run_dir": str(tmp_path / "none")})
     trials.append({**trial_record({"batch": 64, "lr_multiplier": 2.0, "seed": 0}, None, [], None, "diverged"), "trial": "x"})
     (tmp_path / "trials.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trials))
@@ -69,6 +71,8 @@ def test_report_from_records(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert analysis["excluded_batches"] == [4096]
     assert f"B_crit = {analysis['b_crit']:.4g}" in md and "B_simple at target = 500" in md
+    assert "B_noise at target = 250" in md and f"B_crit / B_noise = {analysis['b_crit'] / 250:.2g}" in md
+    assert f"B_crit / B_simple = {analysis['b_crit'] / 500:.2g}" in md and "Table 1" in md
     for name in ("steps_vs_batch", "pareto", "lr_sensitivity"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000 and f"{name}.png" in md
     assert not (tmp_path / "b_simple.png").exists()  # no online GNS rows, no gap phase: not drawn, and said so
