@@ -1,4 +1,4 @@
-"""The one exception type for bad input.
+"""The one exception type for bad input, the exit codes, and the failures a run reports in one line.
 
 Anything a user can get wrong (a config key, a value, a path, a command-line flag) raises
 `UsageError` with a message that names the field and what was expected. The CLI turns it into
@@ -24,3 +24,9 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 3  # checkpointed after SIGTERM/SIGUSR2; `bigbatch train --resume RUN_DIR` continues
 EXIT_DIVERGED = 4  # the training loss became non-finite; summary.json has status "diverged"
+EXIT_PEER_LOST = 5  # a collective waited dist.timeout_s for a peer rank (or its connection closed); resume from the last checkpoint
+
+
+class PeerLostError(RuntimeError):
+    """A collective failed because another rank stopped answering (hung, stopped, killed, its
+    node lost). The message says which step, the timeout and the last checkpoint."""

@@ -327,9 +327,13 @@ class TargetConfig:
 class CheckpointConfig:
     every: int = 0
     """Steps between checkpoints (0 = only on SIGTERM/SIGUSR2 and at the end)."""
+    keep: int = 2
+    """Checkpoints kept (checkpoint-<step>.pt, newest `keep`); resume falls back to an older one
+    when the newest does not load."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "checkpoint.every", "must be >= 0")
+        _check(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
 
 
 @dataclass
@@ -358,7 +362,8 @@ class DistConfig:
     bucket_cap_mb: float = 25.0
     """DDP gradient bucket size."""
     timeout_s: float = 600.0
-    """Process-group timeout."""
+    """Process-group timeout: a collective that waits this long for a peer rank stops the run
+    (exit code 5, resume from the last checkpoint)."""
 
     def __post_init__(self) -> None:
         if self.torus_rows is not None:

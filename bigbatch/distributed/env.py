@@ -160,6 +160,29 @@ def destroy() -> None:
     _OWNS_GROUP = False
 
 
+# How the backends report a peer that stopped answering (torch 2.x): gloo raises a plain
+# RuntimeError "Timed out waiting 15000ms for recv operation" or "Connection reset/closed by peer";
+# NCCL's watchdog reports "Watchdog caught collective operation timeout" or an aborted communicator.
+_TIMEOUT_MARKERS = ("timed out", "timeout")
+_LOST_MARKERS = ("connection reset by peer", "connection closed by peer", "broken pipe", "communicator was aborted",
+                 "socket closed", "connection refused")
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """"timeout" when a collective waited out the process-group timeout, "lost" when a peer's
+    connection went away, None for any other error (searched along the exception's causes)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        text = str(exc).lower()
+        if isinstance(exc, RuntimeError) or isinstance(exc, getattr(dist, "DistError", ())):
+            if any(m in text for m in _TIMEOUT_MARKERS):
+                return "timeout"
+            if any(m in text for m in _LOST_MARKERS):
+                return "lost"
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

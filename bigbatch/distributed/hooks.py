@@ -34,17 +34,24 @@ class CommHookState:
     group: object | None = None  # None = the world
 
 
-def resolve(dist_cfg, env) -> CommHookState:
-    """Validate dist.allreduce / dist.torus_rows / dist.local_size against the world (ConfigError)."""
+def check_topology(dist_cfg, world_size: int, local_world_size: int) -> CommHookState:
+    """Validate dist.allreduce / dist.torus_rows / dist.local_size for a world of `world_size`
+    ranks, `local_world_size` per node (ConfigError); no process group needed, so launchers call
+    it before they start anything."""
     algo = dist_cfg.allreduce
     if algo not in ar.ALGORITHMS:
         raise ConfigError("dist.allreduce", f"unknown algorithm {algo!r}; expected one of {', '.join(ar.ALGORITHMS)}")
-    state = CommHookState(algo=algo, world_size=env.world_size)
+    state = CommHookState(algo=algo, world_size=world_size)
     if algo == "torus2d":
-        state.rows, _ = ar.torus_shape(env.world_size, dist_cfg.torus_rows, "dist.torus_rows")
+        state.rows, _ = ar.torus_shape(world_size, dist_cfg.torus_rows, "dist.torus_rows")
     elif algo == "hierarchical":
-        state.local_size = ar.check_local_size(env.world_size, dist_cfg.local_size or env.local_world_size, "dist.local_size")
+        state.local_size = ar.check_local_size(world_size, dist_cfg.local_size or local_world_size, "dist.local_size")
     return state
+
+
+def resolve(dist_cfg, env) -> CommHookState:
+    """`check_topology` for the running world."""
+    return check_topology(dist_cfg, env.world_size, env.local_world_size)
 
 
 def allreduce_mean_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -36,16 +36,16 @@ from bigbatch.study import spec as spec_mod
 from bigbatch.study.records import RUNS_DIR, finish_trial, trial_status
 from bigbatch.study.report import write_report
 from bigbatch.study.sweep import collect, load_spec_dict
-from bigbatch.trainer import batching
 
 # --- training job ----------------------------------------------------------------------------
 
 
 def render_train(config_path: str, overrides: list[str], job: JobSpec, out: str | None) -> str:
     """The sbatch script of one (multi-node) training run; the config is loaded and validated here."""
+    import bigbatch.trainer.preflight as preflight  # deferred: torch
+
     cfg = config_mod.load(config_path, overrides)
-    cfg.validate(job.world_size, check_paths=False)
-    batching.validate(cfg, job.world_size)
+    preflight.check(cfg, job.world_size, job.procs_per_node, check_paths=False)  # the files are on the cluster
     if out is not None:
         run_dir = assign("RUN_DIR", abs_path(out))
     else:  # stable across requeues: the job id does not change
@@ -295,10 +295,10 @@ def _array_sweep(args: argparse.Namespace) -> int:
     job = job_from_args(args, spec.name)
     if job.nodes != 1:
         raise UsageError("--nodes", "an array task trains one trial on one node; use submit-sweep for multi-node trials")
-    for point in spec.points():  # every trial's batch must split over the task's processes
-        trial_cfg = spec.trial_config(point)
-        trial_cfg.validate(job.world_size, check_paths=False)
-        batching.validate(trial_cfg, job.world_size)
+    import bigbatch.trainer.preflight as preflight  # deferred: torch
+
+    for point in spec.points():  # every trial must work on the task's processes
+        preflight.check(spec.trial_config(point), job.world_size, job.procs_per_node, check_paths=False)
     script = render_array(args.out, len(spec.points()), job, args.max_parallel)
     if args.print_only:
         return _print_or_submit(script, job, True)

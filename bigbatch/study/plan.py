@@ -42,7 +42,7 @@ from bigbatch.errors import UsageError
 from bigbatch.study import plan_model as pm
 from bigbatch.study.plan_output import describe, format_table, plot_plan
 from bigbatch.study.scaling import measure_step_times, read_bench, short_ring_bench
-from bigbatch.trainer import loop
+from bigbatch.trainer import loop, preflight
 from bigbatch.trainer.rundir import default_run_dir
 
 DEFAULT_GPUS = "1,8,64,512,4096"
@@ -279,7 +279,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         if cfg.batch.adaptive != "none" or cfg.batch.phases:
             raise UsageError("batch.adaptive", "the short run needs one fixed batch (no adaptive batch or phases)")
         out["run_cfg"] = short_run_config(cfg, args.eval_every)
-        loop.validate(out["run_cfg"], 1)
+        preflight.check(out["run_cfg"], 1)
         if args.out and Path(args.out).exists():
             raise UsageError("--out", f"{args.out!r} exists; the short run needs a new folder")
     out["cfg"] = cfg

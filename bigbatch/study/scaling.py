@@ -211,7 +211,7 @@ def main(args: argparse.Namespace) -> int:
     backend = dist_env.resolve_backend(cfg.dist.backend)
     for n in worlds:  # dist.torus_rows / dist.local_size must fit every world measured
         try:
-            hooks.resolve(cfg.dist, dist_env.DistEnv(0, n, 0, n, torch.device("cpu"), backend, True))
+            hooks.check_topology(cfg.dist, n, n)
         except ConfigError as e:
             raise ConfigError(e.field, f"{e.message} (at --nproc {n})") from None
     out = Path(args.out or f"runs/scaling-{cfg.name}")

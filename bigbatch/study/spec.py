@@ -40,7 +40,6 @@ from bigbatch import config as config_mod
 from bigbatch.config import Config
 from bigbatch.errors import ConfigError
 from bigbatch.study import adaptive
-from bigbatch.trainer import batching
 from bigbatch.trainer.data import train_size_hint
 
 
@@ -294,9 +293,10 @@ class SweepSpec:
         raw["track"]["group"] = self.name
         raw["track"]["progress"] = "off"
         cfg = config_mod.from_dict(raw)
-        try:
-            cfg.validate(self.trial.workers_per_trial)
-            batching.validate(cfg, self.trial.workers_per_trial)
+        import bigbatch.trainer.preflight as preflight  # deferred: torch, only when a trial is built
+
+        try:  # everything a trial checks when it starts, for its world (one node)
+            preflight.check(cfg, self.trial.workers_per_trial, self.trial.workers_per_trial)
         except ConfigError as e:
             raise ConfigError(e.field, f"{e.message} (batch_sizes entry {batch}, trial.workers_per_trial "
                                        f"{self.trial.workers_per_trial})") from None

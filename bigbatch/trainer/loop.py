@@ -37,14 +37,14 @@ from torch import nn
 from bigbatch import config as config_mod
 from bigbatch.config import Config
 from bigbatch.distributed import env as dist_env
-from bigbatch.errors import ConfigError
+from bigbatch.errors import ConfigError, PeerLostError
 from bigbatch.track import make_tracker
-from bigbatch.trainer import batching, flops, probes
+from bigbatch.trainer import flops, preflight, probes
 from bigbatch.trainer import checkpoint as ckpt
 from bigbatch.trainer.batching import BatchPlan
 from bigbatch.trainer.build import amp_settings, prepare_model, wrap_ddp
 from bigbatch.trainer.dali import require_dali
-from bigbatch.trainer.data import DataBundle, ExampleStream, build_data, train_size_hint
+from bigbatch.trainer.data import DataBundle, ExampleStream, build_data
 from bigbatch.trainer.evaluate import evaluate, reached_target
 from bigbatch.trainer.optim import build_optimizer
 from bigbatch.trainer.recipe import Schedule
@@ -75,15 +75,6 @@ class LoopState:
         return dict(self.__dict__)
 
 
-def validate(cfg: Config, world_size: int, check_paths: bool = True) -> None:
-    """Every check of a run's config on `world_size` ranks, before any work: the config's own,
-    the batch plan's, the probes'. Raises ConfigError naming the field."""
-    cfg.validate(world_size, check_paths)
-    batching.validate(cfg, world_size)
-    probes.validate(cfg, world_size)
-    batching.validate_adaptive(cfg, world_size)
-
-
 def run(cfg: Config, out_dir: str | Path | None = None, *, resume: bool = False,
         reporter: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train one run; returns the summary (also written to OUT/summary.json on rank 0).
@@ -92,11 +83,9 @@ def run(cfg: Config, out_dir: str | Path | None = None, *, resume: bool = False,
     Raises ConfigError on bad input before creating anything.
     """
     env = dist_env.init(cfg.dist.backend, cfg.dist.timeout_s)
-    validate(cfg, env.world_size)
+    preflight.check(cfg, env.world_size, env.local_world_size)  # before generating or loading data
     if cfg.data.backend == "dali":
         require_dali()
-    if (n_hint := train_size_hint(cfg.data, exact=True)) is not None:
-        Schedule(cfg, n_hint)  # schedule errors (warmup > training) before generating or loading data
     bundle = build_data(cfg.data)
     probes.validate_data(cfg, bundle.in_memory)
     schedule = Schedule(cfg, len(bundle.train))
@@ -105,21 +94,59 @@ def run(cfg: Config, out_dir: str | Path | None = None, *, resume: bool = False,
     path = Path(out_dir) if out_dir is not None else None
     if path is None:
         path = dist_env.broadcast_object(default_run_dir(cfg) if env.is_main else None)
-    run_dir = open_run_dir(path, env.is_main)
-    if resume and not run_dir.checkpoint.exists():
-        raise ConfigError("--resume", f"no checkpoint in {str(path)!r}")
+    run_dir = open_run_dir(path, env.is_main, cfg.checkpoint.keep)
+    resume_from = select_checkpoint(path, env) if resume else None  # nothing in the folder changes before this
     run_dir.create(cfg)
     dist_env.barrier()
     run_dir.start_logging()
     try:
-        return _train(cfg, env, bundle, schedule, model, run_dir, resume, reporter)
-    except Exception:
-        log.error("run failed:\n%s", traceback.format_exc())
+        if resume_from is not None:
+            run_dir.set_aside(resume_from[2], resume_from[0])  # the ones that did not load: one warning
+        return _train(cfg, env, bundle, schedule, model, run_dir, resume_from, reporter)
+    except Exception as e:
+        run_dir.log_traceback(f"rank {env.rank}: run failed:\n{traceback.format_exc()}")
+        e.run_dir = path  # for the one-line message: where the traceback is
         raise
 
 
+def select_checkpoint(run_dir: Path, env: dist_env.DistEnv) -> tuple[Path, dict[str, Any], list]:
+    """(path, state, bad ones) of the newest checkpoint that loads. Rank 0 chooses and every rank
+    loads that file; ConfigError("--resume") on every rank when none loads."""
+    chosen, error = None, None
+    if env.is_main:
+        try:
+            path, state, bad = ckpt.select(run_dir, map_location=env.device)
+            chosen = (str(path), [(str(p), why) for p, why in bad])
+        except ckpt.NoCheckpointError as e:
+            error = str(e)
+    chosen, error = dist_env.broadcast_object((chosen, error))
+    if error is not None:
+        raise ConfigError("--resume", error)
+    if not env.is_main:
+        state = ckpt.load(chosen[0], map_location=env.device)
+    return Path(chosen[0]), state, [(Path(p), why) for p, why in chosen[1]]
+
+
+@contextlib.contextmanager
+def peer_watch(cfg: Config, env: dist_env.DistEnv, run_dir: Path, step: Callable[[], int]):
+    """Turn a collective that failed because a peer rank stopped answering into PeerLostError:
+    which step, the timeout, and the checkpoint to resume from."""
+    try:
+        yield
+    except Exception as e:
+        kind = dist_env.peer_failure(e) if env.world_size > 1 else None
+        if kind is None:
+            raise
+        last = ckpt.latest(run_dir)
+        where = (f"resume from {last.name} with `bigbatch train --resume {run_dir}`" if last is not None
+                 else "no checkpoint was written yet (set checkpoint.every to keep progress)")
+        why = (f"a peer rank stopped answering within dist.timeout_s = {cfg.dist.timeout_s:g} s" if kind == "timeout"
+               else "a peer rank's connection closed (it stopped or died)")
+        raise PeerLostError(f"rank {env.rank}: collective failed in step {step() + 1}: {why}; {where}") from e
+
+
 def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Schedule, model: nn.Module,
-           run_dir: NullRunDir, resume: bool, reporter) -> dict[str, Any]:
+           run_dir: NullRunDir, resume_from: tuple[Path, dict[str, Any], list] | None, reporter) -> dict[str, Any]:
     t_start = time.perf_counter()
     world, rank = env.world_size, env.rank
     plan = BatchPlan(cfg, schedule, world)
@@ -139,8 +166,8 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
 
     st = LoopState()
     stream = ExampleStream(len(bundle.train), cfg.train.seed)
-    if resume:
-        saved = ckpt.load(run_dir.checkpoint, map_location=env.device)
+    if resume_from is not None:
+        resumed_path, saved, _ = resume_from
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
@@ -151,7 +178,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
         rngs = saved["rng"]
         ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         run_dir.truncate_metrics(st.step)
-        log.info("resumed from %s at step %d (%d examples)", run_dir.checkpoint, st.step, st.examples)
+        log.info("resumed from %s at step %d (%d examples)", resumed_path, st.step, st.examples)
 
     log.info("%s", schedule.describe())
     log.info("global batch %d = %d rank(s) x %d per device x %d accumulation step(s); device %s, backend %s, amp %s",
@@ -170,7 +197,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
         # on every rank: averaging the GNS EMAs is a collective
         measure_state = {**measures.state_dict(), "controller": plan.state_dict()}
         st.interval_loss = interval_loss.item()
-        run_dir.save_checkpoint({
+        error = run_dir.save_checkpoint(st.step, {
             "model": ckpt.unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
@@ -178,12 +205,13 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
             "rng": rngs,
             "measure": measure_state,
         })
-        dist_env.barrier()
+        if (error := dist_env.broadcast_object(error)) is not None:  # full disk, unwritable: every rank stops
+            raise ckpt.CheckpointWriteError(error)
 
     status = "completed"
     train_model.train()
     last_log_examples, interval_train_s = st.examples, 0.0
-    with StopFlag() as stop:
+    with StopFlag() as stop, peer_watch(cfg, env, run_dir.path, lambda: st.step):
         while st.step < schedule.total_steps and not plan.finished(st.examples):
             # the batch and the lr of this step
             t0 = time.perf_counter()

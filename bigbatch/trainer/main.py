@@ -1,21 +1,41 @@
 """`bigbatch train`: one run in this process, N local processes (--nproc), or one rank of a
 torchrun/SLURM world. Validation happens before anything is launched or written.
 
-The modules that import torch (the loop, the data) are imported inside the functions that need
-them, so `bigbatch train --help` and bad-input errors stay fast."""
+Failures end in one line on stderr (the traceback is in the run folder's train.log) and an exit
+code (bigbatch.errors): 1 a failure during the run (a checkpoint that could not be written says
+which earlier one is intact), 2 bad input, 3 stopped by a signal after checkpointing, 4 diverged,
+5 a peer rank stopped answering within dist.timeout_s (the line names the step and the
+checkpoint to resume from). With --nproc the launcher keeps torchrun's own report in
+RUN/launcher.log and prints the one line of the rank that failed first (a root cause before the
+ranks that lost it as a peer).
+
+The modules that import torch (the loop, the data, checkpoints) are imported inside the functions
+that need them, so `bigbatch train --help` and bad-input errors stay fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
 from bigbatch import config as config_mod
-from bigbatch.errors import EXIT_DIVERGED, EXIT_FAILURE, EXIT_PREEMPTED, ConfigError, UsageError
+from bigbatch.errors import (EXIT_DIVERGED, EXIT_FAILURE, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, ConfigError,
+                             PeerLostError, UsageError)
 from bigbatch.trainer import batching
+
+STATUS_DIR_ENV = "BIGBATCH_STATUS_DIR"  # set by the --nproc launcher: each rank leaves rank<R>.json there
+LAUNCHER_LOG = "launcher.log"
+_LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d ")  # the ranks' log format (trainer.loop.setup_logging)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config value (TOML syntax; repeatable)")
     p.add_argument("--out", help="run folder (default runs/<name>-<time>)")
     p.add_argument("--nproc", type=int, default=None, help="launch N local processes through torchrun")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint that loads")
     p.add_argument("--auto-resume", action="store_true",
                    help="resume when --out already holds a checkpoint, else start (SLURM requeue)")
     p.add_argument("--dry-run", action="store_true",
@@ -37,14 +57,20 @@ def _load(args) -> tuple[config_mod.Config, Path | None, bool]:
         run_dir = Path(args.resume)
         if not (run_dir / "config.toml").is_file():
             raise UsageError("--resume", f"{str(run_dir)!r} is not a run folder (no config.toml)")
-        if not (run_dir / "checkpoint.pt").is_file():
+        import bigbatch.trainer.checkpoint as ckpt
+
+        if ckpt.latest(run_dir) is None:
             raise UsageError("--resume", f"no checkpoint in {str(run_dir)!r}")
         return config_mod.load(run_dir / "config.toml", args.overrides), run_dir, True
     if not args.config:
         raise UsageError("config", "a config file is required (or --resume RUN_DIR)")
     cfg = config_mod.load(args.config, args.overrides)
     run_dir = Path(args.out) if args.out else None
-    resume = bool(args.auto_resume and run_dir is not None and (run_dir / "checkpoint.pt").is_file())
+    resume = False
+    if args.auto_resume and run_dir is not None:
+        import bigbatch.trainer.checkpoint as ckpt
+
+        resume = ckpt.latest(run_dir) is not None
     return cfg, run_dir, resume
 
 
@@ -65,11 +91,22 @@ def dry_run(cfg: config_mod.Config, world_size: int) -> dict:
             **sched.summary(), "description": sched.describe()}
 
 
-def _launch_torchrun(args, cfg: config_mod.Config, run_dir: Path | None) -> int:
+# --- the --nproc launcher ------------------------------------------------------------------------
+
+
+def _launch_torchrun(args, cfg: config_mod.Config, run_dir: Path | None, resume: bool) -> int:
+    """Validate for N ranks, start torchrun, pass the ranks' log lines through, keep the rest
+    (torchrun's report, rank tracebacks) in RUN/launcher.log, and end with one line and one code."""
+    import bigbatch.trainer.checkpoint as ckpt
+    import bigbatch.trainer.preflight as preflight
     from bigbatch.trainer.rundir import default_run_dir
 
-    cfg.validate(args.nproc)
-    batching.validate(cfg, args.nproc)
+    preflight.check(cfg, args.nproc, args.nproc)  # one node: every rank is local
+    if resume:
+        try:
+            ckpt.select(run_dir, mmap=True)
+        except ckpt.NoCheckpointError as e:
+            raise UsageError("--resume", str(e)) from None
     run_dir = run_dir or default_run_dir(cfg)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "bigbatch", "train"]
@@ -81,48 +118,168 @@ def _launch_torchrun(args, cfg: config_mod.Config, run_dir: Path | None) -> int:
         cmd += ["--set", o]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    env.setdefault("TORCHELASTIC_ERROR_FILE", str(Path(run_dir).resolve() / "error.json"))
-    proc = subprocess.run(cmd, env=env)
-    summary = Path(run_dir) / "summary.json"
-    if summary.exists():  # a rank that exits non-zero makes torchrun exit 1: the summary says why
-        status = json.loads(summary.read_text())["status"]
-        return _exit_code(status) if proc.returncode == 0 or status == "diverged" else EXIT_FAILURE
-    # every rank stopped on a signal and checkpointed (no summary is written then)
-    return EXIT_PREEMPTED if proc.returncode == 0 else EXIT_FAILURE
+    with tempfile.TemporaryDirectory(prefix="bigbatch-launch-") as status_dir:
+        env[STATUS_DIR_ENV] = status_dir
+        raw_log = Path(status_dir) / LAUNCHER_LOG
+        with raw_log.open("w") as raw:
+            rc = _supervise(cmd, env, Path(status_dir), raw)
+        reports = [json.loads(p.read_text()) for p in sorted(Path(status_dir).glob("rank*.json"))]
+        if Path(run_dir).is_dir():  # appended: a resumed run keeps the earlier segments' reports
+            with (Path(run_dir) / LAUNCHER_LOG).open("a") as f:
+                f.write(raw_log.read_text())
+    code, line = launch_outcome(rc, reports, args.nproc, Path(run_dir) / LAUNCHER_LOG)
+    if line:
+        print(f"bigbatch train: {line}", file=sys.stderr)
+    return code
+
+
+FAILED_GRACE_S = 5.0  # after a rank reported a failure, the others get this long to exit before they are killed
+
+
+def _supervise(cmd: list[str], env: dict[str, str], status_dir: Path, raw) -> int:
+    """Run torchrun in its own process group; its stderr goes to `raw`, the ranks' log lines also
+    to our stderr. Signals for the run (Ctrl-C, SIGTERM, SIGUSR2) are passed to the group. Once a
+    rank has reported a failure the run is over: ranks that have not exited FAILED_GRACE_S later
+    (a stopped or hung peer, which torchrun would wait 30 s more for) are killed."""
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
+                            start_new_session=True)
+
+    def pump() -> None:
+        for line in proc.stderr:
+            raw.write(line)
+            if _LOG_LINE.match(line):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    def forward(signum, frame) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+    failed_at = None
+    try:
+        while proc.poll() is None:
+            time.sleep(0.2)
+            if failed_at is None and any(json.loads(p.read_text())["code"] not in (0, EXIT_PREEMPTED, EXIT_DIVERGED)
+                                         for p in status_dir.glob("rank*.json")):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > FAILED_GRACE_S:
+                _kill_ranks(status_dir)  # torchrun starts each rank in a session of its own
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        reader.join(timeout=10)
+    return proc.returncode
+
+
+def _kill_ranks(status_dir: Path) -> None:
+    for f in status_dir.glob("pid*"):
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(f.read_text()), signal.SIGKILL)
+
+
+# a rank's own failure is the cause; the ranks that then lost it as a peer come after
+_PRIORITY = {EXIT_FAILURE: 0, EXIT_USAGE: 0, EXIT_PEER_LOST: 1, EXIT_DIVERGED: 2, EXIT_PREEMPTED: 3, 0: 4}
+
+
+def launch_outcome(returncode: int, reports: list[dict], nproc: int, log_path: Path) -> tuple[int, str]:
+    """(exit code, line to print) from torchrun's exit code and the ranks' reports."""
+    reports = sorted(reports, key=lambda r: (_PRIORITY.get(r["code"], 0), r["rank"]))
+    if reports and reports[0]["code"] != 0:
+        return reports[0]["code"], reports[0]["line"]
+    if returncode != 0 or len(reports) < nproc:
+        silent = sorted(set(range(nproc)) - {r["rank"] for r in reports})
+        who = f"rank(s) {', '.join(map(str, silent))}" if silent else "torchrun"
+        return EXIT_FAILURE, (f"{who} stopped without a report (killed by a signal or out of memory?); "
+                              f"torchrun's report is in {log_path}")
+    return 0, ""
+
+
+# --- one rank (or the only process) ----------------------------------------------------------------
 
 
 def _exit_code(status: str) -> int:
     return {"preempted": EXIT_PREEMPTED, "diverged": EXIT_DIVERGED}.get(status, 0)
 
 
+def _report(name: str, text: str) -> None:
+    """For the --nproc launcher: a file in its status folder (written whole, then renamed)."""
+    folder = os.environ.get(STATUS_DIR_ENV)
+    if not folder:
+        return
+    tmp = Path(folder) / f".{name}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, Path(folder) / name)
+
+
+def _report_exit(code: int, line: str) -> None:
+    from bigbatch.distributed.env import launcher_world
+
+    rank = launcher_world()[0]
+    _report(f"rank{rank}.json", json.dumps({"rank": rank, "code": code, "line": line}))
+
+
+def failure_line(e: BaseException) -> tuple[int, str]:
+    """(exit code, one line) for an exception out of `trainer.loop.run`."""
+    from bigbatch.trainer.checkpoint import CheckpointWriteError
+
+    if isinstance(e, PeerLostError):
+        return EXIT_PEER_LOST, str(e)
+    if isinstance(e, CheckpointWriteError):
+        return EXIT_FAILURE, f"{e}; the run stopped"
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    run_dir = getattr(e, "run_dir", None)
+    where = f" (traceback in {Path(run_dir) / 'train.log'})" if run_dir is not None else ""
+    return EXIT_FAILURE, f"run failed: {type(e).__name__}: {first}{where}"
+
+
+def _run_here(cfg: config_mod.Config, run_dir: Path | None, resume: bool) -> int:
+    from bigbatch.distributed import env as dist_env
+    from bigbatch.trainer.loop import run
+
+    from bigbatch.distributed.env import launcher_world
+
+    _report(f"pid{launcher_world()[0]}", str(os.getpid()))  # the launcher kills what is left of a failed run
+    peer_lost = False
+    try:
+        summary = run(cfg, run_dir, resume=resume)
+        code, line = _exit_code(summary["status"]), ""
+    except (UsageError, ConfigError) as e:
+        _report_exit(EXIT_USAGE, f"error: {e}")
+        raise
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        code, line = failure_line(e)
+        peer_lost = code == EXIT_PEER_LOST
+    finally:
+        if not peer_lost:  # tearing down a group whose peer is gone can block: the process exits instead
+            dist_env.destroy()
+    if line:
+        print(f"bigbatch train: {line}", file=sys.stderr)
+    _report_exit(code, line)
+    return code
+
+
 def main(args: argparse.Namespace) -> int:
-    cfg, run_dir, resume = _load(args)
     if args.nproc is not None and args.nproc < 1:
         raise UsageError("--nproc", f"must be >= 1, got {args.nproc}")
+    cfg, run_dir, resume = _load(args)
     if args.dry_run:
         from bigbatch.distributed.env import world_size_hint
+        import bigbatch.trainer.preflight as preflight
 
         world = args.nproc or world_size_hint()
-        cfg.validate(world, check_paths=False)
-        batching.validate(cfg, world)
+        preflight.check(cfg, world, check_paths=False)
         info = dry_run(cfg, world)
         print(info.pop("description"))
         print(json.dumps(info, indent=2))
         return 0
     if args.nproc is not None and "RANK" not in os.environ:
-        return _launch_torchrun(args, cfg, run_dir)
-
-    from bigbatch.trainer.loop import run
-
-    try:
-        summary = run(cfg, run_dir, resume=resume)
-    except (UsageError, ConfigError, KeyboardInterrupt):
-        raise
-    except Exception as e:  # traceback is in the run folder's train.log
-        print(f"bigbatch train: run failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        from bigbatch.distributed import env as dist_env
-
-        dist_env.destroy()
-    return _exit_code(summary["status"])
+        return _launch_torchrun(args, cfg, run_dir, resume)
+    return _run_here(cfg, run_dir, resume)

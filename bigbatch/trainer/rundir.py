@@ -2,8 +2,9 @@
 
     config.toml     the resolved config (written before training starts)
     metrics.jsonl   one JSON object per logged step (`bigbatch.track`; truncated to the checkpoint on resume)
-    train.log       the run's log, with the traceback of a failure
-    checkpoint.pt   the latest checkpoint (`bigbatch.trainer.checkpoint`: temp file + rename)
+    train.log       the run's log, with the traceback of a failure (stderr gets one line)
+    checkpoint-<step>.pt  the newest checkpoint.keep checkpoints (`bigbatch.trainer.checkpoint`: temp file + rename)
+    checkpoint.pt   a link to the newest one
     summary.json    the final summary (temp file + rename)
 
 `open_run_dir(path, is_main)` returns a `RunDir` on the logging rank and a `NullRunDir` (same
@@ -13,6 +14,7 @@ loop has no rank branches for files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -48,8 +50,9 @@ def default_run_dir(cfg: config_mod.Config) -> Path:
 class NullRunDir:
     """The run folder as a rank that does not log sees it: its paths, and writes that do nothing."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, keep: int = 2):
         self.path = Path(path)
+        self.keep = keep
 
     @property
     def checkpoint(self) -> Path:
@@ -68,11 +71,20 @@ class NullRunDir:
     def truncate_metrics(self, step: int) -> None:
         pass
 
-    def save_checkpoint(self, state: dict[str, Any]) -> None:
+    def set_aside(self, bad: list, used: Path) -> None:
         pass
+
+    def save_checkpoint(self, step: int, state: dict[str, Any]) -> str | None:
+        """None, or why the checkpoint could not be written (the logging rank writes it)."""
+        return None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         pass
+
+    def log_traceback(self, text: str) -> None:
+        """A failure's traceback into train.log (not on stderr); every rank appends its own."""
+        with contextlib.suppress(OSError), (self.path / LOG).open("a") as f:
+            f.write(text)
 
 
 class RunDir(NullRunDir):
@@ -89,8 +101,18 @@ class RunDir(NullRunDir):
         """Drop metrics rows after `step` (a resumed run logs them again)."""
         truncate_after(self.metrics, step)
 
-    def save_checkpoint(self, state: dict[str, Any]) -> None:
-        ckpt.save(self.checkpoint, state)
+    def set_aside(self, bad: list, used: Path) -> None:
+        ckpt.set_aside(bad, used)
+
+    def save_checkpoint(self, step: int, state: dict[str, Any]) -> str | None:
+        try:
+            ckpt.save_step(self.path, step, state, keep=self.keep)
+        except ckpt.CheckpointWriteError as e:
+            return str(e)
+        return None
+
+    def log_traceback(self, text: str) -> None:
+        log.error("%s", text, extra={"file_only": True})
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         tmp = self.path / (SUMMARY + ".tmp")
@@ -98,19 +120,29 @@ class RunDir(NullRunDir):
         os.replace(tmp, self.path / SUMMARY)
 
 
-def open_run_dir(path: str | Path, is_main: bool) -> NullRunDir:
-    return RunDir(path) if is_main else NullRunDir(path)
+def open_run_dir(path: str | Path, is_main: bool, keep: int = 2) -> NullRunDir:
+    return RunDir(path, keep) if is_main else NullRunDir(path, keep)
+
+
+class _QuietFileHandler(logging.FileHandler):
+    """train.log; on a full disk a failed log write must not dump a traceback on stderr."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 def _setup_logging(log_file: Path | None, level: int) -> None:
+    """stderr gets one line per message; records logged with extra={"file_only": True}
+    (tracebacks) go to train.log only."""
     log.handlers.clear()
     log.propagate = False
     log.setLevel(level)
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     h = logging.StreamHandler(sys.stderr)
     h.setFormatter(fmt)
+    h.addFilter(lambda record: not getattr(record, "file_only", False))
     log.addHandler(h)
     if log_file is not None:
-        fh = logging.FileHandler(log_file)
+        fh = _QuietFileHandler(log_file)
         fh.setFormatter(fmt)
         log.addHandler(fh)

@@ -38,3 +38,46 @@ def test_missing_data_root_fails_before_any_run_folder_exists(tmp_path):
     assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr
     assert "data.root" in p.stderr and "does not exist" in p.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# Everything is validated for the world about to be started, before a folder or a process exists.
+WORLD_MISTAKES = [
+    (["--set", "dist.allreduce=torus2d", "--set", "dist.torus_rows=3"], "dist.torus_rows: 3 rows do not tile 2 ranks"),
+    (["--set", "dist.allreduce=hierarchical", "--set", "dist.local_size=3"], "dist.local_size: local size 3 does not divide"),
+    (["--set", "batch.adaptive=gns"], "batch.adaptive:"),
+    (["--set", "batch.phases=[[0, 128], [1, 129]]"], "batch.phases[1]: global batch 129 is not divisible by world size 2"),
+    (["--set", "schedule.warmup_steps=100000"], "schedule.warmup_steps:"),
+]
+
+
+@pytest.mark.parametrize("sets, expect", WORLD_MISTAKES)
+def test_train_nproc_validates_for_its_world_before_launching(tmp_path, monkeypatch, capsys, sets, expect):
+    import pathlib
+
+    monkeypatch.chdir(tmp_path)
+    mlp = str(pathlib.Path(__file__).resolve().parents[2] / MLP)
+    _one_line_error(capsys, ["train", mlp, "--nproc", "2", *sets], expect)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sets, expect", WORLD_MISTAKES[:2] + WORLD_MISTAKES[3:4])
+def test_slurm_render_validates_for_nodes_x_processes(tmp_path, monkeypatch, capsys, sets, expect):
+    import pathlib
+
+    monkeypatch.chdir(tmp_path)
+    mlp = str(pathlib.Path(__file__).resolve().parents[2] / MLP)
+    _one_line_error(capsys, ["slurm", "render", mlp, "--nodes", "1", "--gpus-per-node", "2", *sets], expect)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_validates_every_trial_for_its_workers(tmp_path, monkeypatch, capsys):
+    import pathlib
+
+    mlp = pathlib.Path(__file__).resolve().parents[2] / MLP
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(f'name = "s"\nbase = "{mlp}"\noverrides = ["dist.allreduce=\'torus2d\'", "dist.torus_rows=3"]\n'
+                     "batch_sizes = [64]\nlr_multipliers = [1.0]\n[target]\ntest_acc = 0.5\n"
+                     "[trial]\nmax_steps = 10\nworkers_per_trial = 2\n")
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(capsys, ["sweep", str(sweep)], "dist.torus_rows: 3 rows do not tile 2 ranks")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.toml"]
