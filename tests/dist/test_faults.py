@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from _helpers import bigbatch, read_jsonl, step_losses
@@ -38,6 +39,7 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.timeout(900)  # several real runs; each start-up takes long on 2 loaded cores
 def test_a_truncated_newest_checkpoint_is_named_the_previous_is_used_and_the_run_ends_as_if_uninterrupted(tmp_path):
     out = tmp_path / "run"
     p = bigbatch("train", MLP, "--out", str(out), *_sets("train.steps=40", "checkpoint.every=10"))
@@ -60,6 +62,7 @@ def test_a_truncated_newest_checkpoint_is_named_the_previous_is_used_and_the_run
     assert (out / "checkpoint-00000040.pt.corrupt").exists()
 
 
+@pytest.mark.timeout(900)  # several real runs; each start-up takes long on 2 loaded cores
 def test_when_no_checkpoint_loads_resume_exits_2_with_one_line_and_changes_nothing(tmp_path):
     out = tmp_path / "run"
     p = bigbatch("train", MLP, "--out", str(out), *_sets("train.steps=20", "checkpoint.every=10"))
@@ -82,6 +85,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
+@pytest.mark.timeout(900)  # several real runs; each start-up takes long on 2 loaded cores
 def test_a_full_disk_while_checkpointing_stops_the_run_with_one_line_and_the_previous_checkpoint_intact(tmp_path):
     out = tmp_path / "run"
     p = bigbatch("train", MLP, "--out", str(out), *_sets("train.steps=20", "checkpoint.every=10"))
@@ -116,6 +120,7 @@ def _rank_pid(out: Path, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.timeout(900)  # several real runs; each start-up takes long on 2 loaded cores
 def test_a_stopped_rank_ends_the_run_with_one_line_exit_5_and_the_run_resumes_exactly(tmp_path):
     out = tmp_path / "cut"
     sets = _sets("train.steps=100000", "checkpoint.every=10", "dist.timeout_s=10")
