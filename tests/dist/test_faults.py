@@ -39,10 +39,10 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.timeout(900)  # several real runs; each start-up takes long on 2 loaded cores
+@pytest.mark.timeout(1800)  # several real runs; each start-up takes long on 2 loaded cores
 def test_a_truncated_newest_checkpoint_is_named_the_previous_is_used_and_the_run_ends_as_if_uninterrupted(tmp_path):
     out = tmp_path / "run"
-    p = bigbatch("train", MLP, "--out", str(out), *_sets("train.steps=40", "checkpoint.every=10"))
+    p = bigbatch("train", MLP, "--out", str(out), *_sets("train.steps=40", "checkpoint.every=10"), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(x.name for x in out.glob("checkpoint*")) == ["checkpoint-00000030.pt", "checkpoint-00000040.pt", "checkpoint.pt"]
     whole_losses = step_losses(out)
@@ -50,7 +50,7 @@ def test_a_truncated_newest_checkpoint_is_named_the_previous_is_used_and_the_run
     newest = out / "checkpoint-00000040.pt"
     newest.write_bytes(newest.read_bytes()[:100_000])  # a node lost mid-copy
 
-    p = bigbatch("train", "--resume", str(out))
+    p = bigbatch("train", "--resume", str(out), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     warnings = [l for l in p.stderr.splitlines() if "did not load" in l]
     assert len(warnings) == 1 and "checkpoint-00000040.pt" in warnings[0] and "checkpoint-00000030.pt" in warnings[0], p.stderr
@@ -62,16 +62,16 @@ def test_a_truncated_newest_checkpoint_is_named_the_previous_is_used_and_the_run
     assert (out / "checkpoint-00000040.pt.corrupt").exists()
 
 
-@pytest.mark.timeout(900)  # several real runs; each start-up takes long on 2 loaded cores
+@pytest.mark.timeout(1800)  # several real runs; each start-up takes long on 2 loaded cores
 def test_when_no_checkpoint_loads_resume_exits_2_with_one_line_and_changes_nothing(tmp_path):
     out = tmp_path / "run"
-    p = bigbatch("train", MLP, "--out", str(out), *_sets("train.steps=20", "checkpoint.every=10"))
+    p = bigbatch("train", MLP, "--out", str(out), *_sets("train.steps=20", "checkpoint.every=10"), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     for f in out.glob("checkpoint-*.pt"):
         f.write_bytes(f.read_bytes()[:5000])
     before = {f.name: _digest(f) for f in out.iterdir()}
     for launcher in ([], ["--nproc", "2"]):
-        p = bigbatch("train", "--resume", str(out), *launcher)
+        p = bigbatch("train", "--resume", str(out), *launcher, timeout=600)
         assert p.returncode == 2, p.stderr[-3000:]
         line = _one_line(p.stderr)
         assert p.stderr.strip() == line and "--resume" in line
@@ -85,16 +85,16 @@ def _file_size_limit(limit: int):
     return apply
 
 
-@pytest.mark.timeout(900)  # several real runs; each start-up takes long on 2 loaded cores
+@pytest.mark.timeout(1800)  # several real runs; each start-up takes long on 2 loaded cores
 def test_a_full_disk_while_checkpointing_stops_the_run_with_one_line_and_the_previous_checkpoint_intact(tmp_path):
     out = tmp_path / "run"
-    p = bigbatch("train", MLP, "--out", str(out), *_sets("train.steps=20", "checkpoint.every=10"))
+    p = bigbatch("train", MLP, "--out", str(out), *_sets("train.steps=20", "checkpoint.every=10"), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     previous = out / "checkpoint-00000020.pt"
     digest = _digest(previous)
     # a checkpoint is ~650 kB; 200 kB per file leaves room for the logs but not for the next one
     cmd = [sys.executable, "-m", "bigbatch", "train", "--resume", str(out), "--set", "train.steps=40"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, preexec_fn=_file_size_limit(200_000))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, preexec_fn=_file_size_limit(200_000))
     assert p.returncode == 1, p.stderr[-3000:]
     line = _one_line(p.stderr)
     assert "could not write checkpoint" in line and "checkpoint-00000030.pt" in line, line
@@ -120,13 +120,13 @@ def _rank_pid(out: Path, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.timeout(900)  # several real runs; each start-up takes long on 2 loaded cores
+@pytest.mark.timeout(1800)  # several real runs; each start-up takes long on 2 loaded cores
 def test_a_stopped_rank_ends_the_run_with_one_line_exit_5_and_the_run_resumes_exactly(tmp_path):
     out = tmp_path / "cut"
     sets = _sets("train.steps=100000", "checkpoint.every=10", "dist.timeout_s=10")
     cmd = [sys.executable, "-m", "bigbatch", "train", MLP, "--nproc", "2", "--out", str(out), *sets]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
+    deadline = time.time() + 600
     while not list(out.glob("checkpoint-*.pt")) or len(read_jsonl(out / "metrics.jsonl")) < 25:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.2)
@@ -134,7 +134,7 @@ def test_a_stopped_rank_ends_the_run_with_one_line_exit_5_and_the_run_resumes_ex
     assert pid is not None
     os.kill(pid, signal.SIGSTOP)
     try:
-        _, err = proc.communicate(timeout=180)
+        _, err = proc.communicate(timeout=600)
     finally:
         with_pid_gone = not Path(f"/proc/{pid}").exists()
         if not with_pid_gone:
@@ -152,11 +152,11 @@ def test_a_stopped_rank_ends_the_run_with_one_line_exit_5_and_the_run_resumes_ex
     assert saved_step < failed_step
 
     end = saved_step + 12
-    p = bigbatch("train", "--resume", str(out), "--nproc", "2", "--set", f"train.steps={end}")
+    p = bigbatch("train", "--resume", str(out), "--nproc", "2", "--set", f"train.steps={end}", timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     whole = tmp_path / "whole"
     p = bigbatch("train", MLP, "--nproc", "2", "--out", str(whole),
-                 *_sets(f"train.steps={end}", "checkpoint.every=10", "dist.timeout_s=10"))
+                 *_sets(f"train.steps={end}", "checkpoint.every=10", "dist.timeout_s=10"), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert step_losses(out) == step_losses(whole)  # every step, exactly
     assert json.loads((out / "summary.json").read_text())["test_loss"] == json.loads((whole / "summary.json").read_text())["test_loss"]
