@@ -158,8 +158,7 @@ class BatchConfig:
         for i, ph in enumerate(self.phases):
             _check(
                 isinstance(ph, (list, tuple)) and len(ph) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in ph),
-                f"batch.phases[{i}]", f"expected [from_epoch, global_batch], got {ph!r}",
-            )
+                f"batch.phases[{i}]", f"expected [from_epoch, global_batch], got {ph!r}")
             from_epoch, b = ph
             _check(float(b).is_integer() and b >= 1, f"batch.phases[{i}]", f"global_batch must be a positive integer, got {b!r}")
             _check(from_epoch >= 0, f"batch.phases[{i}]", f"from_epoch must be >= 0, got {from_epoch!r}")
@@ -213,8 +212,7 @@ class OptimConfig:
         _check(self.eps >= 0, "optim.eps", "must be >= 0")
         _check(
             isinstance(self.betas, list) and len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
-            "optim.betas", f"expected [beta1, beta2] in [0, 1), got {self.betas!r}",
-        )
+            "optim.betas", f"expected [beta1, beta2] in [0, 1), got {self.betas!r}")
         self.betas = [float(b) for b in self.betas]
 
 
@@ -328,12 +326,10 @@ class CheckpointConfig:
     every: int = 0
     """Steps between checkpoints (0 = only on SIGTERM/SIGUSR2 and at the end)."""
     keep: int = 2
-    """Checkpoints kept (checkpoint-<step>.pt, newest `keep`); resume falls back to an older one
-    when the newest does not load."""
+    """Newest checkpoint-<step>.pt files kept; resume falls back to an older one if one does not load."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "checkpoint.every", "must be >= 0")
-        _check(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
 
 
 @dataclass
@@ -362,8 +358,7 @@ class DistConfig:
     bucket_cap_mb: float = 25.0
     """DDP gradient bucket size."""
     timeout_s: float = 600.0
-    """Process-group timeout: a collective that waits this long for a peer rank stops the run
-    (exit code 5, resume from the last checkpoint)."""
+    """Process-group timeout."""
 
     def __post_init__(self) -> None:
         if self.torus_rows is not None:

@@ -15,6 +15,7 @@ the training length where the dataset size is known without loading it, and path
 from __future__ import annotations
 
 from bigbatch.config import Config
+from bigbatch.errors import ConfigError
 from bigbatch.distributed.hooks import check_topology
 from bigbatch.trainer import batching, probes
 from bigbatch.trainer.data import train_size_hint
@@ -25,6 +26,8 @@ def check(cfg: Config, world_size: int, local_world_size: int | None = None, *, 
     """ConfigError for anything in `cfg` that cannot work on `world_size` ranks
     (`local_world_size` per node, default all on one node)."""
     cfg.validate(world_size, check_paths)
+    if cfg.checkpoint.keep < 1:  # (config/sections.py is at its 400-line limit)
+        raise ConfigError("checkpoint.keep", f"must be >= 1, got {cfg.checkpoint.keep}")
     batching.validate(cfg, world_size)
     if cfg.dist.allreduce != "builtin":
         check_topology(cfg.dist, world_size, local_world_size or world_size)
