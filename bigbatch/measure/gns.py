@@ -47,23 +47,52 @@ from bigbatch.measure.noise import GNSEstimator
 
 
 class GradNormTap:
-    """Sums squared L2 norms of the gradients it is shown, in float64, while enabled."""
+    """Collects the L2 norm of every gradient it is shown while enabled: one fp32 reduction per
+    tensor (no float64 copy of a bucket), kept as a 0-d tensor; `take` squares and sums them in
+    float64, `take_norms` hands them over unsquared so a caller can defer that (and the host sync)
+    to when the estimate is read.
 
-    def __init__(self) -> None:
+    keep_buffers=True (DDP): the tap is shown each bucket before its all-reduce and keeps the
+    bucket; after the backward the same buffer holds the averaged gradient, whose norm is the big
+    batch's (`norms_of`): one pass per bucket instead of one norm per parameter.
+    """
+
+    def __init__(self, keep_buffers: bool = False) -> None:
         self.enabled = False
-        self.total: torch.Tensor | None = None
-        self.calls = 0
+        self.keep_buffers = keep_buffers
+        self.norms: list[torch.Tensor] = []
+        self.buffers: list[torch.Tensor] = []
 
     def __call__(self, grad: torch.Tensor) -> None:
         if not self.enabled or grad is None:
             return
-        sq = torch.linalg.vector_norm(grad).double().square()  # fp32 norm: no float64 copy of the bucket
-        self.total = sq if self.total is None else self.total + sq
-        self.calls += 1
+        self.norms.append(torch.linalg.vector_norm(grad))
+        if self.keep_buffers:
+            self.buffers.append(grad)
+
+    def take_norms(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(norms, kept buffers) since the last take; the tap starts empty."""
+        norms, buffers = self.norms, self.buffers
+        self.norms, self.buffers = [], []
+        return norms, buffers
 
     def take(self) -> torch.Tensor | None:
-        total, self.total, self.calls = self.total, None, 0
-        return total
+        """The sum of the squared norms, float64 (None when nothing was shown)."""
+        norms, _ = self.take_norms()
+        return torch.stack(norms).double().square().sum() if norms else None
+
+
+def norms_of(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fp32 L2 norms (0-d tensors) of `tensors`, one fused call."""
+    return list(torch._foreach_norm(tensors)) if tensors else []
+
+
+def sum_of_squares(values: list[float]) -> float:
+    """Squared norms summed in float64, in order."""
+    total = 0.0
+    for v in values:
+        total += v * v
+    return total
 
 
 def grad_sq_norm(params: list[nn.Parameter]) -> torch.Tensor | None:

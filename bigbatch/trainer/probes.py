@@ -17,9 +17,11 @@ The loop holds one `OnlineMeasures` and calls it at a few marked places:
 Online gradient noise scale (McCandlish et al. 2018, appendix A.1): two squared gradient norms at
 two batch sizes per step.
 - DDP (world > 1): the small batch is each rank's local batch. A tap inside the DDP comm hook sees
-  every bucket's local gradient before the all-reduce and sums its squared norm in float64; each
-  rank keeps EMAs of its own, averaged over ranks only when read (see `OnlineGNS`). The big batch
-  is the global batch: the all-reduced (averaged) gradient left in `.grad`.
+  every bucket's local gradient before the all-reduce and takes its norm; each rank keeps EMAs
+  of its own, averaged over ranks only when read (see `OnlineGNS`). The big batch is the global
+  batch: the all-reduced (averaged) gradient left in the same buckets (`.grad` views them). One
+  fp32 norm per bucket each, squared and summed in float64 when the estimate is read: a measured
+  step costs two passes over the gradient and no host sync.
 - One process: the micro-batches of gradient accumulation are the small batches. A hook on each
   parameter sees that micro-batch's gradient before it is added into `.grad`.
 The loop divides every micro-batch loss by `accum`, and the AMP GradScaler multiplies it by its
@@ -35,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bigbatch.errors import ConfigError
-from bigbatch.measure.gns import GradNormTap, attach_tap, grad_sq_norm
+from bigbatch.measure.gns import GradNormTap, attach_tap, norms_of, sum_of_squares
 from bigbatch.measure.modes import measuring
 from bigbatch.measure.noise import GNSEstimator
 from bigbatch.measure.sharpness import hessian_top_eigs
@@ -94,9 +96,9 @@ class OnlineGNS:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._local = GNSEstimator(cfg.measure.gns_ema)  # this rank's EMAs (the estimate in one process)
         self._synced: GNSEstimator | None = None  # rank average of _local, valid until the next update
-        self._pending: tuple | None = None
-        self.tap = GradNormTap()
+        self._pending: list[tuple] = []  # measured steps not yet in the EMAs (norms still tensors)
         self.distributed = env.initialized and env.world_size > 1
+        self.tap = GradNormTap(keep_buffers=self.distributed)
         if self.distributed:
             install_tap(ddp_model, cfg, env, self.tap)
         else:
@@ -128,15 +130,21 @@ class OnlineGNS:
         self._synced = None
 
     def _collect(self) -> None:
-        if self._pending is None:
+        """Every pending step's norms in one device-to-host copy, then the EMA updates in order."""
+        if not self._pending:
             return
-        small, big, b_small, b_big, scale = self._pending
-        self._pending = None
-        self._local.update(float(small), b_small, float(big), b_big, scale=scale)
+        values = torch.stack([t for local, big, *_ in self._pending for t in (*local, *big)]).tolist()
+        i = 0
+        for local, big, factor, b_small, b_big, scale in self._pending:
+            small = factor * sum_of_squares(values[i:i + len(local)])
+            i += len(local)
+            self._local.update(small, b_small, sum_of_squares(values[i:i + len(big)]), b_big, scale=scale)
+            i += len(big)
+        self._pending = []
         self._synced = None
 
     def begin_step(self, step: int) -> None:
-        self.tap.take()
+        self.tap.take_norms()
         self.tap.enabled = step % self.every == 0
 
     def after_backward(self, global_batch: int, per_device: int, accum: int,
@@ -147,22 +155,19 @@ class OnlineGNS:
         if not self.tap.enabled:
             return False
         self.tap.enabled = False
-        local = self.tap.take()
-        big = grad_sq_norm(self.params)
+        local, buckets = self.tap.take_norms()
+        # the big batch: under DDP the buckets the tap saw, now holding the averaged gradient
+        # (.grad views them: gradient_as_bucket_view); in one process the accumulated .grad
+        big = norms_of(buckets) if buckets else norms_of([p.grad for p in self.params if p.grad is not None])
         b_small = per_device * accum if self.distributed else per_device
-        if big is None or (local is None and not self.distributed) or b_small >= global_batch:
+        if not big or (not local and not self.distributed) or b_small >= global_batch:
             return False
-        self._collect()
         scale = scale() if callable(scale) else scale
-        if self.distributed:
-            # |this rank's mean gradient|^2 (loss/accum summed over micro-batches = the mean over
-            # the rank's per_device x accum examples); averaged over ranks when read.
-            local = local if local is not None else torch.zeros((), dtype=torch.float64, device=big.device)
-        else:
-            # each micro-batch gradient carries the 1/accum of the loss: |g_i|^2 = accum^2 |tap_i|^2;
-            # the mean over the accum micro-batches is then accum x the tapped sum.
-            local = local * accum
-        self._pending = (local, big, b_small, global_batch, scale)
+        # DDP: |this rank's mean gradient|^2 (loss/accum summed over micro-batches = the mean over
+        # the rank's per_device x accum examples), averaged over ranks when read. One process: each
+        # micro-batch gradient carries the 1/accum of the loss, |g_i|^2 = accum^2 |tap_i|^2, and the
+        # mean over the accum micro-batches is accum x the tapped sum.
+        self._pending.append((local, big, 1 if self.distributed else accum, b_small, global_batch, scale))
         return True
 
     def metrics(self) -> dict[str, float]:
