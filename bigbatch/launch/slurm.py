@@ -32,10 +32,6 @@ from pathlib import Path
 from bigbatch import config as config_mod
 from bigbatch.errors import UsageError
 from bigbatch.launch.jobspec import JOB_ID, SIGNALS, JobSpec, abs_path, assign, bash_array, fill, match_pattern
-from bigbatch.study import spec as spec_mod
-from bigbatch.study.records import RUNS_DIR, finish_trial, trial_status
-from bigbatch.study.report import write_report
-from bigbatch.study.sweep import collect, load_spec_dict
 
 # --- training job ----------------------------------------------------------------------------
 
@@ -63,6 +59,11 @@ def render_train(config_path: str, overrides: list[str], job: JobSpec, out: str 
 
 
 def _load_sweep(path: str):
+    # deferred: the sweep modules import torch; `slurm status/cancel/train` must start fast (a
+    # USR2 sent through `bigbatch slurm cancel` has to arrive while the job still trains)
+    from bigbatch.study import spec as spec_mod
+    from bigbatch.study.sweep import load_spec_dict
+
     spec_dict = load_spec_dict(path)
     return spec_mod.from_dict(spec_dict), spec_dict
 
@@ -120,6 +121,11 @@ def render_array(out: str, n_trials: int, job: JobSpec, max_parallel: int | None
 
 def collect_array(sweep_dir: str) -> dict:
     """trials.jsonl + critical.json + report from the array tasks' run folders."""
+    from bigbatch.study import spec as spec_mod  # deferred: torch (see _load_sweep)
+    from bigbatch.study.records import RUNS_DIR, finish_trial, trial_status
+    from bigbatch.study.report import write_report
+    from bigbatch.study.sweep import collect
+
     root = Path(sweep_dir)
     if not (root / "sweep.json").is_file():
         raise UsageError("SWEEP_DIR", f"{sweep_dir!r} is not an array sweep folder (no sweep.json)")

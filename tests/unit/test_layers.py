@@ -30,6 +30,11 @@ DEFERRED = {
     ("bigbatch/trainer/main.py", "bigbatch.trainer.preflight"),
     ("bigbatch/study/spec.py", "bigbatch.trainer.preflight"),
     ("bigbatch/launch/slurm.py", "bigbatch.trainer.preflight"),
+    ("bigbatch/launch/slurm.py", "bigbatch.study"),
+    ("bigbatch/launch/slurm.py", "bigbatch.study.spec"),
+    ("bigbatch/launch/slurm.py", "bigbatch.study.sweep"),
+    ("bigbatch/launch/slurm.py", "bigbatch.study.records"),
+    ("bigbatch/launch/slurm.py", "bigbatch.study.report"),
 }
 
 

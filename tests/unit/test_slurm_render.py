@@ -232,3 +232,15 @@ def test_sweep_jobs_refuse_what_they_cannot_run(capsys, sweep_file):
         rc = main(["slurm", *argv])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and "\n" not in err and expect in err, err
+
+
+def test_slurm_commands_start_without_torch():
+    """`bigbatch slurm cancel --signal USR2` must reach a job while it still trains: the launch
+    module imports the sweep (and with it torch) only for the sweep subcommands."""
+    import subprocess
+    import sys
+
+    code = "import sys, bigbatch.launch.slurm; print('torch' in sys.modules)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "False"
