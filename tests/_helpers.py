@@ -74,6 +74,18 @@ def spawn(fn: Callable, world: int, *args: Any) -> list[Any]:
     return [results[r] for r in range(world)]
 
 
+def preempt_at(step: int) -> Callable[[dict[str, Any]], None]:
+    """A `run(..., reporter=)` callback that sends this process SIGTERM at `step` (what SLURM and
+    torchrun send): the loop checkpoints and returns status "preempted"."""
+    import signal
+
+    def reporter(row: dict[str, Any]) -> None:
+        if row.get("step") == step and "loss" in row:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return reporter
+
+
 def assert_same_run(cut: str | Path, whole: str | Path) -> None:
     """A resumed run folder equals an uninterrupted one: every step's loss and the final weights."""
     import torch

@@ -5,11 +5,10 @@ sharding), and a SIGTERM + resume that ends exactly like an uninterrupted run.""
 from __future__ import annotations
 
 import os
-import signal
 
 
 import _user_module
-from _helpers import ROOT, assert_same_run, bigbatch, step_losses
+from _helpers import ROOT, assert_same_run, bigbatch, preempt_at, step_losses
 from bigbatch import config
 from bigbatch.trainer.loop import run
 
@@ -39,11 +38,7 @@ def test_user_module_resumes_exactly_after_sigterm(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(_user_module.write(tmp_path / "src")))
     sets = SETS + ["train.steps=24"]
 
-    def preempt_at_step_9(row):
-        if row.get("step") == 9 and "loss" in row:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    first = run(config.load(MLP, sets), tmp_path / "cut", reporter=preempt_at_step_9)
+    first = run(config.load(MLP, sets), tmp_path / "cut", reporter=preempt_at(9))
     assert first["status"] == "preempted" and first["steps"] == 9
     resumed = run(config.load(tmp_path / "cut" / "config.toml"), tmp_path / "cut", resume=True)
     whole = run(config.load(MLP, sets), tmp_path / "whole")

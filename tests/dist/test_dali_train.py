@@ -5,12 +5,10 @@ resume ends exactly like an uninterrupted run."""
 
 from __future__ import annotations
 
-import os
-import signal
 
 import pytest
 
-from _helpers import ROOT, assert_same_run, bigbatch, step_losses
+from _helpers import ROOT, assert_same_run, bigbatch, preempt_at, step_losses
 from _images import jpeg_folder
 from bigbatch import config
 from bigbatch.trainer.loop import run
@@ -43,12 +41,8 @@ def test_dali_gives_the_same_losses_on_1_and_2_ranks(tmp_path):
 def test_dali_resumes_exactly_after_sigterm(tmp_path):
     root = jpeg_folder(tmp_path / "imgs", {"a": 10, "b": 9})
 
-    def preempt_at_step_5(row):
-        if row.get("step") == 5 and "loss" in row:
-            os.kill(os.getpid(), signal.SIGTERM)
-
     sets = _sets(root, 12)
-    first = run(config.load(MLP, sets), tmp_path / "cut", reporter=preempt_at_step_5)
+    first = run(config.load(MLP, sets), tmp_path / "cut", reporter=preempt_at(5))
     assert first["status"] == "preempted" and first["steps"] == 5
     resumed = run(config.load(tmp_path / "cut" / "config.toml"), tmp_path / "cut", resume=True)
     whole = run(config.load(MLP, sets), tmp_path / "whole")

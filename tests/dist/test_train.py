@@ -4,16 +4,14 @@ accumulation, exact resume after SIGTERM, one W&B run for a multi-process job.""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
 
-from _helpers import bigbatch, read_jsonl, step_losses
+from _helpers import assert_same_run, bigbatch, preempt_at, read_jsonl, step_losses
 from _wandb_offline import has_exit, history
 from bigbatch import config
 from bigbatch.trainer.loop import run
@@ -80,21 +78,14 @@ def test_two_process_run_makes_exactly_one_wandb_run_with_the_history(two_proces
 def test_sigterm_checkpoints_and_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, mlp_overrides):
     ov = mlp_overrides + ["train.steps=60", "train.eval_every=30"]
 
-    def preempt_at_step_23(row):
-        if row.get("step") == 23 and "loss" in row:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    first = run(config.load(MLP, ov), tmp_path / "cut", reporter=preempt_at_step_23)
+    first = run(config.load(MLP, ov), tmp_path / "cut", reporter=preempt_at(23))
     assert first["status"] == "preempted" and first["steps"] == 23
     assert not (tmp_path / "cut" / "summary.json").exists()
     resumed = run(config.load(tmp_path / "cut" / "config.toml"), tmp_path / "cut", resume=True)
     whole = run(config.load(MLP, ov), tmp_path / "whole")
     assert resumed["steps"] == whole["steps"] == 60
-    assert step_losses(tmp_path / "cut") == step_losses(tmp_path / "whole")  # every step, exactly
+    assert_same_run(tmp_path / "cut", tmp_path / "whole")  # every step's loss and the weights, exactly
     assert resumed["test_loss"] == whole["test_loss"] and resumed["train_loss"] == whole["train_loss"]
-    a = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_exits_3_on_sigterm_and_resumes(tmp_path):

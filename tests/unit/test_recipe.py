@@ -262,9 +262,7 @@ def straight_run(tmp_path_factory):
 def test_metrics_follow_the_schedule_and_a_run_resumes_after_the_batch_change(tmp_path, straight_run):
     """Done when 3: the lr and global batch in metrics.jsonl are the schedule's, and a run
     preempted (SIGTERM) after the batch phase change resumes to the same losses as one that was not."""
-    import os
-    import signal
-
+    from _helpers import preempt_at
     from bigbatch.trainer.loop import run
 
     cfg = _phase_run_config()
@@ -282,11 +280,7 @@ def test_metrics_follow_the_schedule_and_a_run_resumes_after_the_batch_change(tm
     assert ref[15]["lr"] == pytest.approx(0.01 + (1.0 - 0.01) * (1 - 7 / 16) ** 2)
     assert ref[16]["lr"] == pytest.approx(0.01 + (4.0 - 0.01) * (1 - 8 / 16) ** 2)
 
-    def preempt_at_19(row):
-        if row.get("step") == 19 and "loss" in row:
-            os.kill(os.getpid(), signal.SIGTERM)  # what SLURM/torchrun send; the loop checkpoints
-
-    first = run(cfg, tmp_path / "resumed", reporter=preempt_at_19)
+    first = run(cfg, tmp_path / "resumed", reporter=preempt_at(19))
     assert first["status"] == "preempted" and first["steps"] == 19
     second = run(cfg, tmp_path / "resumed", resume=True)
     assert second["status"] == "completed" and second["steps"] == 24
