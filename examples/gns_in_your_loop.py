@@ -91,9 +91,12 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
 
+    # every rank reads the estimate: it waits for the last step's all-reduce, which must finish
+    # before the process group is destroyed (gloo aborts the process on a pending collective)
+    stats = gns.metrics()
     if rank == 0:
-        print(json.dumps({"b_simple": gns.b_simple, "grad_sq": gns.grad_sq, "trace_sigma": gns.trace_sigma,
-                          "steps": args.steps, "world_size": world}))
+        print(json.dumps({"b_simple": stats["gns/b_simple"], "grad_sq": stats["gns/grad_sq"],
+                          "trace_sigma": stats["gns/trace_sigma"], "steps": args.steps, "world_size": world}))
     dist.destroy_process_group()
 
 

@@ -28,8 +28,9 @@ here too. Call `update` before `scaler.unscale_` / `scaler.step` (they unscale `
 The estimate is the EMA of both quantities (`GNSEstimator`, bias-corrected), the ratio taken last.
 Under DDP every rank holds the same estimate: the rank's small-batch norm is averaged over ranks
 with one asynchronous all-reduce of a scalar per measured step, waited for at the next update or
-read, so reading `.b_simple` on rank 0 only is safe. Nothing converts a device tensor to a float
-inside the step that measured it.
+read. Read the estimate on every rank (or call `remove()`) before `destroy_process_group`: a rank
+that never waits for the last step's all-reduce is aborted by gloo when its group is destroyed.
+Nothing converts a device tensor to a float inside the step that measured it.
 
 `GradNormTap` and `grad_sq_norm` (the two norms) are shared with the trainer's online probe.
 """
@@ -165,7 +166,9 @@ class GradientNoiseScale:
         """Record this step's two norms (after the backward of its last micro-batch, before the
         optimizer step and zero_grad). `scaler`: a torch.amp.GradScaler (its scale is divided
         out), or pass `scale`. Returns whether this step was measured. Under DDP every rank must
-        call it on the same steps (it may start a collective)."""
+        call it on the same steps (it may start a collective), and every rank must read the
+        estimate (or call `remove()`) before `destroy_process_group`: that waits for the last
+        step's all-reduce."""
         measured = self.tap.enabled
         self.steps += 1
         local = self.tap.take()
@@ -235,7 +238,9 @@ class GradientNoiseScale:
         self.tap.enabled = self.steps % self.every == 0
 
     def remove(self) -> None:
-        """Stop measuring (removes the parameter hooks; a DDP comm hook stays, with the tap off)."""
+        """Stop measuring (removes the parameter hooks; a DDP comm hook stays, with the tap off).
+        Waits for a pending all-reduce, so the process group can be destroyed after it."""
+        self._collect()
         for h in self._handles:
             h.remove()
         self._handles = []
