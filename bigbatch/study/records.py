@@ -83,15 +83,22 @@ def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: li
     # The per-example value at the target weights is exact; the online EMA (measure.gns) lags and
     # is noisy, so it is the fallback and is kept beside it.
     rec["b_simple_online_at_target"] = b_simple[-1] if b_simple and rec["steps_to_target"] is not None else None
-    # `measured`: `bigbatch measure`'s train-mode reference at the target weights (trial.exact_b_simple)
-    m = measured or {}
-    rec["b_simple_at_target"] = m["b_simple"] if m.get("b_simple") is not None else rec["b_simple_online_at_target"]
-    rec["b_simple_source"] = "train_mode" if m.get("b_simple") is not None else ("online" if b_simple else None)
-    rec["b_noise_at_target"] = m.get("b_noise")
-    rec["micro_batch"] = m.get("micro_batch")
+    set_measured(rec, measured)
     sharp = [r["sharpness/top"] for r in rows if r.get("sharpness/top") is not None]
     rec["sharpness"] = sharp[-1] if sharp else None
     rec.update(extra or {})
+    return rec
+
+
+def set_measured(rec: dict[str, Any], measured: dict[str, Any] | None) -> dict[str, Any]:
+    """B_simple / B_noise at the target in `rec`: `measured` is `bigbatch measure`'s train-mode
+    reference at the target weights (`bigbatch.study.at_target`), else the online EMA stands in."""
+    m = measured or {}
+    online = rec.get("b_simple_online_at_target")
+    rec["b_simple_at_target"] = m["b_simple"] if m.get("b_simple") is not None else online
+    rec["b_simple_source"] = "train_mode" if m.get("b_simple") is not None else ("online" if online is not None else None)
+    rec["b_noise_at_target"] = m.get("b_noise")
+    rec["micro_batch"] = m.get("micro_batch")
     return rec
 
 

@@ -144,7 +144,8 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
     import ray
     from ray import tune
 
-    from bigbatch.study.trial import run_trial  # torch and the trainer: only when trials run
+    from bigbatch.study.at_target import measure_at_target  # torch and the trainer: only when trials run
+    from bigbatch.study.trial import run_trial
 
     out_dir = out_dir.resolve()
     tune_dir = out_dir / TUNE_DIR
@@ -207,6 +208,10 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
                   if spec.trial_name(p) not in errors and not (out_dir / RUNS_DIR / spec.trial_name(p) / TRIAL_RECORD).is_file()]
     if unfinished:  # Tune returns normally after SIGINT, with the state saved for Tuner.restore
         raise Interrupted(f"{len(points) - len(unfinished)} of {len(points)} trials finished")
+    # the noise scales at the target, on the trials the headline reads them from (after Ray's
+    # workers are gone, so the measurements get the CPUs)
+    records = [read_record(spec, out_dir, p, errors.get(spec.trial_name(p))) for p in points]
+    measure_at_target(records, spec.trial.b_simple_samples, spec.trial.torch_threads, num_cpus)
     return collect(spec, out_dir, errors, points)
 
 

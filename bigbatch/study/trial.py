@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from bigbatch import config as config_mod
-from bigbatch.measure.sharpness import hessian_top_eigs
-from bigbatch.errors import UsageError
+from bigbatch.measure.modes import measuring
+from bigbatch.measure.sharpness import HessianOperator
 from bigbatch.study import search
-from bigbatch.study.measurement import measure_checkpoint
 from bigbatch.study import spec as spec_mod
+from bigbatch.study.measurement import training_micro_batch
 from bigbatch.study.records import RUNS_DIR, TRIAL_RECORD, eval_row, finish_trial, trial_status
 from bigbatch.trainer import checkpoint as ckpt
 from bigbatch.trainer.data import build_data, tensor_batch
@@ -51,23 +51,6 @@ def _prepare_run_dir(run_dir: Path) -> tuple[bool, dict[str, Any] | None]:
     return False, None
 
 
-def exact_b_simple(cfg, run_dir: Path, samples: int) -> dict[str, Any] | None:
-    """The noise scales of the trained loss at the run's final weights (`bigbatch measure`).
-
-    With train.stop_at_target the final checkpoint is the state at the target, which is where
-    McCandlish et al. 2018 compare B_noise with B_crit. BatchNorm in train mode with the trial's
-    micro-batch b, the run's label smoothing: K = samples / b independent micro-batch gradients
-    (32 <= K <= 256) give unbiased |G|^2 and tr(Sigma), and HVPs on an independent batch of
-    max(512, b) examples give B_noise (no sharpness here: the gap phase measures it). None for
-    data that is not held in memory.
-    """
-    try:
-        return measure_checkpoint(cfg, run_dir, samples=lambda b: max(32, min(256, samples // b)),
-                                  hessian_examples=lambda b: max(512, b), sharpness=False)
-    except UsageError:
-        return None
-
-
 def _tune_reporter(row: dict[str, Any]) -> None:
     from ray import tune
 
@@ -88,17 +71,22 @@ def _single_process_trial(cfg_dict: dict[str, Any], run_dir: Path, resume: bool,
 
 
 def train_mode_sharpness(cfg, run_dir: Path, samples: int) -> float | None:
-    """Top Hessian eigenvalue of the training loss at the run's final weights, BatchNorm in train
-    mode (the loss that is trained, with batch statistics of the `samples` examples), Lanczos on
-    HVPs (`measure.sharpness`); the first `samples` training examples, no augmentation."""
+    """Top Hessian eigenvalue of the training loss at the run's final weights: BatchNorm in train
+    mode with the trial's micro-batch b (the loss is the mean over micro-batches of b examples,
+    each normalised by its own statistics, as SGD saw it), Lanczos on HVPs (`measure.sharpness`);
+    the first max(`samples`, b) training examples, no augmentation."""
     bundle = build_data(cfg.data)
     if not bundle.in_memory or not samples:
         return None
     model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
-    model.load_state_dict(ckpt.load(run_dir / ckpt.FILENAME)["model"])
-    model.train()
-    x, y = tensor_batch(bundle.train, torch.arange(min(samples, len(bundle.train))), torch.device("cpu"), train=False)
-    return hessian_top_eigs(model, nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing), x, y, k=1, iters=30)[0]
+    state = ckpt.load(run_dir / ckpt.FILENAME)
+    model.load_state_dict(state["model"])
+    b, _, _ = training_micro_batch(cfg, state, len(bundle.train))
+    n = min(max(samples, b), len(bundle.train))
+    x, y = tensor_batch(bundle.train, torch.arange(n), torch.device("cpu"), train=False)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    with measuring(model, "train"):
+        return HessianOperator(model, loss_fn, x, y, micro_batch=min(b, n)).top_eigs(k=1, iters=30)[0]
 
 
 def _ddp_worker(loop_config: dict[str, Any]) -> None:
@@ -185,13 +173,10 @@ def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str
                                target=target, extra=extra)
             tune.report(_numeric(rec) | {"done": True})
             return
-    exact = None
-    reached = summary.get("status") == "target_reached"
-    if spec.trial.b_simple_samples and reached and not gap:
-        exact = exact_b_simple(cfg, run_dir, spec.trial.b_simple_samples)
+    # B_simple / B_noise at the target: measured after the sweep, on the trials read (at_target)
     if gap and summary.get("status") != "diverged":
         extra |= {"sharpness": train_mode_sharpness(cfg, run_dir, spec.gap.sharpness_samples), "sharpness_mode": "train"}
-    rec = finish_trial(run_dir, point, spec.trial.gap_epochs, summary, trial_status(summary), exact,
+    rec = finish_trial(run_dir, point, spec.trial.gap_epochs, summary, trial_status(summary),
                        target=target, extra=extra)
     if spec.search.adaptive and rec["status"] == "ok" and not gap:
         search.record_finish(Path(out_dir), point, rec["steps_to_target"])

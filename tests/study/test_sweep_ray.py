@@ -79,7 +79,7 @@ def test_failed_trial_is_recorded_others_complete_and_wandb_groups_trials(tmp_pa
         assert t["status"] == "ok", t
         assert t["steps_to_target"] * t["batch"] == t["examples_to_target"]
         assert t["test_acc"] >= 0.7 and t["lr"] == pytest.approx(0.1 * t["batch"] / 64)
-        assert t["b_simple_at_target"] > 0  # exact per-example estimate at the target weights
+        assert t["b_simple_at_target"] > 0 and t["b_simple_source"] == "train_mode"  # measured after the sweep (at_target)
         assert t["gap"] == pytest.approx(t["train_acc"] - t["test_acc"])
     assert analysis["trials"] == {"ok": 2, "failed": 1, "diverged": 3}
     assert json.loads((out / "critical.json").read_text())["best"][0]["batch"] == 16

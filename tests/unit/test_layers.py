@@ -26,6 +26,7 @@ DEFERRED = {
     ("bigbatch/distributed/bench.py", "bigbatch.distributed.allreduce"),
     ("bigbatch/distributed/bench.py", "bigbatch.distributed.env"),
     ("bigbatch/study/sweep.py", "bigbatch.study.trial"),
+    ("bigbatch/study/sweep.py", "bigbatch.study.at_target"),
     ("bigbatch/trainer/main.py", "bigbatch.trainer.checkpoint"),
     ("bigbatch/trainer/main.py", "bigbatch.trainer.preflight"),
     ("bigbatch/study/spec.py", "bigbatch.trainer.preflight"),

@@ -1,0 +1,82 @@
+"""The noise scales at the target, measured once the sweep has finished, on the trials they are
+read from.
+
+The headline's B_simple and B_noise at the target are medians over the best learning rate of
+every batch size (`critical.b_simple_at_target`). Measuring every trial that reached the target
+spent most of the measurement on trials that are not read (other learning rates, other seeds),
+and a measurement at a large batch costs as much as a large part of its trial (K >= 32 micro-batch
+gradients of b examples each). So the sweep measures after its last trial: per batch size, the
+best learning rate's lowest seed that reached the target, one `bigbatch measure` each (BatchNorm in
+train mode with the trial's micro-batch b, at the final checkpoint, which is the state at the
+target since trials stop there), in parallel worker processes, largest batch first. The values go
+into the trial's trial.json, so trials.jsonl and a refit (`bigbatch report`) see them; a resumed
+sweep measures only what is still missing.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigbatch import config as config_mod
+from bigbatch.errors import UsageError
+from bigbatch.study import critical
+from bigbatch.study.measurement import measure_checkpoint
+from bigbatch.study.records import TRIAL_RECORD, set_measured
+
+
+def chosen_trials(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per batch size, the best lr's lowest seed that reached the target (critical phase only),
+    skipping trials already measured; largest batch first (the slowest measurement starts first)."""
+    best = critical.best_per_batch([r for r in records if critical.phase_of(r) == "critical"])
+    chosen = []
+    for batch in sorted(best, reverse=True):
+        reached = [t for t in best[batch]["trials"] if t.get("run_dir")]
+        if not reached:
+            continue
+        first = min(reached, key=lambda t: t["seed"])
+        if first.get("b_simple_source") != "train_mode":
+            chosen.append(first)
+    return chosen
+
+
+def _measure(run_dir: str, samples: int, threads: int) -> dict[str, Any] | None:
+    """In a worker process: `bigbatch measure` of one trial's final checkpoint (None when its data
+    is not held in memory)."""
+    torch.set_num_threads(threads)
+    cfg = config_mod.load(Path(run_dir) / "config.toml")
+    try:
+        return measure_checkpoint(cfg, Path(run_dir), samples=lambda b: max(32, min(256, samples // b)),
+                                  hessian_examples=lambda b: max(512, b), sharpness=False)
+    except UsageError:
+        return None
+
+
+def measure_at_target(records: list[dict[str, Any]], samples: int, threads: int = 1,
+                      workers: int | None = None) -> int:
+    """Measure the chosen trials (see the module docstring) and write the values into their
+    trial.json; returns how many were measured. `samples`: trial.b_simple_samples (0 = off)."""
+    chosen = chosen_trials(records) if samples else []
+    if not chosen:
+        return 0
+    workers = max(1, min(len(chosen), workers or (os.cpu_count() or 1) // max(1, threads)))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [(t, pool.submit(_measure, t["run_dir"], samples, threads)) for t in chosen]
+        measured = 0
+        for trial, future in futures:
+            m = future.result()
+            if m is None:
+                continue
+            path = Path(trial["run_dir"]) / TRIAL_RECORD
+            rec = set_measured(json.loads(path.read_text()), m)
+            tmp = path.with_name(TRIAL_RECORD + ".tmp")
+            tmp.write_text(json.dumps(rec) + "\n")
+            os.replace(tmp, path)
+            measured += 1
+    return measured
