@@ -6,7 +6,8 @@ expects a Future of the averaged bucket back. `install_comm_hook` registers one 
 1. calls `local_grad_tap(bucket.buffer())` on the local, not yet reduced gradient (the small
    batch of the gradient noise scale's two-batch estimator, McCandlish et al. 2018, app. A.1),
 2. sums the bucket over ranks with `dist.allreduce` = builtin | ring | torus2d | hierarchical,
-3. divides by the world size (DDP averages; the loss is a mean over the per-device batch).
+3. divides by the world size (DDP averages; the loss is a mean over the per-device batch):
+   builtin before the all-reduce, as DDP's default does; the others after it.
 
 builtin stays asynchronous (the backend's own all-reduce overlaps the rest of the backward
 pass, as DDP's default does). ring / torus2d / hierarchical run their point-to-point exchanges
@@ -54,6 +55,10 @@ def resolve(dist_cfg, env) -> CommHookState:
     return check_topology(dist_cfg, env.world_size, env.local_world_size)
 
 
+def _reduced(fut: torch.futures.Future) -> torch.Tensor:
+    return fut.value()[0]
+
+
 def allreduce_mean_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     # (no `from __future__ import annotations` here: DDP checks these annotations as objects)
     """The comm hook: tap the local gradient, sum with the chosen algorithm, divide by the world."""
@@ -61,8 +66,9 @@ def allreduce_mean_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.
     if state.local_grad_tap is not None:
         state.local_grad_tap(tensor)
     if state.algo == "builtin":
-        fut = dist.all_reduce(tensor, group=state.group, async_op=True).get_future()
-        return fut.then(lambda f: f.value()[0].div_(state.world_size))
+        # divide first, as DDP's own C++ all-reduce does (exact for a power-of-two world)
+        tensor.div_(state.world_size)
+        return dist.all_reduce(tensor, group=state.group, async_op=True).get_future().then(_reduced)
     ar.allreduce(tensor, state.algo, group=state.group, rows=state.rows, local_size=state.local_size)
     tensor.div_(state.world_size)
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
