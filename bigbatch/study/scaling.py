@@ -152,10 +152,12 @@ def spawn_measure(world: int, cfg, per_device: int, steps: int, warmup: int) -> 
 
 def short_ring_bench(nproc: int, backend: str) -> list[dict]:
     """A few seconds of `bench allreduce --algo ring` on nproc local ranks (1 KiB ... 4 MiB): rows to
-    fit alpha and beta when the user gave none."""
+    fit alpha and beta when the user gave none. 50 timed iterations per size: with 10, single
+    scheduler stalls of a few ms moved the fitted alpha between 130 and 790 us from run to run on
+    a 2-core VM (50: 277-297 us over three runs)."""
     print(f"fitting alpha-beta: ring bench on {nproc} local ranks ...", file=sys.stderr, flush=True)
     return spawn_sweep(nproc, backend, {"algos": ["ring"], "sizes": [1 << 10, 1 << 14, 1 << 18, 1 << 20, 1 << 22],
-                                        "dtype_name": "fp32", "iters": 10, "warmup": 3, "rows": None, "local_size": None})
+                                        "dtype_name": "fp32", "iters": 50, "warmup": 5, "rows": None, "local_size": None})
 
 
 # --- the command ------------------------------------------------------------------------------
