@@ -37,8 +37,7 @@ def _rounds(args) -> dict[str, list[float]]:
     import torch.distributed as dist
 
     if args.pin and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2:
-        # one core per rank, like one GPU per rank: otherwise the scheduler sometimes puts both ranks
-        # on one core for a whole run, and runs differ by up to 2x
+        # one core per rank, like one GPU per rank (off by default: see docs/plan.md on pinning)
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cores[dist.get_rank() % len(cores)]})
     times: dict[str, list[float]] = {"off": [], "on": []}
@@ -69,7 +68,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--global-batch", type=int, default=256)
-    p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin each rank to its own core")
+    p.add_argument("--pin", action="store_true",
+                   help="pin each rank to its own core (steadier compute, but gloo's wake-ups then stall for a time slice at times)")
     p.add_argument("--log-every", type=int, default=10, help="steps per timed interval (the median interval is the run's step time)")
     p.add_argument("--gns-every", type=int, default=1, help="measure.gns_every (steps between measurements)")
     args = p.parse_args()
