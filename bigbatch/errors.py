@@ -14,6 +14,11 @@ class UsageError(Exception):
         self.message = message
         super().__init__(f"{field}: {message}" if field else message)
 
+    def __reduce__(self):
+        # raised in a worker process (Ray, a process pool, spawned ranks) and re-raised in the
+        # parent: pickle rebuilds it from (field, message), not from the formatted text
+        return type(self), (self.field, self.message)
+
 
 class ConfigError(UsageError):
     """Bad value in a config file or a --set override."""

@@ -26,6 +26,9 @@ class Slower(Exception):
         super().__init__(f"stopped at step {step}: more than the race limit over the best {best:g} steps")
         self.step, self.best = step, best
 
+    def __reduce__(self):  # picklable from a worker process: rebuilt from (step, best)
+        return type(self), (self.step, self.best)
+
 
 def record_finish(out_dir: Path, point: dict[str, Any], steps_to_target: float) -> None:
     """Leave a finished trial's steps where the racing trials of its batch read them."""

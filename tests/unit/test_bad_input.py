@@ -81,3 +81,14 @@ def test_sweep_validates_every_trial_for_its_workers(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     _one_line_error(capsys, ["sweep", str(sweep)], "dist.torus_rows: 3 rows do not tile 2 ranks")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.toml"]
+
+
+def test_usage_errors_survive_pickling_across_processes():
+    """A worker process (Ray, a process pool) raises them; the parent gets the same field and text."""
+    import pickle
+
+    from bigbatch.errors import ConfigError, UsageError
+
+    for cls in (UsageError, ConfigError):
+        e = pickle.loads(pickle.dumps(cls("batch.global_batch", "must be divisible by 3")))
+        assert type(e) is cls and e.field == "batch.global_batch" and str(e) == "batch.global_batch: must be divisible by 3"
