@@ -103,7 +103,7 @@ def interpolate(run_a: Path, run_b: Path, points: int, device: torch.device) -> 
         has_bn = recompute_bn(model, eval_batches(bundle.train, 0, 1, 1024, device, cfg_a.data.train_eval_samples))
         rows.append({"t": t, **evaluate(model, bundle, env, cfg_a)})
     result: dict[str, Any] = {
-        "run_a": str(run_a), "run_b": str(run_b), "points": points, "bn_recomputed": has_bn,
+        "run_a": str(run_a), "run_b": str(run_b), "points": points, "loss_mode": "eval", "bn_recomputed": has_bn,
         "curve": rows,
         "barrier_train_loss": barrier(ts, [r["train_loss"] for r in rows]),
         "barrier_test_loss": barrier(ts, [r["test_loss"] for r in rows]),
@@ -155,6 +155,9 @@ def main(args: argparse.Namespace) -> int:
     (out / "interpolation.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "interpolation.png")
     ends = result["endpoints"]
+    # which loss these are: evaluate() runs the model in eval mode
+    print("losses in eval mode" + (", BatchNorm statistics re-estimated on training data at every point"
+                                   if result["bn_recomputed"] else "") + " (not the train-mode loss SGD follows)")
     print(f"{'t':>6} {'train_loss':>10} {'test_loss':>10} {'train_acc':>9} {'test_acc':>8}")
     for r in result["curve"]:
         print(f"{r['t']:6.3f} {r['train_loss']:10.4f} {r['test_loss']:10.4f} {r['train_acc']:9.4f} {r['test_acc']:8.4f}")

@@ -44,7 +44,8 @@ def test_endpoints_reproduce_each_runs_test_loss_and_the_curve_is_written(two_ru
     curve = result["curve"]
     assert result["barrier_test_loss"] == pytest.approx(barrier([r["t"] for r in curve], [r["test_loss"] for r in curve]))
     assert result["barrier_test_loss"] >= 0.0  # the endpoints themselves lie on the chord
-    assert "barrier height" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "barrier height" in printed and "losses in eval mode" in printed and result["loss_mode"] == "eval"
 
 
 def test_bad_input_is_a_one_line_error_with_exit_2(two_runs, tmp_path, capsys):
