@@ -36,6 +36,8 @@ DEFERRED = {
     ("bigbatch/launch/slurm.py", "bigbatch.study.sweep"),
     ("bigbatch/launch/slurm.py", "bigbatch.study.records"),
     ("bigbatch/launch/slurm.py", "bigbatch.study.report"),
+    ("bigbatch/launch/slurm.py", "bigbatch.study.at_target"),
+    ("bigbatch/launch/slurm.py", "bigbatch.study.trial"),
 }
 
 
