@@ -28,7 +28,7 @@ from bigbatch import config as config_mod
 from bigbatch.errors import UsageError
 from bigbatch.study import critical
 from bigbatch.study.measurement import measure_checkpoint
-from bigbatch.study.records import TRIAL_RECORD, set_measured
+from bigbatch.study.records import TRIAL_RECORD, set_measured, write_trial_record
 
 
 def chosen_trials(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -73,10 +73,7 @@ def measure_at_target(records: list[dict[str, Any]], samples: int, threads: int 
             m = future.result()
             if m is None:
                 continue
-            path = Path(trial["run_dir"]) / TRIAL_RECORD
-            rec = set_measured(json.loads(path.read_text()), m)
-            tmp = path.with_name(TRIAL_RECORD + ".tmp")
-            tmp.write_text(json.dumps(rec) + "\n")
-            os.replace(tmp, path)
+            run_dir = Path(trial["run_dir"])
+            write_trial_record(run_dir, set_measured(json.loads((run_dir / TRIAL_RECORD).read_text()), m))
             measured += 1
     return measured

@@ -125,15 +125,20 @@ def trial_status(summary: dict[str, Any]) -> str:
 
 
 def finish_trial(run_dir: Path, point: dict[str, Any], gap_epochs: float | None, summary: dict[str, Any] | None,
-                  status: str, measured: dict[str, Any] | None = None, *, target: dict[str, float] | None = None,
+                  status: str, *, target: dict[str, float] | None = None,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     rec = trial_record(point, summary, read_rows(run_dir / "metrics.jsonl"), gap_epochs, status,
-                       measured=measured, target=target, extra=extra)
+                       target=target, extra=extra)
     rec["run_dir"] = str(run_dir)
-    tmp = run_dir / (TRIAL_RECORD + ".tmp")
-    tmp.write_text(json.dumps(rec) + "\n")
-    os.replace(tmp, run_dir / TRIAL_RECORD)
+    write_trial_record(run_dir, rec)
     return rec
+
+
+def write_trial_record(run_dir: Path, rec: dict[str, Any]) -> None:
+    """RUN_DIR/trial.json, atomically (a sweep reading it never sees half a record)."""
+    tmp = Path(run_dir) / (TRIAL_RECORD + ".tmp")
+    tmp.write_text(json.dumps(rec) + "\n")
+    os.replace(tmp, Path(run_dir) / TRIAL_RECORD)
 
 
 def load_sweep(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
