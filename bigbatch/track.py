@@ -16,14 +16,18 @@ import math
 import netrc
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 JSONL = "metrics.jsonl"
+FLUSH_S = 1.0  # metrics.jsonl reaches the disk at least this often (and at every checkpoint and at close)
 
 
 def _plain(v: Any) -> Any:
-    if hasattr(v, "item"):
+    if type(v) is int or type(v) is str or v is None:  # most of a row; no attribute lookups
+        return v
+    if hasattr(v, "item"):  # a tensor or numpy scalar
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
         return None  # JSON has no NaN/inf: a diverged loss is logged as null
@@ -54,6 +58,9 @@ class NullTracker:
     def progress(self, step: int, text: str = "") -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
     def close(self, exit_code: int = 0) -> None:
         pass
 
@@ -62,7 +69,9 @@ class Tracker(NullTracker):
     def __init__(self, run_dir: Path, cfg_dict: dict[str, Any], track_cfg, total_steps: int, start_step: int = 0,
                  reporter: Callable[[dict[str, Any]], None] | None = None, run_name: str | None = None):
         self.run_dir = Path(run_dir)
-        self._jsonl = (self.run_dir / JSONL).open("a", buffering=1)
+        # buffered, flushed every FLUSH_S: a write per row is a system call on the training loop's path
+        self._jsonl = (self.run_dir / JSONL).open("a")
+        self._flushed = time.monotonic()
         self._reporter = reporter
         self._wandb = None
         if track_cfg.wandb:
@@ -85,6 +94,8 @@ class Tracker(NullTracker):
     def log(self, row: dict[str, Any]) -> None:
         row = {k: _plain(v) for k, v in row.items()}
         self._jsonl.write(json.dumps(row) + "\n")
+        if time.monotonic() - self._flushed >= FLUSH_S:
+            self.flush()
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=row["step"])
         if self._reporter is not None:
@@ -96,6 +107,10 @@ class Tracker(NullTracker):
             self._bar_step = step
             if text:
                 self._bar.set_postfix_str(text, refresh=False)
+
+    def flush(self) -> None:
+        self._jsonl.flush()
+        self._flushed = time.monotonic()
 
     def close(self, exit_code: int = 0) -> None:
         self._jsonl.close()
