@@ -158,7 +158,8 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
     train_model = torch.compile(ddp_model, backend=cfg.train.compile_backend) if cfg.train.compile else ddp_model
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
     measures = probes.OnlineMeasures(cfg, env, model, ddp_model, bundle, loss_fn)
-    autocast = (lambda: torch.autocast(env.device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    no_context = contextlib.nullcontext()  # reusable: entering it does nothing
+    autocast = (lambda: torch.autocast(env.device.type, dtype=amp_dtype)) if amp_dtype else (lambda: no_context)
     # where the step's time goes (the all-reduce's exposed part only where there is one), and MFU
     timer = StepTimer(env.device, list(model.parameters()) if env.initialized else None)
     flops_per_example = flops.train_flops_per_example(model, bundle.input_shape)  # counted once
@@ -187,16 +188,17 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
     tracker = make_tracker(env.is_main, run_dir.path, config_mod.to_dict(cfg), cfg.track, schedule.total_steps,
                            st.step, reporter=reporter)
     source = make_source(cfg, env, bundle, stream, per_device)
-    interval_loss = torch.tensor(st.interval_loss, device=env.device, dtype=torch.float64)
+    interval_loss = LossSum(st.interval_loss)
 
     def save_checkpoint() -> None:
+        tracker.flush()  # metrics.jsonl holds every row up to the checkpoint: a resume truncates it there
         rngs = [ckpt.rng_state()]
         if env.initialized:
             rngs = [None] * world
             dist.all_gather_object(rngs, ckpt.rng_state())
         # on every rank: averaging the GNS EMAs is a collective
         measure_state = {**measures.state_dict(), "controller": plan.state_dict()}
-        st.interval_loss = interval_loss.item()
+        st.interval_loss = interval_loss.total()
         error = run_dir.save_checkpoint(st.step, {
             "model": ckpt.unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -209,6 +211,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
             raise ckpt.CheckpointWriteError(error)
 
     status = "completed"
+    measuring = measures.active  # no probe: the loop does not call them per step
     train_model.train()
     last_log_examples, interval_train_s = st.examples, 0.0
     with StopFlag() as stop, peer_watch(cfg, env, run_dir.path, lambda: st.step):
@@ -223,30 +226,37 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                 group["lr"] = lr
 
             # forward and backward over this rank's micro-batches; all-reduce on the last one only
-            measures.begin_step(step)
+            if measuring:
+                measures.begin_step(step)
             for i, (x, y, n) in enumerate(source.micro_batches(step, global_batch, accum)):
                 timer.lap("data")
                 sync = i == accum - 1 or not env.initialized
                 timer.arm(sync)
-                with contextlib.nullcontext() if sync else ddp_model.no_sync():
+                with no_context if sync else ddp_model.no_sync():
                     with autocast():
                         loss = loss_fn(train_model(x), y)
-                    scaler.scale(loss / accum if accum > 1 else loss).backward()
+                    scaled = loss / accum if accum > 1 else loss
+                    (scaler.scale(scaled) if use_scaler else scaled).backward()
                 timer.backward_done()
-                interval_loss.add_(loss.detach(), alpha=n)
-            measures.after_backward(global_batch, per_device, accum, scaler.get_scale)
+                interval_loss.add(loss, n)
+            if measuring:
+                measures.after_backward(global_batch, per_device, accum, scaler.get_scale)
             timer.lap("other")
 
             # the optimizer step
-            scaler.step(optimizer)
-            scaler.update()
+            if use_scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             timer.lap("compute")
             st.step += 1
             st.examples += global_batch
 
             # the probes, and the batch plan told what they measured
-            measures.after_step(st.step)
+            if measuring:
+                measures.after_step(st.step)
             plan.observe(st.step, measures.b_simple)
             st.interval_count += per_device * accum
             timer.stop()
@@ -258,8 +268,8 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
             last = st.step == schedule.total_steps or plan.finished(st.examples)
             epoch = st.examples / len(bundle.train)
             if st.step % cfg.train.log_every == 0 or last:
-                loss_mean = _mean_over_ranks(interval_loss, st.interval_count, env)
-                interval_loss.zero_()
+                loss_mean = _mean_over_ranks(interval_loss.total(), st.interval_count, env)
+                interval_loss.reset()
                 st.interval_count = 0
                 samples_per_s = (st.examples - last_log_examples) / max(interval_train_s, 1e-9)
                 tracker.log({
@@ -333,16 +343,45 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
     return summary
 
 
+class LossSum:
+    """The training loss summed over this rank's examples since the last log line. The hot path
+    only appends each micro-batch's loss tensor (no tensor op, no host sync per step); `total()`
+    copies them to the host once per log line and sums in float64."""
+
+    def __init__(self, start: float):
+        self.start = start
+        self.losses: list[torch.Tensor] = []
+        self.counts: list[int] = []
+
+    def add(self, loss: torch.Tensor, n: int) -> None:
+        """`loss`: a micro-batch's mean loss over its `n` examples."""
+        self.losses.append(loss.detach())
+        self.counts.append(n)
+
+    def total(self) -> float:
+        if not self.losses:
+            return self.start
+        values = torch.stack(self.losses).tolist()  # one copy to the host
+        return self.start + sum(v * n for v, n in zip(values, self.counts))  # float64; inf and nan pass through
+
+    def reset(self) -> None:
+        self.start = 0.0
+        self.losses.clear()
+        self.counts.clear()
+
+
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def _mean_over_ranks(loss_sum: torch.Tensor, count: int, env: dist_env.DistEnv) -> float:
+def _mean_over_ranks(loss_sum: float, count: int, env: dist_env.DistEnv) -> float:
     """Mean training loss over all examples of all ranks since the last log line."""
-    t = torch.stack([loss_sum.double(), torch.tensor(float(count), dtype=torch.float64, device=loss_sum.device)])
-    if env.initialized:
-        dist.all_reduce(t)
-    return (t[0] / t[1].clamp_min(1)).item()
+    if not env.initialized:
+        return loss_sum / max(count, 1)
+    t = torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    total, n = t.tolist()
+    return total / max(n, 1.0)
 
 
 def fine_eval_due(cfg: Config, st: LoopState) -> bool:

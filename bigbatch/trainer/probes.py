@@ -15,15 +15,15 @@ The loop holds one `OnlineMeasures` and calls it at a few marked places:
 `validate(cfg, world_size)` checks the measure settings before any work starts.
 
 Online gradient noise scale (McCandlish et al. 2018, appendix A.1): two squared gradient norms at
-two batch sizes per step.
-- DDP (world > 1): the small batch is each rank's local batch. A tap inside the DDP comm hook sees
-  every bucket's local gradient before the all-reduce and takes its norm; each rank keeps EMAs
-  of its own, averaged over ranks only when read (see `OnlineGNS`). The big batch is the global
-  batch: the all-reduced (averaged) gradient left in the same buckets (`.grad` views them). One
-  fp32 norm per bucket each, squared and summed in float64 when the estimate is read: a measured
-  step costs two passes over the gradient and no host sync.
-- One process: the micro-batches of gradient accumulation are the small batches. A hook on each
-  parameter sees that micro-batch's gradient before it is added into `.grad`.
+two batch sizes per step. The small batches are the micro-batches of every rank (per_device
+examples each: gradient accumulation's micro-batches, and under DDP each rank's own): a hook on
+each parameter sees a micro-batch's gradient before autograd accumulates it into `.grad` (before,
+under DDP, the reducer copies it into a bucket and all-reduces it) and takes its fp32 norm. The
+big batch is the global batch: the accumulated `.grad` after backward, under DDP all-reduced. Each
+rank keeps EMAs of its own small-batch norms, averaged over ranks only when read (see
+`OnlineGNS`). A measured step costs a norm per parameter, one fused norm of `.grad` and no host
+sync; the hooks exist only on measured steps (measure.gns_every), so other steps cost nothing,
+and no Python comm hook replaces DDP's built-in all-reduce.
 The loop divides every micro-batch loss by `accum`, and the AMP GradScaler multiplies it by its
 scale; both are undone here so the norms are of mean gradients.
 """
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bigbatch.errors import ConfigError
-from bigbatch.measure.gns import GradNormTap, attach_tap, norms_of, sum_of_squares
+from bigbatch.measure.gns import GradNormTap, norms_of, sum_of_squares
 from bigbatch.measure.modes import measuring
 from bigbatch.measure.noise import GNSEstimator
 from bigbatch.measure.sharpness import hessian_top_eigs
@@ -69,25 +69,18 @@ def validate_data(cfg, in_memory: bool) -> None:
             raise ConfigError(key, f"needs an in-memory dataset; {cfg.data.name} is map-style (return (x, y) tensors instead)")
 
 
-def install_tap(ddp_model: nn.Module, cfg, env, tap: GradNormTap) -> None:
-    """Put `tap` into ddp_model's comm hook (bigbatch.distributed.hooks), whichever all-reduce it
-    runs (the loop registered bigbatch's hook already unless dist.allreduce = builtin)."""
-    try:
-        attach_tap(ddp_model, tap, env.world_size)
-    except ValueError:
-        raise ConfigError("measure.gns", "another DDP comm hook is registered; the GNS tap needs bigbatch's own") from None
-
-
 class OnlineGNS:
     """Online B_simple from the two-batch estimator; see the module docstring for the batches.
 
-    Nothing here waits on the device or the network inside a step. The norms stay tensors until
-    the next measured step (or a read) turns them into floats. Under DDP there is no collective
-    per step at all: the estimator's EMAs are linear in the small-batch norm, and the big-batch
-    norm is the same on every rank, so each rank keeps EMAs of its own local norm and the
-    rank-average of those EMAs is exactly the EMA of the rank-averaged norm. The average is taken
-    (one all-reduce of two scalars) only when the estimate is read: at log rows, batch decisions
-    and checkpoints, which every rank reaches together. Read it through `estimator`.
+    Nothing here waits on the device or the network inside a step, and a step that is not
+    measured costs nothing: the gradient hooks exist only during measured steps (with
+    measure.gns_every = 1 they stay). The norms stay tensors until the next measured step (or a
+    read) turns them into floats. Under DDP there is no collective per step at all: the
+    estimator's EMAs are linear in the small-batch norm, and the big-batch norm is the same on
+    every rank, so each rank keeps EMAs of its own local norm and the rank-average of those EMAs
+    is exactly the EMA of the rank-averaged norm. The average is taken (one all-reduce of two
+    scalars) only when the estimate is read: at log rows, batch decisions and checkpoints, which
+    every rank reaches together. Read it through `estimator`.
     """
 
     def __init__(self, cfg, env, model: nn.Module, ddp_model: nn.Module):
@@ -98,15 +91,8 @@ class OnlineGNS:
         self._synced: GNSEstimator | None = None  # rank average of _local, valid until the next update
         self._pending: list[tuple] = []  # measured steps not yet in the EMAs (norms still tensors)
         self.distributed = env.initialized and env.world_size > 1
-        self.tap = GradNormTap(keep_buffers=self.distributed)
-        if self.distributed:
-            install_tap(ddp_model, cfg, env, self.tap)
-        else:
-            # micro-batch gradients, before accumulation into .grad
-            self._handles = [p.register_hook(self._param_hook) for p in self.params]
-
-    def _param_hook(self, grad: torch.Tensor) -> None:
-        self.tap(grad)
+        self.tap = GradNormTap()
+        self._handles: list[Any] = []  # the tap on every parameter's incoming gradient, on measured steps
 
     @property
     def estimator(self) -> GNSEstimator:
@@ -146,6 +132,15 @@ class OnlineGNS:
     def begin_step(self, step: int) -> None:
         self.tap.take_norms()
         self.tap.enabled = step % self.every == 0
+        if self.tap.enabled and not self._handles:
+            # a micro-batch's local gradient, before autograd accumulates it into .grad (and, under
+            # DDP, before the reducer copies it into a bucket and all-reduces it)
+            self._handles = [p.register_hook(self.tap) for p in self.params]
+
+    def _unhook(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def after_backward(self, global_batch: int, per_device: int, accum: int,
                        scale: float | Callable[[], float] = 1.0) -> bool:
@@ -155,19 +150,19 @@ class OnlineGNS:
         if not self.tap.enabled:
             return False
         self.tap.enabled = False
-        local, buckets = self.tap.take_norms()
-        # the big batch: under DDP the buckets the tap saw, now holding the averaged gradient
-        # (.grad views them: gradient_as_bucket_view); in one process the accumulated .grad
-        big = norms_of(buckets) if buckets else norms_of([p.grad for p in self.params if p.grad is not None])
-        b_small = per_device * accum if self.distributed else per_device
-        if not big or (not local and not self.distributed) or b_small >= global_batch:
+        if self.every > 1:
+            self._unhook()
+        local, _ = self.tap.take_norms()
+        # the big batch: the accumulated .grad, under DDP all-reduced (the mean over all ranks)
+        big = norms_of([p.grad for p in self.params if p.grad is not None])
+        if not big or not local or per_device >= global_batch:
             return False
         scale = scale() if callable(scale) else scale
-        # DDP: |this rank's mean gradient|^2 (loss/accum summed over micro-batches = the mean over
-        # the rank's per_device x accum examples), averaged over ranks when read. One process: each
-        # micro-batch gradient carries the 1/accum of the loss, |g_i|^2 = accum^2 |tap_i|^2, and the
-        # mean over the accum micro-batches is accum x the tapped sum.
-        self._pending.append((local, big, 1 if self.distributed else accum, b_small, global_batch, scale))
+        # The small batches are the micro-batches of every rank (per_device examples each). Each
+        # micro-batch gradient carries the loop's 1/accum of the loss, |g_i|^2 = accum^2 |tap_i|^2,
+        # so the mean over this rank's accum micro-batches is accum x the tapped sum; under DDP the
+        # ranks' EMAs of it are averaged when read.
+        self._pending.append((local, big, accum, per_device, global_batch, scale))
         return True
 
     def metrics(self) -> dict[str, float]:
@@ -248,6 +243,11 @@ class OnlineMeasures:
         self.sharpness = SharpnessProbe(cfg, env, model, bundle.train, loss_fn) if m.sharpness else None
         self._micro: int | None = None  # the training micro-batch, known after the first step
         self._extra: dict[str, float] = {}
+
+    @property
+    def active(self) -> bool:
+        """Whether any probe is on (without one the loop skips the per-step calls)."""
+        return self.gns is not None or self.tail is not None or self.sharpness is not None
 
     def begin_step(self, step: int) -> None:
         if self.gns is not None:

@@ -40,8 +40,7 @@ _START = "start"
 
 
 class _HostClock:
-    def mark(self) -> float:
-        return time.perf_counter()
+    mark = staticmethod(time.perf_counter)
 
     def seconds(self, a: float, b: float) -> float:
         return b - a
@@ -88,7 +87,9 @@ class StepTimer:
 
     def __init__(self, device: torch.device, params: list[nn.Parameter] | None = None):
         self._clock = _CudaClock(device) if device.type == "cuda" else _HostClock()
+        self._now = self._clock.mark  # bound once: the laps are on every step's hot path
         self._marks: list[tuple[str, Any]] = []  # (kind of the interval that ends here, time stamp)
+        self._add = self._marks.append
         self._steps = 0
         self._armed = False  # the hook stamps only during a synchronising backward
         self._grad_mark: Any = None
@@ -100,15 +101,15 @@ class StepTimer:
 
     def _on_grad(self, i: int) -> None:
         if self._armed:
-            self._grad_mark = self._clock.mark()
+            self._grad_mark = self._now()
             self._last_idx = i
 
     def start(self) -> None:
-        self._marks.append((_START, self._clock.mark()))
+        self._add((_START, self._now()))
 
     def lap(self, kind: str) -> None:
         """The time since the previous mark was spent on `kind` (one of KINDS)."""
-        self._marks.append((kind, self._clock.mark()))
+        self._add((kind, self._now()))
 
     def arm(self, sync: bool) -> None:
         """Before a micro-batch's backward: `sync` when this backward all-reduces the gradients."""
@@ -138,10 +139,11 @@ class StepTimer:
         totals = dict.fromkeys(KINDS, 0.0)
         if self._marks:
             self._clock.settle(self._marks[-1][1])
+            seconds = self._clock.seconds
             prev = None
             for kind, stamp in self._marks:  # a step's laps tile it from its start mark to its stop
-                if kind != _START:
-                    totals[kind] += self._clock.seconds(prev, stamp)
+                if kind is not _START:
+                    totals[kind] += seconds(prev, stamp)
                 prev = stamp
         step_total = sum(totals.values())
         n = max(self._steps, 1)

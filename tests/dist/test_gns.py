@@ -4,7 +4,7 @@ A fixed linear-regression problem at fixed weights (so the true B_simple does no
 online two-batch estimate, once its EMA has settled, is within 15 % of `per_sample_b_simple`
 - in one process, with the micro-batches of gradient accumulation as the small batches, under a
   loss scale that must be divided out;
-- on 2 gloo ranks under DDP, with each rank's local batch as the small batch (comm-hook tap).
+- on 2 gloo ranks under DDP, with each rank's micro-batch as the small batch (per-parameter gradient hooks).
 """
 
 from pathlib import Path

@@ -1,6 +1,6 @@
 """B_simple measured while training the MNIST-1D MLP (McCandlish et al. 2018, section 3).
 
-- The 2-rank DDP estimate (local batch = small batch, via the comm-hook tap) and the 1-process
+- The 2-rank DDP estimate (each rank's micro-batch = small batch, via per-parameter gradient hooks) and the 1-process
   estimate (micro-batches of accumulation = small batches) agree within a factor of 1.5 over the
   run; both trainings see the same examples in the same order.
 - B_simple grows as the loss falls.
