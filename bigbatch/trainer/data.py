@@ -112,8 +112,6 @@ class ExampleStream:
 
 def shard(indices: torch.Tensor, rank: int, world_size: int, accum_steps: int) -> list[torch.Tensor]:
     """This rank's micro-batches of one global batch: contiguous slice, split `accum_steps` ways."""
-    if world_size == 1 and accum_steps <= 1:
-        return [indices]
     per_rank = len(indices) // world_size
     mine = indices[rank * per_rank: (rank + 1) * per_rank]
     return list(mine.chunk(accum_steps)) if accum_steps > 1 else [mine]
@@ -341,9 +339,7 @@ def build_data(cfg: DataConfig) -> DataBundle:
 
 
 def tensor_batch(data: TensorData, idx: torch.Tensor, device: torch.device, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The examples `idx` (a 1-D index tensor) on `device`. index_select, not x[idx]: the same
-    gather without advanced indexing's dispatch (3.7 vs 10 us for 128 x 40 floats on this CPU)."""
-    x, y = data.x.index_select(0, idx), data.y.index_select(0, idx)
+    x, y = data.x.index_select(0, idx), data.y.index_select(0, idx)  # x[idx]'s values, 3.7 vs 10 us
     if x.device != device:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if train and data.augment is not None:
