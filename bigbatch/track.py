@@ -99,7 +99,11 @@ class Tracker(NullTracker):
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=row["step"])
         if self._reporter is not None:
-            self._reporter(row)
+            try:
+                self._reporter(row)
+            except BaseException:  # it stops the run (Ray: diverged, slower): whoever reads the rows next finds them all
+                self.flush()
+                raise
 
     def progress(self, step: int, text: str = "") -> None:
         if self._bar is not None:
