@@ -64,6 +64,13 @@ class NullTracker:
     def close(self, exit_code: int = 0) -> None:
         pass
 
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is not None:  # a run stopped by an exception keeps every row it logged
+            self.flush()
+
 
 class Tracker(NullTracker):
     def __init__(self, run_dir: Path, cfg_dict: dict[str, Any], track_cfg, total_steps: int, start_step: int = 0,

@@ -151,13 +151,15 @@ def init(backend: str = "auto", timeout_s: float = 600.0) -> DistEnv:
     return _ENV
 
 
-def destroy() -> None:
-    """Tear down the process group this module created (not one it adopted)."""
+def destroy() -> bool:
+    """Tear down the process group this module created (not one it adopted); True if it did."""
     global _ENV, _OWNS_GROUP
-    if _OWNS_GROUP and dist.is_available() and dist.is_initialized():
+    owned = _OWNS_GROUP and dist.is_available() and dist.is_initialized()
+    if owned:
         dist.destroy_process_group()
     _ENV = None
     _OWNS_GROUP = False
+    return owned
 
 
 # How the backends report a peer that stopped answering (torch 2.x): gloo raises a plain

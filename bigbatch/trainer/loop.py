@@ -214,7 +214,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
     measuring = measures.active  # no probe: the loop does not call them per step
     train_model.train()
     last_log_examples, interval_train_s = st.examples, 0.0
-    with StopFlag() as stop, peer_watch(cfg, env, run_dir.path, lambda: st.step):
+    with StopFlag() as stop, peer_watch(cfg, env, run_dir.path, lambda: st.step), tracker:
         while st.step < schedule.total_steps and not plan.finished(st.examples):
             # the batch and the lr of this step
             t0 = time.perf_counter()

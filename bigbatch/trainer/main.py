@@ -245,7 +245,7 @@ def _run_here(cfg: config_mod.Config, run_dir: Path | None, resume: bool) -> int
     from bigbatch.distributed.env import launcher_world
 
     _report(f"pid{launcher_world()[0]}", str(os.getpid()))  # the launcher kills what is left of a failed run
-    peer_lost = False
+    peer_lost = grouped = False
     try:
         summary = run(cfg, run_dir, resume=resume)
         code, line = _exit_code(summary["status"]), ""
@@ -259,11 +259,38 @@ def _run_here(cfg: config_mod.Config, run_dir: Path | None, resume: bool) -> int
         peer_lost = code == EXIT_PEER_LOST
     finally:
         if not peer_lost:  # tearing down a group whose peer is gone can block: the process exits instead
-            dist_env.destroy()
+            grouped = dist_env.destroy()
     if line:
         print(f"bigbatch train: {line}", file=sys.stderr)
     _report_exit(code, line)
+    if grouped or peer_lost:
+        _end_rank(code)
     return code
+
+
+def _end_rank(code: int) -> None:
+    """End a rank that had a process group here, without the interpreter's finalization.
+
+    torch keeps the gloo group's worker threads running past destroy_process_group (once DDP
+    has wrapped a model, the group is still referenced), and a worker that is still releasing
+    its last collective's tensors then needs the GIL of an interpreter being torn down: SIGABRT,
+    "terminate called without an active exception", after the run had finished and reported
+    (seen in about 1 of 20 two-rank runs on 2 busy cores; pytorch/pytorch#179291 describes the
+    same crash). Everything the run writes is closed by now; what is left is flushed first.
+    """
+    import gc
+    import logging
+
+    if "wandb" in sys.modules:  # a run that failed left its W&B run open
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=1 if code else 0)
+    gc.collect()  # files only a dropped traceback still held are closed (and flushed)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(args: argparse.Namespace) -> int:

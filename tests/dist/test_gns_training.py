@@ -45,8 +45,9 @@ def two_runs(tmp_path_factory):
     assert len(sharp) == 2 and all(s > 0 for s in sharp)
     sets = [a for s in COMMON for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "bigbatch", "train", str(CONFIG), "--nproc", "2", "--out", str(root / "ddp"), *sets],
-                   check=True, env=env, capture_output=True, timeout=240)
+    done = subprocess.run([sys.executable, "-m", "bigbatch", "train", str(CONFIG), "--nproc", "2", "--out", str(root / "ddp"),
+                           *sets], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
     return rows(root / "accum"), rows(root / "ddp")
 
 
@@ -108,8 +109,9 @@ def test_two_rank_gns_continues_exactly_across_a_resume(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def train(steps, *args):
-        subprocess.run([sys.executable, "-m", "bigbatch", "train", *args, "--nproc", "2", *sets,
-                        "--set", f"train.steps={steps}"], check=True, env=env, capture_output=True, timeout=240)
+        done = subprocess.run([sys.executable, "-m", "bigbatch", "train", *args, "--nproc", "2", *sets,
+                               "--set", f"train.steps={steps}"], env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
 
     train(40, str(CONFIG), "--out", str(tmp_path / "straight"))
     train(20, str(CONFIG), "--out", str(tmp_path / "resumed"))

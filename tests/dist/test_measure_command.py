@@ -52,8 +52,9 @@ def runs(tmp_path_factory):
         torch.set_num_threads(threads)
     sets = [a for s in COMMON for a in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "bigbatch", "train", str(CONFIG), "--nproc", "2", "--out", str(root / "ddp"),
-                    *sets], check=True, env=env, capture_output=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "bigbatch", "train", str(CONFIG), "--nproc", "2", "--out", str(root / "ddp"),
+                           *sets], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     return root
 
 

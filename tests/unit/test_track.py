@@ -41,3 +41,11 @@ def test_flush_and_close_put_every_row_on_disk(tmp_path):
     tracker.log({"step": 4, "loss": 0.25})
     tracker.close()
     assert [r["step"] for r in on_disk(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_a_run_stopped_by_an_exception_keeps_every_row_it_logged(tmp_path):
+    tracker = Tracker(tmp_path, {}, TrackConfig(progress="off"), total_steps=10)
+    with pytest.raises(Stop), tracker:  # how the training loop holds it
+        tracker.log({"step": 1, "loss": 2.0})
+        raise Stop
+    assert on_disk(tmp_path) == [{"step": 1, "loss": 2.0}]
