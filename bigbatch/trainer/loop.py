@@ -157,7 +157,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
     ddp_model = wrap_ddp(model, cfg, env)
     train_model = torch.compile(ddp_model, backend=cfg.train.compile_backend) if cfg.train.compile else ddp_model
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    measures = probes.OnlineMeasures(cfg, env, model, ddp_model, bundle, loss_fn)
+    measures = probes.OnlineMeasures(cfg, env, model, bundle, loss_fn)
     no_context = contextlib.nullcontext()  # reusable: entering it does nothing
     autocast = (lambda: torch.autocast(env.device.type, dtype=amp_dtype)) if amp_dtype else (lambda: no_context)
     # where the step's time goes (the all-reduce's exposed part only where there is one), and MFU

@@ -4,7 +4,7 @@ by `bigbatch.trainer.batching`, which the loop tells what they measured.
 
 The loop holds one `OnlineMeasures` and calls it at a few marked places:
 
-    measures = OnlineMeasures(cfg, env, model, ddp_model, bundle, loss_fn)   # after DDP wrap
+    measures = OnlineMeasures(cfg, env, model, bundle, loss_fn)   # model: the unwrapped module
     measures.begin_step(step)                                                # before the micro-batches
     measures.after_backward(global_batch, per_device, accum, scaler.get_scale)  # before optimizer.step
     measures.after_step(steps_done)                                          # after zero_grad
@@ -83,7 +83,7 @@ class OnlineGNS:
     every rank reaches together. Read it through `estimator`.
     """
 
-    def __init__(self, cfg, env, model: nn.Module, ddp_model: nn.Module):
+    def __init__(self, cfg, env, model: nn.Module):
         self.every = cfg.measure.gns_every
         self.env = env
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -236,9 +236,9 @@ class SharpnessProbe:
 class OnlineMeasures:
     """The one object the training loop talks to (see the module docstring for the call sites)."""
 
-    def __init__(self, cfg, env, model: nn.Module, ddp_model: nn.Module, bundle, loss_fn):
+    def __init__(self, cfg, env, model: nn.Module, bundle, loss_fn):
         m = cfg.measure
-        self.gns = OnlineGNS(cfg, env, model, ddp_model) if m.gns else None
+        self.gns = OnlineGNS(cfg, env, model) if m.gns else None
         self.tail = TailProbe(cfg, env, model, bundle.train, loss_fn) if m.tail_every else None
         self.sharpness = SharpnessProbe(cfg, env, model, bundle.train, loss_fn) if m.sharpness else None
         self._micro: int | None = None  # the training micro-batch, known after the first step

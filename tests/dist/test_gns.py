@@ -42,7 +42,7 @@ def gns_cfg(extra=()):
 
 def online_estimate(model, ddp_model, env, x, y, per_device, accum, scale=1.0):
     """Run STEPS measured steps (no optimizer: the weights stay fixed) and return B_simple."""
-    gns = OnlineGNS(gns_cfg(), env, model, ddp_model)
+    gns = OnlineGNS(gns_cfg(), env, model)  # hooks on the parameters DDP shares
     gen = torch.Generator().manual_seed(2)
     for step in range(STEPS):
         batch = torch.randperm(N, generator=gen)[:GLOBAL]
