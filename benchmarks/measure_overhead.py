@@ -6,6 +6,16 @@ compares the loop's own training time per step (evaluation excluded): the median
 log intervals of the time per step, so one interval that lost the CPU does not move it. `overhead_pct` is the
 median over rounds of each round's on/off ratio (the two runs of a round are back to back, their
 order alternating), with its interquartile range.
+
+Rounds of separate runs scatter by +-10-15 % on a busy 2-core machine (each run lands its ranks
+and gloo's threads differently), more than the effect. So each round also runs a paired
+measurement inside one run: measure.gns = true with gns_every = 2 and a log row every step, so
+measured and unmeasured steps alternate; the loop's own time of each step (from its start to
+its end, the log row excluded) is read from the rows, and `paired_overhead_pct` is the median
+over rounds of the run's median ratio (measured step / the unmeasured step after it) - 1. A
+measured step there also registers and removes the hooks (with gns_every = 1 they stay), so
+this errs high; what it leaves out is the estimate's read at log rows (its host copy; the rank
+average rides on the loss all-reduce).
 Prints one JSON object. Usage:
 
     flock /tmp/bigbatch-cpu.lock python benchmarks/measure_overhead.py [--model mlp|cnn] [--steps 300] [--rounds 3] [--gns-every 1]
@@ -40,7 +50,7 @@ def _rounds(args) -> dict[str, list[float]]:
         # one core per rank, like one GPU per rank (off by default: see docs/plan.md on pinning)
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cores[dist.get_rank() % len(cores)]})
-    times: dict[str, list[float]] = {"off": [], "on": []}
+    times: dict[str, list[float]] = {"off": [], "on": [], "paired": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):
             for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):  # alternate the order: drift cancels
@@ -59,7 +69,38 @@ def _rounds(args) -> dict[str, list[float]]:
                 summary = run(cfg, Path(tmp) / f"{mode}-{i}", reporter=reporter)
                 # the reporter sees rows on the logging rank only (rank 0's result is printed)
                 times[mode].append(statistics.median(intervals) if intervals else summary["train_s"] / summary["steps"])
+            times["paired"].append(_paired_ratio(args, Path(tmp) / f"paired-{i}"))
     return times
+
+
+def _paired_ratio(args, out: Path) -> float:
+    """One run with GNS measured on every other step: median of measured / next unmeasured step time."""
+    from bigbatch import config
+    from bigbatch.trainer.loop import run
+
+    cfg = config.load(CONFIGS / f"mnist1d-{args.model}.toml", [
+        f"train.steps={args.steps}", "train.eval_every=0", "train.log_every=1", "track.progress=off",
+        "data.train_eval_samples=500", f"batch.global_batch={args.global_batch}",
+        "measure.gns=true", "measure.gns_every=2", "train.amp=off",
+    ])
+    step_s: dict[int, float] = {}
+
+    def reporter(row):
+        if "samples_per_s" in row:  # one step per row: its own time (the row's logging is not in it)
+            step_s[row["step"]] = row["global_batch"] / row["samples_per_s"]
+
+    run(cfg, out, reporter=reporter)
+    # row k is the step that started at st.step = k - 1, measured when k - 1 is even
+    ratios = [step_s[k] / step_s[k + 1] for k in sorted(step_s) if k > args.log_every and (k - 1) % 2 == 0
+              and k + 1 in step_s]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def _iqr(values: list[float]) -> list[float]:
+    if len(values) < 2:
+        return [values[0], values[0]]
+    q = statistics.quantiles(values, n=4)
+    return [q[0], q[2]]
 
 
 def main() -> int:
@@ -76,7 +117,7 @@ def main() -> int:
     times = spawn_local(2, _rounds, args, backend="gloo")
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     paired = sorted(100.0 * (b / a - 1.0) for a, b in zip(times["off"], times["on"]))  # per round, back to back
-    q1, q3 = (statistics.quantiles(paired, n=4)[i] for i in (0, 2)) if len(paired) >= 2 else (paired[0], paired[0])
+    q1, q3 = _iqr(paired)
     print(json.dumps({
         "benchmark": "measure_overhead", "world_size": 2, "backend": "gloo", "device": "cpu",
         "model": args.model, "global_batch": args.global_batch, "gns_every": args.gns_every, "steps": args.steps, "rounds": args.rounds,
@@ -86,6 +127,9 @@ def main() -> int:
         "overhead_pct_iqr": [q1, q3],
         "overhead_pct_of_medians": 100.0 * (on / off - 1.0),
         "rounds_ms_off": [1e3 * t for t in times["off"]], "rounds_ms_on": [1e3 * t for t in times["on"]],
+        "paired_overhead_pct": 100.0 * (statistics.median(times["paired"]) - 1.0),
+        "paired_overhead_pct_iqr": [100.0 * (q - 1.0) for q in _iqr(times["paired"])],
+        "rounds_paired_pct": [100.0 * (r - 1.0) for r in times["paired"]],
     }, indent=2))
     return 0
 

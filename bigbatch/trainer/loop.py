@@ -268,7 +268,9 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
             last = st.step == schedule.total_steps or plan.finished(st.examples)
             epoch = st.examples / len(bundle.train)
             if st.step % cfg.train.log_every == 0 or last:
-                loss_mean = _mean_over_ranks(interval_loss.total(), st.interval_count, env)
+                loss_mean, probe_sums = _mean_over_ranks(interval_loss.total(), st.interval_count, env,
+                                                         measures.row_values())
+                measures.take_row_sums(probe_sums)  # the GNS EMAs' rank average rode on the loss's all-reduce
                 interval_loss.reset()
                 st.interval_count = 0
                 samples_per_s = (st.examples - last_log_examples) / max(interval_train_s, 1e-9)
@@ -374,14 +376,16 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def _mean_over_ranks(loss_sum: float, count: int, env: dist_env.DistEnv) -> float:
-    """Mean training loss over all examples of all ranks since the last log line."""
+def _mean_over_ranks(loss_sum: float, count: int, env: dist_env.DistEnv,
+                     extra: list[float]) -> tuple[float, list[float]]:
+    """Mean training loss over all examples of all ranks since the last log line, and the rank
+    sums of `extra` from the same all-reduce (one collective per log row)."""
     if not env.initialized:
-        return loss_sum / max(count, 1)
-    t = torch.tensor([loss_sum, float(count)], dtype=torch.float64, device=env.device)
+        return loss_sum / max(count, 1), extra
+    t = torch.tensor([loss_sum, float(count), *extra], dtype=torch.float64, device=env.device)
     dist.all_reduce(t)
-    total, n = t.tolist()
-    return total / max(n, 1.0)
+    total, n, *sums = t.tolist()
+    return total / max(n, 1.0), sums
 
 
 def fine_eval_due(cfg: Config, st: LoopState) -> bool:

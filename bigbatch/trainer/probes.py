@@ -78,9 +78,10 @@ class OnlineGNS:
     read) turns them into floats. Under DDP there is no collective per step at all: the
     estimator's EMAs are linear in the small-batch norm, and the big-batch norm is the same on
     every rank, so each rank keeps EMAs of its own local norm and the rank-average of those EMAs
-    is exactly the EMA of the rank-averaged norm. The average is taken (one all-reduce of two
-    scalars) only when the estimate is read: at log rows, batch decisions and checkpoints, which
-    every rank reaches together. Read it through `estimator`.
+    is exactly the EMA of the rank-averaged norm. The average is taken only when the estimate is
+    read, which every rank does together: at log rows it rides on the loop's loss all-reduce
+    (`local_sums` / `take_rank_sums`), at batch decisions and checkpoints it is one all-reduce of
+    two scalars. Read it through `estimator`.
     """
 
     def __init__(self, cfg, env, model: nn.Module):
@@ -101,13 +102,24 @@ class OnlineGNS:
         if not self.distributed:
             return self._local
         if self._synced is None:
-            state = self._local.state_dict()
-            t = torch.tensor([state["grad_sq"], state["trace_sigma"]], dtype=torch.float64, device=self.env.device)
+            t = torch.tensor(self.local_sums(), dtype=torch.float64, device=self.env.device)
             dist.all_reduce(t)
-            grad_sq, trace_sigma = (t / self.env.world_size).tolist()
-            self._synced = GNSEstimator(state["decay"])
-            self._synced.load_state_dict({**state, "grad_sq": grad_sq, "trace_sigma": trace_sigma})
+            self.take_rank_sums(t.tolist())
         return self._synced
+
+    def local_sums(self) -> list[float]:
+        """This rank's EMAs [|G|^2, tr(Sigma)], to be summed over ranks by a caller's all-reduce
+        (the loop folds them into its log row's loss all-reduce: no collective of their own)."""
+        self._collect()
+        state = self._local.state_dict()
+        return [state["grad_sq"], state["trace_sigma"]]
+
+    def take_rank_sums(self, sums: list[float]) -> None:
+        """The rank sums of `local_sums()` (read on every rank, after no further update)."""
+        state = self._local.state_dict()
+        self._synced = GNSEstimator(state["decay"])
+        self._synced.load_state_dict({**state, "grad_sq": sums[0] / self.env.world_size,
+                                      "trace_sigma": sums[1] / self.env.world_size})
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         """Every rank starts from the saved rank average (the average of identical states is that
@@ -267,6 +279,14 @@ class OnlineMeasures:
     def b_simple(self) -> float | None:
         """The current B_simple estimate (None without measure.gns). Under DDP a collective."""
         return self.gns.estimator.b_simple if self.gns is not None else None
+
+    def row_values(self) -> list[float]:
+        """Values the log row's all-reduce sums over ranks for the probes (the GNS EMAs under DDP)."""
+        return self.gns.local_sums() if self.gns is not None and self.gns.distributed else []
+
+    def take_row_sums(self, sums: list[float]) -> None:
+        if sums:
+            self.gns.take_rank_sums(sums)
 
     def metrics(self) -> dict[str, float]:
         """For a log row: the GNS EMAs, and a probe's value once (at the first row after it ran)."""
