@@ -199,6 +199,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on: a SLURM allocation, a cgroup cpuset or `taskset`
+    gives fewer than the machine's `os.cpu_count()`, and threads sized by that oversubscribe."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now (for a local rendezvous)."""
     import socket

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from bigbatch import config as config_mod
+from bigbatch.distributed.env import usable_cpus
 from bigbatch.errors import UsageError
 from bigbatch.study import critical
 from bigbatch.study.measurement import measure_checkpoint
@@ -65,7 +65,7 @@ def measure_at_target(records: list[dict[str, Any]], samples: int, threads: int 
     chosen = chosen_trials(records) if samples else []
     if not chosen:
         return 0
-    workers = max(1, min(len(chosen), workers or (os.cpu_count() or 1) // max(1, threads)))
+    workers = max(1, min(len(chosen), workers or usable_cpus() // max(1, threads)))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [(t, pool.submit(_measure, t["run_dir"], samples, threads)) for t in chosen]
         measured = 0

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bigbatch import config as config_mod
+from bigbatch.distributed.env import usable_cpus
 from bigbatch.errors import UsageError
 from bigbatch.study import adaptive, critical, search
 from bigbatch.study import spec as spec_mod
@@ -87,7 +88,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         # Ray starts its workers at niceness 15 (to favour the raylet); here the workers are the
         # study, and on a shared machine niced trials starve behind every other process.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=num_cpus or usable_cpus(), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env_vars})
 
 

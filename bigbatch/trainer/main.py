@@ -99,6 +99,7 @@ def _launch_torchrun(args, cfg: config_mod.Config, run_dir: Path | None, resume:
     (torchrun's report, rank tracebacks) in RUN/launcher.log, and end with one line and one code."""
     import bigbatch.trainer.checkpoint as ckpt
     import bigbatch.trainer.preflight as preflight
+    from bigbatch.distributed.env import usable_cpus
     from bigbatch.trainer.rundir import default_run_dir
 
     preflight.check(cfg, args.nproc, args.nproc)  # one node: every rank is local
@@ -117,7 +118,7 @@ def _launch_torchrun(args, cfg: config_mod.Config, run_dir: Path | None, resume:
     for o in args.overrides:
         cmd += ["--set", o]
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // args.nproc)))
     with tempfile.TemporaryDirectory(prefix="bigbatch-launch-") as status_dir:
         env[STATUS_DIR_ENV] = status_dir
         raw_log = Path(status_dir) / LAUNCHER_LOG
