@@ -68,7 +68,9 @@ class NullTracker:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
-        if kind is not None:  # a run stopped by an exception keeps every row it logged
+        # a run stopped by an exception (a reporter's too: Ray's diverged and raced trials are
+        # recorded from metrics.jsonl while this file is still open) keeps every row it logged
+        if kind is not None:
             self.flush()
 
 
@@ -106,11 +108,7 @@ class Tracker(NullTracker):
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=row["step"])
         if self._reporter is not None:
-            try:
-                self._reporter(row)
-            except BaseException:  # it stops the run (Ray: diverged, slower): whoever reads the rows next finds them all
-                self.flush()
-                raise
+            self._reporter(row)  # it may stop the run by raising (Ray: diverged, slower); see __exit__
 
     def progress(self, step: int, text: str = "") -> None:
         if self._bar is not None:

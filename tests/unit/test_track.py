@@ -25,9 +25,9 @@ def test_a_reporter_that_stops_the_run_finds_every_row_on_disk(tmp_path):
             raise Stop(row["step"])
 
     tracker = Tracker(tmp_path, {}, TrackConfig(progress="off"), total_steps=10, reporter=reporter)
-    tracker.log({"step": 1, "loss": 2.5})
-    tracker.log({"step": 2, "loss": 1.5})
-    with pytest.raises(Stop):
+    with pytest.raises(Stop), tracker:  # how the training loop holds it
+        tracker.log({"step": 1, "loss": 2.5})
+        tracker.log({"step": 2, "loss": 1.5})
         tracker.log({"step": 3, "loss": float("nan")})
     assert on_disk(tmp_path) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 1.5}, {"step": 3, "loss": None}]
 
