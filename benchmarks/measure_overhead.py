@@ -37,9 +37,19 @@ from bigbatch.distributed.env import spawn_local
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+def _config(args, log_every: int, gns: bool, gns_every: int):
+    """The benchmark's training run: the model's MNIST-1D config, no evaluation, amp off."""
+    from bigbatch import config
+
+    return config.load(CONFIGS / f"mnist1d-{args.model}.toml", [
+        f"train.steps={args.steps}", "train.eval_every=0", f"train.log_every={log_every}", "track.progress=off",
+        "data.train_eval_samples=500", f"batch.global_batch={args.global_batch}",
+        f"measure.gns={'true' if gns else 'false'}", f"measure.gns_every={gns_every}", "train.amp=off",
+    ])
+
+
 def _rounds(args) -> dict[str, list[float]]:
     """On every rank of the spawned group: alternate GNS off/on runs, seconds per training step."""
-    from bigbatch import config
     from bigbatch.trainer.loop import run
 
     import os
@@ -54,12 +64,7 @@ def _rounds(args) -> dict[str, list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):
             for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):  # alternate the order: drift cancels
-                cfg = config.load(CONFIGS / f"mnist1d-{args.model}.toml", [
-                    f"train.steps={args.steps}", "train.eval_every=0", f"train.log_every={args.log_every}", "track.progress=off",
-                    "data.train_eval_samples=500", f"batch.global_batch={args.global_batch}",
-                    f"measure.gns={'true' if mode == 'on' else 'false'}", f"measure.gns_every={args.gns_every}",
-                    "train.amp=off",
-                ])
+                cfg = _config(args, args.log_every, mode == "on", args.gns_every)
                 intervals: list[float] = []  # seconds per training step, per log interval
 
                 def reporter(row, intervals=intervals):
@@ -75,14 +80,9 @@ def _rounds(args) -> dict[str, list[float]]:
 
 def _paired_ratio(args, out: Path) -> float:
     """One run with GNS measured on every other step: median of measured / next unmeasured step time."""
-    from bigbatch import config
     from bigbatch.trainer.loop import run
 
-    cfg = config.load(CONFIGS / f"mnist1d-{args.model}.toml", [
-        f"train.steps={args.steps}", "train.eval_every=0", "train.log_every=1", "track.progress=off",
-        "data.train_eval_samples=500", f"batch.global_batch={args.global_batch}",
-        "measure.gns=true", "measure.gns_every=2", "train.amp=off",
-    ])
+    cfg = _config(args, log_every=1, gns=True, gns_every=2)
     step_s: dict[int, float] = {}
 
     def reporter(row):
