@@ -63,13 +63,14 @@ def jobs(slurm_env, tmp_path_factory):
         time.sleep(0.05)
     signalled = cli("slurm", "cancel", ids["c"], "--signal", "USR2", env=slurm_env, cwd=cwd)
     assert signalled.returncode == 0, signalled.stderr
-    # The requeued job waits for SLURM's credential expiry (~12 s here); start it at once. The
-    # requeue itself is real: the job left RUNNING and came back with SLURM_RESTART_COUNT=1.
+    # The requeued job is held until the requeue revoked its credential (AuthInfo=cred_expire=10 in
+    # cluster.sh): it must not be started earlier (`scontrol update StartTime=now` did, and slurmctld
+    # killed it about half the time: "Killing non-startable batch JobId=..: Job credential revoked").
+    # So wait for the requeue to show, then let SLURM start the job itself (~10-15 s later).
     deadline = time.monotonic() + 120
-    while squeue_state(ids["c"], slurm_env) != "PENDING" and not (cwd / "c" / "summary.json").exists():
-        assert time.monotonic() < deadline, "job c was not requeued"
+    while squeue_state(ids["c"], slurm_env) != "PENDING" and "restart 1 " not in log_of(cwd, "c", ids["c"]):
+        assert time.monotonic() < deadline, "job c was not requeued:\n" + log_of(cwd, "c", ids["c"])
         time.sleep(0.2)
-    subprocess.run(["scontrol", "update", f"jobid={ids['c']}", "StartTime=now"], env=slurm_env, capture_output=True)
     wait_gone(list(ids.values()), slurm_env)
     return cwd, ids, status
 
