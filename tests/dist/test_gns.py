@@ -37,7 +37,7 @@ def mse(out, t):
 
 
 def gns_cfg(extra=()):
-    return config.load(None, ["measure.gns=true", "measure.gns_ema=0.99", *extra])
+    return config.load(None, ["measure.gns=true", "measure.gns_every=1", "measure.gns_ema=0.99", *extra])  # every step: the references are per step
 
 
 def online_estimate(model, ddp_model, env, x, y, per_device, accum, scale=1.0):
@@ -62,6 +62,31 @@ def test_one_process_accumulation_matches_per_sample_reference():
     env = DistEnv(0, 1, 0, 1, torch.device("cpu"), None, False)
     got = online_estimate(model, model, env, x, y, per_device=32, accum=GLOBAL // 32, scale=1024.0)
     assert got == pytest.approx(want, rel=0.15)
+
+
+def test_gns_every_measures_every_kth_step_exactly_as_those_steps_alone():
+    """measure.gns_every = 4: only steps 0, 4, 8, ... are measured (the hooks stay registered and
+    return at once on the others), and the EMAs are those of the measured steps' batches alone."""
+    x, y, model = regression_problem()
+    env = DistEnv(0, 1, 0, 1, torch.device("cpu"), None, False)
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randperm(N, generator=gen)[:GLOBAL] for _ in range(40)]
+
+    def run(every, steps):
+        gns = OnlineGNS(gns_cfg([f"measure.gns_every={every}"]), env, model)
+        measured = []
+        for step, batch in steps:
+            gns.begin_step(step)
+            for idx in batch.chunk(8):
+                (mse(model(x[idx]), y[idx]) / 8).backward()
+            measured.append(gns.after_backward(GLOBAL, 32, 8))
+            model.zero_grad(set_to_none=True)
+        return gns, measured
+
+    sparse, measured = run(4, enumerate(batches))
+    dense, _ = run(1, enumerate(batches[::4]))
+    assert measured == [s % 4 == 0 for s in range(40)]
+    assert sparse.estimator.state_dict() == dense.estimator.state_dict()
 
 
 def _ddp_worker(rank, world, port, out):
