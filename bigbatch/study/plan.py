@@ -16,7 +16,8 @@ What the short run changes in CONFIG, and why:
 - train.stop_at_target = true (it is a run *to* the target);
 - measure.gns = true, and in one process batch.accum_steps = 2 when unset: the two-batch noise-scale
   estimator needs a small batch (the micro-batch) beside the big one. BatchNorm then normalises over
-  B0/2 examples (ghost batches), as in `bigbatch study`;
+  B0/2 examples (ghost batches), as in `bigbatch study`; measure.gns_every = 1: this run is the
+  measurement, so every step feeds the EMA (train's default of 4 trades that for speed);
 - train.eval_every = every 4,096 examples (or the config's, if more often), so S0 is known to a
   few percent; train.log_every a quarter of that, so the noise-scale window near the target has points;
 - data.train_eval_samples <= 1,000: the target is on the test set, train accuracy only reports.
@@ -118,7 +119,7 @@ def short_run_config(cfg, eval_every: int | None):
     data = dataclasses.replace(cfg.data, train_eval_samples=min(cfg.data.train_eval_samples or TRAIN_EVAL_SAMPLES,
                                                                 TRAIN_EVAL_SAMPLES))
     return dataclasses.replace(cfg, train=train, data=data, batch=dataclasses.replace(cfg.batch, accum_steps=accum),
-                               measure=dataclasses.replace(cfg.measure, gns=True))
+                               measure=dataclasses.replace(cfg.measure, gns=True, gns_every=1))
 
 
 def comm_source(args) -> dict | None:
