@@ -1,24 +1,25 @@
-"""Claim: online GNS (measure.gns) costs at most 2 % of the step time under 2-rank DDP on CPU.
+"""Claim: online GNS (measure.gns at its default measure.gns_every) costs at most 2 % of the step
+time under 2-rank DDP on CPU.
 
-Evidence: one spawn of 2 gloo ranks runs the real training loop (`bigbatch.trainer.loop.run`)
-on MNIST-1D, alternating runs with measure.gns off and on (same seed, same data order), and
-compares the loop's own training time per step (evaluation excluded): the median over the run's
-log intervals of the time per step, so one interval that lost the CPU does not move it. `overhead_pct` is the
-median over rounds of each round's on/off ratio (the two runs of a round are back to back, their
-order alternating), with its interquartile range.
-
-Rounds of separate runs scatter by +-10-15 % on a busy 2-core machine (each run lands its ranks
-and gloo's threads differently), more than the effect. So each round also runs a paired
-measurement inside one run: measure.gns = true with gns_every = 2 and a log row every step, so
-measured and unmeasured steps alternate; the loop's own time of each step (from its start to
-its end, the log row excluded) is read from the rows, and `paired_overhead_pct` is the median
-over rounds of the run's median ratio (measured step / the unmeasured step after it) - 1. A
-measured step there also registers and removes the hooks (with gns_every = 1 they stay), so
-this errs high; what it leaves out is the estimate's read at log rows (its host copy; the rank
-average rides on the loss all-reduce).
+Evidence, from one spawn of 2 gloo ranks running the real training loop (`bigbatch.trainer.loop.run`)
+on MNIST-1D, in rounds:
+- the in-run measurement (the headline): one training with GNS measured every max(k, 2) steps
+  (k = measure.gns_every) and a log row per step; the loop's own time of each step (from its start
+  to its end, the log row excluded) is read from the rows, and the run's median ratio of each
+  measured step to the unmeasured step after it, minus 1, is what a measured step costs
+  (`measured_step_pct`: median over rounds, IQR, `rounds_measured_step_pct`). Unmeasured steps run
+  the same code with the hooks returning at once, so the cost per step at gns_every = k is that
+  divided by k: `overhead_pct` (median over rounds, and its IQR). Left out: the estimate's read at
+  log rows (a host copy of the queued norms; its rank average rides on the loss all-reduce) and
+  the hooks' return on unmeasured steps (a Python call per parameter).
+- separate runs (a cross-check, not the headline): runs with measure.gns off and on, back to back,
+  their order alternating; each run's time per step is the median over its log intervals, and
+  `separate_runs_overhead_pct` is the median over rounds of the on/off ratio. Such rounds scatter by
+  +-10-15 % on a busy 2-core machine (each run lands its ranks and gloo's threads differently),
+  more than the effect.
 Prints one JSON object. Usage:
 
-    flock /tmp/bigbatch-cpu.lock python benchmarks/measure_overhead.py [--model mlp|cnn] [--steps 300] [--rounds 3] [--gns-every 1]
+    flock /tmp/bigbatch-cpu.lock python benchmarks/measure_overhead.py [--model mlp|cnn] [--steps 300] [--rounds 5] [--gns-every K]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from bigbatch.config.sections import MeasureConfig
 from bigbatch.distributed.env import spawn_local
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -79,10 +81,11 @@ def _rounds(args) -> dict[str, list[float]]:
 
 
 def _paired_ratio(args, out: Path) -> float:
-    """One run with GNS measured on every other step: median of measured / next unmeasured step time."""
+    """One run with GNS measured every max(k, 2) steps: median of measured / next unmeasured step time."""
     from bigbatch.trainer.loop import run
 
-    cfg = _config(args, log_every=1, gns=True, gns_every=2)
+    every = max(args.gns_every, 2)
+    cfg = _config(args, log_every=1, gns=True, gns_every=every)
     step_s: dict[int, float] = {}
 
     def reporter(row):
@@ -90,8 +93,8 @@ def _paired_ratio(args, out: Path) -> float:
             step_s[row["step"]] = row["global_batch"] / row["samples_per_s"]
 
     run(cfg, out, reporter=reporter)
-    # row k is the step that started at st.step = k - 1, measured when k - 1 is even
-    ratios = [step_s[k] / step_s[k + 1] for k in sorted(step_s) if k > args.log_every and (k - 1) % 2 == 0
+    # row k is the step that started at st.step = k - 1, measured when every divides k - 1
+    ratios = [step_s[k] / step_s[k + 1] for k in sorted(step_s) if k > args.log_every and (k - 1) % every == 0
               and k + 1 in step_s]
     return statistics.median(ratios) if ratios else float("nan")
 
@@ -107,29 +110,34 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--global-batch", type=int, default=256)
     p.add_argument("--pin", action="store_true",
                    help="pin each rank to its own core (steadier compute, but gloo's wake-ups then stall for a time slice at times)")
     p.add_argument("--log-every", type=int, default=10, help="steps per timed interval (the median interval is the run's step time)")
-    p.add_argument("--gns-every", type=int, default=1, help="measure.gns_every (steps between measurements)")
+    p.add_argument("--gns-every", type=int, default=MeasureConfig().gns_every,
+                   help=f"measure.gns_every, steps between measurements (default {MeasureConfig().gns_every}, the config's)")
     args = p.parse_args()
+    if args.gns_every < 1 or args.rounds < 1 or args.steps <= 2 * args.log_every:
+        p.error("--gns-every and --rounds must be >= 1, --steps > 2 x --log-every")
     times = spawn_local(2, _rounds, args, backend="gloo")
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
-    paired = sorted(100.0 * (b / a - 1.0) for a, b in zip(times["off"], times["on"]))  # per round, back to back
-    q1, q3 = _iqr(paired)
+    separate = sorted(100.0 * (b / a - 1.0) for a, b in zip(times["off"], times["on"]))  # per round, back to back
+    measured = [100.0 * (r - 1.0) for r in times["paired"]]  # what one measured step costs, per round
+    k = args.gns_every
     print(json.dumps({
         "benchmark": "measure_overhead", "world_size": 2, "backend": "gloo", "device": "cpu",
-        "model": args.model, "global_batch": args.global_batch, "gns_every": args.gns_every, "steps": args.steps, "rounds": args.rounds,
+        "model": args.model, "global_batch": args.global_batch, "gns_every": k, "steps": args.steps, "rounds": args.rounds,
         "torch": torch.__version__,
+        "overhead_pct": statistics.median(measured) / k,  # per step at gns_every = k, from the in-run measurement
+        "overhead_pct_iqr": [q / k for q in _iqr(measured)],
+        "measured_step_pct": statistics.median(measured),
+        "measured_step_pct_iqr": _iqr(measured),
+        "rounds_measured_step_pct": measured,
+        "separate_runs_overhead_pct": statistics.median(separate),
+        "separate_runs_overhead_pct_iqr": _iqr(separate),
         "step_ms_gns_off": 1e3 * off, "step_ms_gns_on": 1e3 * on,
-        "overhead_pct": statistics.median(paired),  # median of the per-round (paired) overheads
-        "overhead_pct_iqr": [q1, q3],
-        "overhead_pct_of_medians": 100.0 * (on / off - 1.0),
         "rounds_ms_off": [1e3 * t for t in times["off"]], "rounds_ms_on": [1e3 * t for t in times["on"]],
-        "paired_overhead_pct": 100.0 * (statistics.median(times["paired"]) - 1.0),
-        "paired_overhead_pct_iqr": [100.0 * (q - 1.0) for q in _iqr(times["paired"])],
-        "rounds_paired_pct": [100.0 * (r - 1.0) for r in times["paired"]],
     }, indent=2))
     return 0
 
