@@ -115,8 +115,9 @@ def main() -> int:
     p.add_argument("--pin", action="store_true",
                    help="pin each rank to its own core (steadier compute, but gloo's wake-ups then stall for a time slice at times)")
     p.add_argument("--log-every", type=int, default=10, help="steps per timed interval (the median interval is the run's step time)")
-    p.add_argument("--gns-every", type=int, default=MeasureConfig().gns_every,
-                   help=f"measure.gns_every, steps between measurements (default {MeasureConfig().gns_every}, the config's)")
+    every = MeasureConfig().gns_every  # the config's default
+    p.add_argument("--gns-every", type=int, default=every,
+                   help=f"measure.gns_every, steps between measurements (default {every}, the config's)")
     args = p.parse_args()
     if args.gns_every < 1 or args.rounds < 1 or args.steps <= 2 * args.log_every:
         p.error("--gns-every and --rounds must be >= 1, --steps > 2 x --log-every")

@@ -374,7 +374,7 @@ class MeasureConfig:
     gns: bool = False
     """Online gradient noise scale B_simple (McCandlish et al. 2018)."""
     gns_every: int = 4
-    """Steps between GNS measurements (a measured step costs ~4 % of a 2.6 ms MLP step: docs/measure.md)."""
+    """Steps between GNS measurements (a measured step costs 3-4 % of a 2.2-2.5 ms MLP step: docs/measure.md)."""
     gns_ema: float = 0.95
     """EMA decay of |G|^2 and tr(Sigma)."""
     tail_every: int = 0

@@ -75,8 +75,8 @@ class OnlineGNS:
     Nothing here waits on the device or the network inside a step, and a step that is not
     measured costs a Python call per parameter that returns at once: the hooks are registered
     on the first measured step and stay (registering and removing them around every measured
-    step cost more, ~1 % of a 2.6 ms MLP step, than leaving them). The norms stay tensors until the next measured step (or a
-    read) turns them into floats. Under DDP there is no collective per step at all: the
+    step added 1-2.5 % to a measured 2-rank MLP step; benchmarks/RESULTS.md, stop 22). The norms
+    stay tensors until the next measured step (or a read) turns them into floats. Under DDP there is no collective per step at all: the
     estimator's EMAs are linear in the small-batch norm, and the big-batch norm is the same on
     every rank, so each rank keeps EMAs of its own local norm and the rank-average of those EMAs
     is exactly the EMA of the rank-averaged norm. The average is taken only when the estimate is

@@ -37,7 +37,8 @@ def mse(out, t):
 
 
 def gns_cfg(extra=()):
-    return config.load(None, ["measure.gns=true", "measure.gns_every=1", "measure.gns_ema=0.99", *extra])  # every step: the references are per step
+    # every step measured: the references are per step
+    return config.load(None, ["measure.gns=true", "measure.gns_every=1", "measure.gns_ema=0.99", *extra])
 
 
 def online_estimate(model, ddp_model, env, x, y, per_device, accum, scale=1.0):
