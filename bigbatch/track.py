@@ -25,7 +25,10 @@ FLUSH_S = 1.0  # metrics.jsonl reaches the disk at least this often (and at ever
 
 
 def _plain(v: Any) -> Any:
-    if type(v) is int or type(v) is str or v is None:  # most of a row; no attribute lookups
+    kind = type(v)
+    if kind is float:  # most of a row: no attribute lookups
+        return v if math.isfinite(v) else None
+    if kind is int or kind is str or v is None:
         return v
     if hasattr(v, "item"):  # a tensor or numpy scalar
         v = v.item()
@@ -78,9 +81,12 @@ class Tracker(NullTracker):
     def __init__(self, run_dir: Path, cfg_dict: dict[str, Any], track_cfg, total_steps: int, start_step: int = 0,
                  reporter: Callable[[dict[str, Any]], None] | None = None, run_name: str | None = None):
         self.run_dir = Path(run_dir)
-        # buffered, flushed every FLUSH_S: a write per row is a system call on the training loop's path
+        # buffered, flushed every FLUSH_S: a write per row is a system call on the training loop's path;
+        # rows are encoded when flushed, all together: one json.dumps on the loop's path, between
+        # training steps, costs ~10x what it costs in a run of them (38 vs ~4 us for a row in the MLP loop)
         self._jsonl = (self.run_dir / JSONL).open("a")
-        self._flushed = time.monotonic()
+        self._rows: list[dict[str, Any]] = []
+        self._flushed = -math.inf  # the first row goes to disk at once: a run that started shows it
         self._reporter = reporter
         self._wandb = None
         if track_cfg.wandb:
@@ -102,7 +108,7 @@ class Tracker(NullTracker):
 
     def log(self, row: dict[str, Any]) -> None:
         row = {k: _plain(v) for k, v in row.items()}
-        self._jsonl.write(json.dumps(row) + "\n")
+        self._rows.append(row)
         if time.monotonic() - self._flushed >= FLUSH_S:
             self.flush()
         if self._wandb is not None:
@@ -118,10 +124,14 @@ class Tracker(NullTracker):
                 self._bar.set_postfix_str(text, refresh=False)
 
     def flush(self) -> None:
+        if self._rows:
+            self._jsonl.write("".join([json.dumps(r) + "\n" for r in self._rows]))
+            self._rows.clear()
         self._jsonl.flush()
         self._flushed = time.monotonic()
 
     def close(self, exit_code: int = 0) -> None:
+        self.flush()
         self._jsonl.close()
         if self._bar is not None:
             self._bar.close()

@@ -24,7 +24,7 @@ from _slurm_helpers import cli, squeue_state, wait_gone
 
 ROOT = Path(__file__).resolve().parents[2]
 MLP = str(ROOT / "configs" / "mnist1d-mlp.toml")
-STEPS = 400
+STEPS = 1200  # long enough (~2.5 s on 2 vCPUs) that job c is signalled mid-training
 STEPS_2NODE = 200
 TINY = ["data.name='digits'", "model.hidden=64", "batch.global_batch=64", "schedule.name='constant'",
         "train.eval_every=0", "train.log_every=10", "train.amp='off'", "track.progress='off'"]

@@ -49,3 +49,17 @@ def test_a_run_stopped_by_an_exception_keeps_every_row_it_logged(tmp_path):
         tracker.log({"step": 1, "loss": 2.0})
         raise Stop
     assert on_disk(tmp_path) == [{"step": 1, "loss": 2.0}]
+
+
+def test_rows_reach_the_disk_every_flush_interval_without_a_flush_call(tmp_path, monkeypatch):
+    import bigbatch.track as track
+
+    tracker = Tracker(tmp_path, {}, TrackConfig(progress="off"), total_steps=10)
+    tracker.log({"step": 1, "loss": 2.0})
+    assert on_disk(tmp_path) == [{"step": 1, "loss": 2.0}]  # the first row at once: training has started
+    tracker.log({"step": 2, "loss": 1.0})
+    assert len(on_disk(tmp_path)) == 1  # inside the interval: held (encoded at the next flush)
+    monkeypatch.setattr(track, "FLUSH_S", 0.0)
+    tracker.log({"step": 3, "loss": float("inf")})
+    assert [r["loss"] for r in on_disk(tmp_path)] == [2.0, 1.0, None]
+    tracker.close()
