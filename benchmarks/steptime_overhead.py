@@ -1,8 +1,8 @@
 """Claim: the step-time breakdown (bigbatch.trainer.steptime.StepTimer) costs a few microseconds
 per step on the CPU, against a ~1.3 ms step of the smallest model the loop trains (the MLP).
 
-Evidence: the timer's per-step calls exactly as the loop makes them (start, data lap, arm,
-backward_done, other lap, compute lap, stop; one micro-batch), with the exposed-communication
+Evidence: the timer's per-step calls exactly as the loop makes them without probes (start,
+data_ready, backward_done, compute lap, stop; one micro-batch), with the exposed-communication
 hook path on (as under DDP) and a read every --log-every steps, timed over --steps steps; median
 and range over --repeats repeats. Prints one JSON object.
 
@@ -29,10 +29,8 @@ def per_step_us(steps: int, log_every: int) -> float:
     t0 = time.perf_counter()
     for i in range(steps):
         timer.start()
-        timer.lap("data")
-        timer.arm(True)
+        timer.data_ready(True)
         timer.backward_done()
-        timer.lap("other")
         timer.lap("compute")
         timer.stop()
         if i % log_every == 0:

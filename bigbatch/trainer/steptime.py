@@ -3,11 +3,15 @@
 The loop calls one `StepTimer` at a few fixed points of a step:
 
     timer.start()                          step begins
-    timer.lap("data")                      a micro-batch is on the device (index, load, copy)
-    timer.backward_done(sync)              forward + backward of the micro-batch returned
+    timer.data_ready(sync)                 a micro-batch is on the device (index, load, copy);
+                                           `sync`: its backward all-reduces the gradients
+    timer.backward_done()                  forward + backward of the micro-batch returned
     timer.lap("other")                     online probes (GNS norms, ...): not compute, not logged
     timer.lap("compute")                   optimizer step (and scaler update, zero_grad)
     timer.stop()                           step ends
+
+Each is one call with no nested call but the clock's (they are on every step's hot path: on a
+~1 ms CPU step each call is worth ~1 us); the loop makes the "other" lap only when a probe runs.
 
 and reads it at log steps (`read()` -> per-step means in seconds):
 `time/data(s)`, `time/compute(s)` (forward + backward + optimizer), `time/comm_exposed(s)` and
@@ -111,27 +115,31 @@ class StepTimer:
         """The time since the previous mark was spent on `kind` (one of KINDS)."""
         self._add((kind, self._now()))
 
-    def arm(self, sync: bool) -> None:
-        """Before a micro-batch's backward: `sync` when this backward all-reduces the gradients."""
-        self._armed = sync and bool(self._handles)
-        self._grad_mark = None
+    def data_ready(self, sync: bool) -> None:
+        """A micro-batch is ready (the time since the last mark was data); `sync` when its
+        backward all-reduces the gradients (the exposed-communication hook stamps only then)."""
+        self._add(("data", self._now()))
+        if self._handles:
+            self._armed = sync
+            self._grad_mark = None
 
     def backward_done(self) -> None:
         """After backward returned: compute up to the last gradient, exposed communication after it."""
-        if self._armed and self._grad_mark is not None:
-            self._marks.append(("compute", self._grad_mark))
-            self.lap("comm_exposed")
-            if len(self._handles) > 1 and self._last_idx is not None:  # keep only the last parameter's hook
-                for i, h in enumerate(self._handles):
-                    if i != self._last_idx:
-                        h.remove()
-                self._handles = [self._handles[self._last_idx]]
-        else:
-            self.lap("compute")
-        self._armed = False
+        if self._armed:
+            self._armed = False
+            if self._grad_mark is not None:
+                self._add(("compute", self._grad_mark))
+                self._add(("comm_exposed", self._now()))
+                if len(self._handles) > 1 and self._last_idx is not None:  # keep only the last parameter's hook
+                    for i, h in enumerate(self._handles):
+                        if i != self._last_idx:
+                            h.remove()
+                    self._handles = [self._handles[self._last_idx]]
+                return
+        self._add(("compute", self._now()))
 
     def stop(self) -> None:
-        self.lap("other")  # whatever ran after the last lap
+        self._add(("other", self._now()))  # whatever ran after the last lap
         self._steps += 1
 
     def read(self) -> dict[str, float]:

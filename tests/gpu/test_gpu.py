@@ -38,8 +38,7 @@ def test_step_timer_on_cuda_adds_no_host_sync_and_its_parts_tile_the_step():
     def step():
         timer.start()
         xb = x * 1.0  # stands in for the host-to-device copy
-        timer.lap("data")
-        timer.arm(True)
+        timer.data_ready(True)
         model(xb).sum().backward()
         timer.backward_done()
         opt.step()

@@ -13,8 +13,7 @@ def _step(timer, model, sync, data_s=0.0, comm_s=0.0, opt_s=0.0):
     timer.start()
     time.sleep(data_s)
     x = torch.randn(16, 8)
-    timer.lap("data")
-    timer.arm(sync)
+    timer.data_ready(sync)
     model(x).sum().backward()
     time.sleep(comm_s)  # stands in for DDP's wait on the last all-reduce, after every gradient is ready
     timer.backward_done()
@@ -73,3 +72,22 @@ def test_read_resets_and_time_between_steps_is_not_counted():
     assert timer.read()["time/step(s)"] < 0.01
     assert timer.read() == {"time/data(s)": 0.0, "time/compute(s)": 0.0, "time/comm_exposed(s)": 0.0,
                             "time/step(s)": 0.0}
+
+
+def test_the_loss_sum_is_the_same_read_on_the_host_or_stacked():
+    # the loop's loss bookkeeping: per-tensor reads on the CPU, one stacked copy on a GPU
+    from bigbatch.trainer.loop import LossSum
+
+    losses = [torch.tensor(v, dtype=torch.float32) for v in (2.5, 0.125, 1e-3, 7.0)]
+    sums = []
+    for on_host in (True, False):
+        s = LossSum(10.0, torch.device("cpu"))
+        s.on_host = on_host
+        for i, loss in enumerate(losses):
+            s.add(loss, n=i + 1)
+        sums.append(s.total())
+        s.reset()
+        assert s.total() == 0.0
+        s.add(torch.tensor(float("inf")), 3)
+        assert s.total() == float("inf")  # a diverged loss passes through to the divergence check
+    assert sums[0] == sums[1] == 10.0 + sum(loss.item() * (i + 1) for i, loss in enumerate(losses))  # float64
