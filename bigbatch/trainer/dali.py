@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from bigbatch.errors import UsageError
-from bigbatch.trainer.data import ExampleStream, shard
+from bigbatch.trainer.stream import ExampleStream, shard
 
 INSTALL = "pip install 'bigbatch[dali]'"
 INSTALL_NOTE = "nvidia-dali-cuda130; on a CUDA 12 cluster pip install nvidia-dali-cuda120"

@@ -1,4 +1,4 @@
-"""Datasets and the sharded example stream.
+"""Datasets, and the batches read from them.
 
 Datasets (no downloads, ever):
 - mnist1d: generated locally with `mnist1d.data.make_dataset` (Greydanus 2020), cached as .npz
@@ -12,11 +12,7 @@ Datasets (no downloads, ever):
 Small datasets are held as tensors ("in memory": a batch is one index operation). Image folders go
 through a DataLoader fed by the same stream.
 
-Data order: one stream of examples, the concatenation of per-epoch permutations, each drawn from a
-generator seeded by (seed, epoch) only. A step at global batch B takes the next B indices; rank r
-takes the r-th contiguous slice of them and splits it into accumulation micro-batches. So for one
-seed and global batch the examples of every step are the same on 1, 2 or 4 ranks and with any
-accumulation.
+Data order: `bigbatch.trainer.stream` (one seeded stream of examples, sharded over ranks).
 """
 
 from __future__ import annotations
@@ -35,6 +31,7 @@ import torch
 
 from bigbatch.config import DataConfig
 from bigbatch.errors import ConfigError
+from bigbatch.trainer.stream import ExampleStream, eval_shard, shard
 from bigbatch.trainer.userdata import InMemory, load_entry_point
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,60 +64,6 @@ class DataBundle:
     @property
     def in_memory(self) -> bool:
         return isinstance(self.train, TensorData)
-
-
-# --- the example stream ----------------------------------------------------------------------
-
-
-class ExampleStream:
-    """Global example indices for each step; depends only on (seed, epoch) and the position.
-
-    `position` is the number of examples consumed so far: the checkpointed sampler state.
-    """
-
-    def __init__(self, num_examples: int, seed: int, position: int = 0):
-        self.n = num_examples
-        self.seed = seed
-        self.position = position
-        self._epoch = -1
-        self._perm: torch.Tensor | None = None
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.n, generator=g)
-            self._epoch = epoch
-        assert self._perm is not None
-        return self._perm
-
-    def take(self, global_batch: int) -> torch.Tensor:
-        """The next `global_batch` global indices (may straddle an epoch boundary)."""
-        parts, need, pos = [], global_batch, self.position
-        while need > 0:
-            epoch, offset = divmod(pos, self.n)
-            chunk = self.permutation(epoch)[offset: offset + need]
-            parts.append(chunk)
-            need -= len(chunk)
-            pos += len(chunk)
-        self.position = pos
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    @property
-    def epoch(self) -> float:
-        return self.position / self.n
-
-
-def shard(indices: torch.Tensor, rank: int, world_size: int, accum_steps: int) -> list[torch.Tensor]:
-    """This rank's micro-batches of one global batch: contiguous slice, split `accum_steps` ways."""
-    per_rank = len(indices) // world_size
-    mine = indices[rank * per_rank: (rank + 1) * per_rank]
-    return list(mine.chunk(accum_steps)) if accum_steps > 1 else [mine]
-
-
-def eval_shard(n: int, rank: int, world_size: int) -> range:
-    """Contiguous shard of an evaluation set (sums are all-reduced, so uneven shards are fine)."""
-    per = -(-n // world_size)
-    return range(rank * per, min((rank + 1) * per, n))
 
 
 # --- datasets ------------------------------------------------------------------------------

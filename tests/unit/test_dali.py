@@ -67,7 +67,7 @@ def _batches(root: Path, world: int, micro: int, steps: int, augment: bool, posi
     from torchvision.datasets import ImageFolder
 
     from bigbatch.trainer.dali import DaliBatches
-    from bigbatch.trainer.data import ExampleStream
+    from bigbatch.trainer.stream import ExampleStream
 
     samples = ImageFolder(str(root / "train")).samples
     per_rank = []
@@ -107,7 +107,7 @@ def test_dali_decodes_on_the_gpu_like_on_the_cpu(tmp_path):
     from torchvision.datasets import ImageFolder
 
     from bigbatch.trainer.dali import DaliBatches
-    from bigbatch.trainer.data import ExampleStream
+    from bigbatch.trainer.stream import ExampleStream
 
     root = jpeg_folder(tmp_path / "imgs", {"a": 6, "b": 5})
     samples = ImageFolder(str(root / "train")).samples

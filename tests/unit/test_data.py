@@ -8,7 +8,8 @@ import torch
 
 from bigbatch import config
 from bigbatch.config import ConfigError
-from bigbatch.trainer.data import ExampleStream, build_data, eval_shard, shard
+from bigbatch.trainer.data import build_data
+from bigbatch.trainer.stream import ExampleStream, eval_shard, shard
 
 
 def test_stream_is_a_concatenation_of_seeded_epoch_permutations():
@@ -84,3 +85,30 @@ def test_missing_data_root_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as e:
         cfg.validate(1)
     assert e.value.field == "data.root"
+
+
+@pytest.mark.parametrize("world, accum", [(1, 1), (2, 1), (3, 1), (2, 2), (1, 3)])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_the_sources_fast_path_gives_the_general_paths_batches(world, accum, per_batch):
+    # plain tensors take a shortcut (two index_selects); with normalize set they go through
+    # tensor_batch: both must give every rank the same examples, epoch boundaries included
+    from bigbatch.distributed.env import DistEnv
+    from bigbatch.trainer.data import DataBundle, TensorData, tensor_batch
+    from bigbatch.trainer.sources import TensorSource
+
+    x, y = torch.randn(20, 3), torch.arange(20) % 7
+    norm = (lambda t: t * 2.0) if per_batch else None
+    bundle = DataBundle(TensorData(x, y, normalize=norm), TensorData(x, y), 7, (3,), "t")
+    for rank in range(world):
+        env = DistEnv(rank, world, rank, world, torch.device("cpu"), None, False)
+        source, ref = TensorSource(bundle, ExampleStream(20, 4), env), ExampleStream(20, 4)
+        assert source._plain is not per_batch
+        for step, k in enumerate([2, 2, 4, 1, 6, 2]):  # 34 batch units of a 20-example set: epochs straddled
+            b = 2 * k * world * accum
+            got = list(source.micro_batches(step, b, accum))
+            want = [(*tensor_batch(bundle.train, i, env.device, train=True), len(i))
+                    for i in shard(ref.take(b), rank, world, accum)]
+            assert len(got) == len(want) == accum
+            for (gx, gy, gn), (wx, wy, wn) in zip(got, want):
+                assert torch.equal(gx, wx) and torch.equal(gy, wy) and gn == wn
+        assert source.stream.position == ref.position

@@ -135,6 +135,49 @@ def test_lr_follows_the_batch_through_the_phases_unless_told_not_to():
     assert s.lr_at(20) == pytest.approx(0.1)  # Smith et al.: grow the batch instead of the lr
 
 
+@pytest.mark.parametrize("schedule", [
+    {"name": "cosine", "warmup_epochs": 1},
+    {"name": "poly", "warmup_epochs": 0.5, "warmup_shape": "constant", "end_lr": 0.001},
+    {"name": "step", "milestones": [1, 3]},
+])
+def test_the_batch_plans_table_is_the_schedule_exactly(schedule):
+    # the loop reads (batch, per-device, accum, lr) from precomputed blocks: every value must be
+    # the schedule's, across block edges and batch phases, on 1 and 4 ranks with accumulation
+    from bigbatch.trainer.batching import BatchPlan
+
+    cfg = _cfg(batch={"global_batch": 100, "phases": [[0, 100], [2, 400]], "accum_steps": 5},
+               optim={"base_lr": 0.1, "base_batch": 100}, schedule=schedule, train={"epochs": 40})
+    s = Schedule(cfg, 10_000)
+    assert s.total_steps > 2 * BatchPlan.BLOCK
+    for world in (1, 4):
+        plan = BatchPlan(cfg, s, world)
+        want = [(s.batch_at(k), s.batch_at(k) // (5 * world), 5, s.lr_at(k)) for k in range(s.total_steps)]
+        assert [plan.at(k) for k in range(s.total_steps)] == want
+        assert plan.at(7) == want[7] and plan.at(s.total_steps - 1) == want[-1]  # backwards (a resume), the last step
+
+
+def test_the_batch_plans_table_follows_the_gns_controller():
+    # batch.adaptive: a batch the controller doubles (or a restored one) applies from the next step on
+    from bigbatch.trainer.batching import BatchPlan
+
+    cfg = _cfg(batch={"global_batch": 64, "adaptive": "gns", "adapt_every": 10, "max": 1024},
+               optim={"base_lr": 0.1, "base_batch": 64}, schedule={"name": "cosine", "warmup_steps": 20},
+               train={"steps": 2000}, measure={"gns": True})
+    s = Schedule(cfg, 10_000)
+    plan = BatchPlan(cfg, s, 2)
+    seen = []
+    for k in range(1200):
+        batch, per_device, accum, lr = plan.at(k)
+        assert (per_device, accum, lr) == (batch // 2, 1, s.lr_at(k, batch))
+        seen.append(batch)
+        plan.observe(k + 1, lambda: 1e9 if k < 400 else 1.0)  # a huge noise scale, then a small one
+    assert seen[0] == 64 and seen[9] == 64 and seen[10] == 128 and seen[-1] == 1024
+    restored = BatchPlan(cfg, s, 2)
+    restored.at(1200)  # a block filled before the restore must not survive it
+    restored.load_state_dict(plan.state_dict())
+    assert restored.at(1200) == (1024, 512, 1, s.lr_at(1200, 1024))
+
+
 def test_describe_is_one_line_with_the_derived_numbers():
     cfg = _cfg(batch={"global_batch": 1024, "phases": [[0, 1024], [1, 2048]]}, optim={"base_lr": 0.2, "base_batch": 256},
                schedule={"name": "poly", "warmup_epochs": 1}, train={"epochs": 2})
