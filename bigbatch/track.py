@@ -25,10 +25,7 @@ FLUSH_S = 1.0  # metrics.jsonl reaches the disk at least this often (and at ever
 
 
 def _plain(v: Any) -> Any:
-    kind = type(v)
-    if kind is float:  # most of a row: no attribute lookups
-        return v if math.isfinite(v) else None
-    if kind is int or kind is str or v is None:
+    if type(v) is int or type(v) is str or v is None:  # most of a row; no attribute lookups
         return v
     if hasattr(v, "item"):  # a tensor or numpy scalar
         v = v.item()

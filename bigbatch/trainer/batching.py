@@ -136,13 +136,10 @@ class BatchPlan:
 
     def _fill(self, step: int) -> tuple[int, int, int, float]:
         steps = range(step, max(min(step + self.BLOCK, self.schedule.total_steps), step + 1))
-        c, splits = self.controller, {}
-        block = []
+        c, block = self.controller, []
         for s in steps:
             batch = c.batch if c is not None else self.schedule.batch_at(s)
-            if batch not in splits:
-                splits[batch] = self.split(batch)
-            block.append((batch, *splits[batch], self.schedule.lr_at(s, batch)))
+            block.append((batch, *self.split(batch), self.schedule.lr_at(s, batch)))
         self._first, self._block = step, block
         return block[0]
 
@@ -159,8 +156,7 @@ class BatchPlan:
                      c.changes[-1]["b_simple"], new // 2, step, new)
 
     def finished(self, examples: int) -> bool:
-        budget = self.examples_budget
-        return budget is not None and examples >= budget
+        return self.examples_budget is not None and examples >= self.examples_budget
 
     def state_dict(self) -> dict[str, Any] | None:
         return self.controller.state_dict() if self.controller is not None else None

@@ -51,9 +51,7 @@ class TensorSource:
 
     def micro_batches(self, step: int, global_batch: int, accum: int) -> Iterable[Batch]:
         if self._plain and accum == 1:
-            idx = self.stream.take(global_batch)
-            if self.env.world_size > 1:
-                idx = shard(idx, self.env.rank, self.env.world_size, 1)[0]
+            idx = shard(self.stream.take(global_batch), self.env.rank, self.env.world_size, 1)[0]
             return ((self.data.x.index_select(0, idx), self.data.y.index_select(0, idx), len(idx)),)
         return self._each(global_batch, accum)
 
@@ -71,7 +69,6 @@ class FolderSource(TensorSource):
 
     def __init__(self, bundle: DataBundle, stream: ExampleStream, env: DistEnv, folder: FolderBatches | DaliBatches):
         super().__init__(bundle, stream, env)
-        self._plain = False  # batches come from the loader, not from indexing tensors
         self.folder = folder
         self.loader_batch: int | None = None
 
@@ -80,7 +77,7 @@ class FolderSource(TensorSource):
             self.folder.restart(self.stream, lambda s, b=global_batch: b, step, self.env.rank, self.env.world_size,
                                 lambda s, a=accum: a)
             self.loader_batch = global_batch
-        return super().micro_batches(step, global_batch, accum)
+        return self._each(global_batch, accum)  # from the loader, whatever the tensors
 
     def _load(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.folder.next(self.env.device)
