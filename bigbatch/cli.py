@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("bigbatch.study.report", "plots and report.md/report.html from a sweep folder"),
     "bench": ("bigbatch.distributed.bench", "communication benchmarks (all-reduce algorithms, nccl-tests style)"),
     "scaling": ("bigbatch.study.scaling", "weak-scaling throughput and efficiency per world size, alpha-beta model"),
-    "measure": ("bigbatch.study.measurement",
+    "measure": ("bigbatch.study.at_checkpoint",
                 "B_simple, B_noise, sharpness and tail index at a run's checkpoint, on the trained loss (train-mode BN)"),
     "interpolate": ("bigbatch.study.landscape", "loss and accuracy on the line between two trained runs"),
     "slurm": ("bigbatch.launch.slurm", "render and submit sbatch jobs (training, sweeps, job arrays)"),

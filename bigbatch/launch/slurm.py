@@ -123,7 +123,7 @@ def collect_array(sweep_dir: str) -> dict:
     """trials.jsonl + critical.json + report from the array tasks' run folders."""
     from bigbatch.study import spec as spec_mod  # deferred: torch (see _load_sweep)
     from bigbatch.study.at_target import measure_at_target
-    from bigbatch.study.records import RUNS_DIR, finish_trial, trial_status
+    from bigbatch.study.records import RUNS_DIR, record_trial, trial_status
     from bigbatch.study.report import write_report
     from bigbatch.study.sweep import collect, read_record
     from bigbatch.study.trial import trial_target
@@ -139,7 +139,7 @@ def collect_array(sweep_dir: str) -> dict:
             continue  # `collect` records it as failed
         summary = json.loads(summary_path.read_text())
         # as a Ray sweep records it: steps to target interpolated between the evaluations around it
-        finish_trial(run_dir, point, spec.trial.gap_epochs, summary, trial_status(summary),
+        record_trial(run_dir, point, spec.trial.gap_epochs, summary, trial_status(summary),
                      target=trial_target(spec, point))
     # and the noise scales at the target, on the trials the headline reads (study.at_target)
     measure_at_target([read_record(spec, root, p) for p in spec.points()], spec.trial.b_simple_samples,

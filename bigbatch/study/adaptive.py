@@ -1,7 +1,7 @@
 """Which trials a study runs next: lr-grid extension, seeds at the deciding lrs, the gap phase.
 
 Pure functions of the sweep spec and the records of finished trials; the Ray Tune searcher in
-`bigbatch.study.sweep` asks `Plan.next` for the next trial and tells it when one finished.
+`bigbatch.study.sweep` asks `TrialQueue.next` for the next trial and tells it when one finished.
 
 Per batch size (Shallue et al. 2018: re-tune the lr at every batch before comparing):
 1. seed 0 at every multiplier of the grid, the one the scaling rule predicts (1x) first, then
@@ -79,7 +79,7 @@ def gap_points(spec, batch: int, records: list[dict[str, Any]]) -> list[dict[str
             for s in spec.gap.seeds]
 
 
-class Plan:
+class TrialQueue:
     """The study's queue of trials: what to run next given what has finished.
 
     `next()` returns the next point, None when the trials still running must finish first, or
@@ -126,5 +126,5 @@ class Plan:
         return self.FINISHED
 
     def planned(self) -> int:
-        """Trials issued so far (the total grows as the plan adapts)."""
+        """Trials issued so far (the total grows as the queue adapts)."""
         return len(self.issued)

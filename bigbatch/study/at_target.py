@@ -27,7 +27,7 @@ from bigbatch import config as config_mod
 from bigbatch.distributed.env import usable_cpus
 from bigbatch.errors import UsageError
 from bigbatch.study import critical
-from bigbatch.study.measurement import measure_checkpoint
+from bigbatch.study.at_checkpoint import measure_checkpoint
 from bigbatch.study.records import TRIAL_RECORD, set_measured, write_trial_record
 
 

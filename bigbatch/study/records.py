@@ -124,7 +124,7 @@ def trial_status(summary: dict[str, Any]) -> str:
     return "ok" if summary.get("steps_to_target") is not None else "not_reached"
 
 
-def finish_trial(run_dir: Path, point: dict[str, Any], gap_epochs: float | None, summary: dict[str, Any] | None,
+def record_trial(run_dir: Path, point: dict[str, Any], gap_epochs: float | None, summary: dict[str, Any] | None,
                   status: str, *, target: dict[str, float] | None = None,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     rec = trial_record(point, summary, read_rows(run_dir / "metrics.jsonl"), gap_epochs, status,

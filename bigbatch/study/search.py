@@ -1,4 +1,4 @@
-"""The adaptive study under Ray Tune: a searcher that asks `adaptive.Plan`, and racing.
+"""The adaptive study under Ray Tune: a searcher that asks `adaptive.TrialQueue`, and racing.
 
 Racing: a finished trial that reached the target leaves its steps in SWEEP/race/; a running
 trial at the same batch but another lr stops once its steps exceed `search.race` x the fewest
@@ -69,25 +69,25 @@ def racer(out_dir: Path, point: dict[str, Any], factor: float) -> Callable[[dict
     return check
 
 
-def plan_searcher(plan: adaptive.Plan, read_record: Callable[[dict[str, Any]], dict[str, Any]]):
-    """A Ray Tune Searcher that hands out the plan's points and reports each finished trial back."""
+def queue_searcher(queue: adaptive.TrialQueue, read_record: Callable[[dict[str, Any]], dict[str, Any]]):
+    """A Ray Tune Searcher that hands out the queue's points and reports each finished trial back."""
     from ray.tune.search import Searcher
 
-    class PlanSearcher(Searcher):
+    class QueueSearcher(Searcher):
         def __init__(self) -> None:
             super().__init__()
             self.points: dict[str, dict[str, Any]] = {}
 
         def suggest(self, trial_id: str):
-            point = plan.next()
-            if point == plan.FINISHED:
+            point = queue.next()
+            if point == queue.FINISHED:
                 return Searcher.FINISHED
             if point is None:
-                return None  # wait for running trials: the plan adapts to them
+                return None  # wait for running trials: the queue adapts to them
             self.points[trial_id] = point
             return {"point": point}
 
-        def save(self, checkpoint_path: str) -> None:  # the plan is rebuilt from the run folders on --resume
+        def save(self, checkpoint_path: str) -> None:  # the queue is rebuilt from the run folders on --resume
             pass
 
         def restore(self, checkpoint_path: str) -> None:
@@ -96,6 +96,6 @@ def plan_searcher(plan: adaptive.Plan, read_record: Callable[[dict[str, Any]], d
         def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
             point = self.points.get(trial_id)
             if point is not None:
-                plan.finished(point, read_record(point))
+                queue.finished(point, read_record(point))
 
-    return PlanSearcher()
+    return QueueSearcher()

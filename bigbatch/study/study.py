@@ -37,7 +37,7 @@ from typing import Any
 
 from bigbatch.errors import UsageError
 from bigbatch.study import spec as spec_mod
-from bigbatch.study.sweep import default_out, finish
+from bigbatch.study.sweep import default_out, run_and_report
 
 # The training config every trial starts from (configs/mnist1d-cnn.toml, with a constant lr).
 BASE: dict[str, Any] = {
@@ -99,4 +99,4 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("--resume", "needs --out STUDY_DIR (the folder of the study to continue)")
     spec = spec_mod.from_dict(spec_dict)
     out = Path(args.out) if args.out else default_out(spec.name)
-    return finish(spec, spec_dict, out, args.resume, None, args.num_cpus, "bigbatch study")
+    return run_and_report(spec, spec_dict, out, args.resume, None, args.num_cpus, "bigbatch study")

@@ -6,10 +6,10 @@ The records it leaves are read and written by `bigbatch.study.records`.
 
 A trial that raises is recorded as failed and the others go on; a diverged trial (non-finite
 loss) is stopped and recorded as diverged. With `[search] adaptive = true` the trials are not a
-fixed grid: a Ray Tune searcher (`bigbatch.study.search`) asks the plan (`bigbatch.study.adaptive`)
+fixed grid: a Ray Tune searcher (`bigbatch.study.search`) asks the trial queue (`bigbatch.study.adaptive`)
 for each next trial as others finish (lr-grid extension at an edge, seeds at the deciding lrs,
 racing, the gap phase). An interrupted sweep continues with `--resume` (a grid: Tuner.restore;
-adaptive: the plan replayed, finished trials answering from their trial.json): finished trials
+adaptive: the queue replayed, finished trials answering from their trial.json): finished trials
 are not run again, an unfinished one restarts from its last checkpoint when it has one.
 
 Output folder:
@@ -163,7 +163,7 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
     owns_ray = not ray.is_initialized()  # a caller's Ray session (a notebook, a test) is used as it is
     if owns_ray:
         init_ray(ray_address, num_cpus)
-    plan = adaptive.Plan(spec) if spec.search.adaptive else None
+    queue = adaptive.TrialQueue(spec) if spec.search.adaptive else None
     try:
         t = spec.trial
         resources = {"cpu": t.cpus_per_worker, "gpu": t.gpus_per_worker}
@@ -174,18 +174,18 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
             tune.with_parameters(run_trial, spec_dict=spec_dict, out_dir=str(out_dir)), resources)
         points = spec.points()
         concurrency = t.max_concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // max(t.cpus_per_worker, 1e-9)))
-        total = plan.planned if plan else (lambda: len(points))
+        total = queue.planned if queue else (lambda: len(points))
         callbacks = [] if quiet else [_progress_callback(spec, total, concurrency)]
         names = dict(trial_name_creator=lambda tr: spec.trial_name(tr.config["point"]),
                      trial_dirname_creator=lambda tr: spec.trial_name(tr.config["point"]))
         run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(out_dir), verbose=0, callbacks=callbacks,
                                     failure_config=tune.FailureConfig(max_failures=0))
-        if plan is not None:
-            # Adaptive: the plan decides trial by trial. A resumed study replays the plan: finished
+        if queue is not None:
+            # Adaptive: the queue decides trial by trial. A resumed study replays the queue: finished
             # trials report their trial.json at once, so only the unfinished ones train again.
             if resume:
                 shutil.rmtree(tune_dir)
-            searcher = search.plan_searcher(plan, lambda p: read_record(spec, out_dir, p))
+            searcher = search.queue_searcher(queue, lambda p: read_record(spec, out_dir, p))
             tuner = tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
                 search_alg=searcher, num_samples=-1, max_concurrent_trials=t.max_concurrent or None,
                 reuse_actors=True, **names))
@@ -203,8 +203,8 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
     finally:
         if owns_ray:
             ray.shutdown()
-    if plan is not None:
-        points = list(plan.issued.values())
+    if queue is not None:
+        points = list(queue.issued.values())
     unfinished = [spec.trial_name(p) for p in points
                   if spec.trial_name(p) not in errors and not (out_dir / RUNS_DIR / spec.trial_name(p) / TRIAL_RECORD).is_file()]
     if unfinished:  # Tune returns normally after SIGINT, with the state saved for Tuner.restore
@@ -294,10 +294,10 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_out(spec.name)
     command = "bigbatch sweep " + " ".join([args.config] + [f"--set {o}" for o in args.set]
                                            + ([f"--ray-address {args.ray_address}"] if args.ray_address else []))
-    return finish(spec, spec_dict, out, args.resume, args.ray_address, args.num_cpus, command)
+    return run_and_report(spec, spec_dict, out, args.resume, args.ray_address, args.num_cpus, command)
 
 
-def finish(spec: SweepSpec, spec_dict: dict[str, Any], out: Path, resume: bool, ray_address: str | None,
+def run_and_report(spec: SweepSpec, spec_dict: dict[str, Any], out: Path, resume: bool, ray_address: str | None,
            num_cpus: int | None, resume_command: str) -> int:
     """Run the sweep, write the report, print the headline; the exit code."""
     t0 = time.perf_counter()

@@ -27,8 +27,8 @@ from bigbatch.measure.modes import measuring
 from bigbatch.measure.sharpness import HessianOperator
 from bigbatch.study import search
 from bigbatch.study import spec as spec_mod
-from bigbatch.study.measurement import training_micro_batch
-from bigbatch.study.records import RUNS_DIR, TRIAL_RECORD, eval_row, finish_trial, trial_status
+from bigbatch.study.at_checkpoint import training_micro_batch
+from bigbatch.study.records import RUNS_DIR, TRIAL_RECORD, eval_row, record_trial, trial_status
 from bigbatch.trainer import checkpoint as ckpt
 from bigbatch.trainer.data import build_data, tensor_batch
 from bigbatch.trainer.loop import run
@@ -169,14 +169,14 @@ def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str
             slower = isinstance(e, search.Slower)
             if slower:
                 extra |= {"steps_lower_bound": e.step, "raced_against": e.best}
-            rec = finish_trial(run_dir, point, spec.trial.gap_epochs, None, "slower" if slower else "diverged",
+            rec = record_trial(run_dir, point, spec.trial.gap_epochs, None, "slower" if slower else "diverged",
                                target=target, extra=extra)
             tune.report(_numeric(rec) | {"done": True})
             return
     # B_simple / B_noise at the target: measured after the sweep, on the trials read (at_target)
     if gap and summary.get("status") != "diverged":
         extra |= {"sharpness": train_mode_sharpness(cfg, run_dir, spec.gap.sharpness_samples), "sharpness_mode": "train"}
-    rec = finish_trial(run_dir, point, spec.trial.gap_epochs, summary, trial_status(summary),
+    rec = record_trial(run_dir, point, spec.trial.gap_epochs, summary, trial_status(summary),
                        target=target, extra=extra)
     if spec.search.adaptive and rec["status"] == "ok" and not gap:
         search.record_finish(Path(out_dir), point, rec["steps_to_target"])

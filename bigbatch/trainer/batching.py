@@ -7,7 +7,7 @@ derived from it and the world size (`derive_batch`), never the other way round
 
 The loop asks and tells:
 
-    plan = BatchPlan(cfg, schedule, world_size)
+    plan = BatchSchedule(cfg, schedule, world_size)
     global_batch, per_device, accum, lr = plan.at(step)  # before the step (lr: the schedule's)
     plan.observe(steps_done, probes.b_simple)             # after it: what the probes measured
 
@@ -101,7 +101,7 @@ class GNSBatchController:
         self.changes = list(state["changes"])
 
 
-class BatchPlan:
+class BatchSchedule:
     """The batch of every step of one run: `at(step)` -> (global_batch, per_device, accum, lr),
     lr = `schedule.lr_at(step, global_batch)`.
 

@@ -41,7 +41,7 @@ from bigbatch.errors import ConfigError, PeerLostError
 from bigbatch.track import make_tracker
 from bigbatch.trainer import flops, preflight, probes
 from bigbatch.trainer import checkpoint as ckpt
-from bigbatch.trainer.batching import BatchPlan
+from bigbatch.trainer.batching import BatchSchedule
 from bigbatch.trainer.build import amp_settings, prepare_model, wrap_ddp
 from bigbatch.trainer.dali import require_dali
 from bigbatch.trainer.data import DataBundle, build_data
@@ -150,7 +150,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
            run_dir: NullRunDir, resume_from: tuple[Path, dict[str, Any], list] | None, reporter) -> dict[str, Any]:
     t_start = time.perf_counter()
     world, rank = env.world_size, env.rank
-    plan = BatchPlan(cfg, schedule, world)
+    plan = BatchSchedule(cfg, schedule, world)
     per_device, accum = plan.split(schedule.batch_at(0))
     amp_dtype, use_scaler = amp_settings(cfg.train.amp, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=use_scaler)
@@ -158,7 +158,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
     ddp_model = wrap_ddp(model, cfg, env)
     train_model = torch.compile(ddp_model, backend=cfg.train.compile_backend) if cfg.train.compile else ddp_model
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    measures = probes.OnlineMeasures(cfg, env, model, bundle, loss_fn)
+    measures = probes.Probes(cfg, env, model, bundle, loss_fn)
     no_context = contextlib.nullcontext()  # reusable: entering it does nothing
     autocast = (lambda: torch.autocast(env.device.type, dtype=amp_dtype)) if amp_dtype else (lambda: no_context)
     # where the step's time goes (the all-reduce's exposed part only where there is one), and MFU

@@ -2,9 +2,9 @@
 sharpness), calling the pure estimators of `bigbatch.measure`. They measure; the batch is decided
 by `bigbatch.trainer.batching`, which the loop tells what they measured.
 
-The loop holds one `OnlineMeasures` and calls it at a few marked places:
+The loop holds one `Probes` and calls it at a few marked places:
 
-    measures = OnlineMeasures(cfg, env, model, bundle, loss_fn)   # model: the unwrapped module
+    measures = Probes(cfg, env, model, bundle, loss_fn)   # model: the unwrapped module
     measures.begin_step(step)                                                # before the micro-batches
     measures.after_backward(global_batch, per_device, accum, scaler.get_scale)  # before optimizer.step
     measures.after_step(steps_done)                                          # after zero_grad
@@ -239,7 +239,7 @@ class SharpnessProbe:
                                 micro_batch=micro_batch if self.mode == "train" else None)[0]
 
 
-class OnlineMeasures:
+class Probes:
     """The one object the training loop talks to (see the module docstring for the call sites)."""
 
     def __init__(self, cfg, env, model: nn.Module, bundle, loss_fn):

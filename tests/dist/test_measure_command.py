@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from bigbatch import config
-from bigbatch.study.measurement import measure_checkpoint
+from bigbatch.study.at_checkpoint import measure_checkpoint
 from bigbatch.trainer.loop import run
 
 pytestmark = pytest.mark.timeout(900)  # two trainings (1 process, 2 gloo ranks) on 2 shared cores

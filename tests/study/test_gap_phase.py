@@ -11,7 +11,7 @@ import pytest
 
 from bigbatch.study import critical
 from bigbatch.study.spec import from_dict
-from bigbatch.study.records import RUNS_DIR, finish_trial, trial_status
+from bigbatch.study.records import RUNS_DIR, record_trial, trial_status
 from bigbatch.study.trial import gap_criterion, train_mode_sharpness, trial_target
 from bigbatch.trainer.loop import run
 
@@ -37,7 +37,7 @@ def test_memorised_label_noise_shows_a_gap_clearly_above_zero(tmp_path):
             run_dir = tmp_path / RUNS_DIR / spec.trial_name(point)
             summary = run(cfg, run_dir)
             extra = {"criterion": gap_criterion(spec), "sharpness": train_mode_sharpness(cfg, run_dir, 256)}
-            records.append(finish_trial(run_dir, point, None, summary, trial_status(summary),
+            records.append(record_trial(run_dir, point, None, summary, trial_status(summary),
                                         target=trial_target(spec, point), extra=extra))
     assert all(r["status"] == "ok" and r["phase"] == "gap" for r in records), [(r["status"], r["train_acc"]) for r in records]
     rows = critical.gap_rows(records)

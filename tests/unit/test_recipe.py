@@ -143,14 +143,14 @@ def test_lr_follows_the_batch_through_the_phases_unless_told_not_to():
 def test_the_batch_plans_table_is_the_schedule_exactly(schedule):
     # the loop reads (batch, per-device, accum, lr) from precomputed blocks: every value must be
     # the schedule's, across block edges and batch phases, on 1 and 4 ranks with accumulation
-    from bigbatch.trainer.batching import BatchPlan
+    from bigbatch.trainer.batching import BatchSchedule
 
     cfg = _cfg(batch={"global_batch": 100, "phases": [[0, 100], [2, 400]], "accum_steps": 5},
                optim={"base_lr": 0.1, "base_batch": 100}, schedule=schedule, train={"epochs": 40})
     s = Schedule(cfg, 10_000)
-    assert s.total_steps > 2 * BatchPlan.BLOCK
+    assert s.total_steps > 2 * BatchSchedule.BLOCK
     for world in (1, 4):
-        plan = BatchPlan(cfg, s, world)
+        plan = BatchSchedule(cfg, s, world)
         want = [(s.batch_at(k), s.batch_at(k) // (5 * world), 5, s.lr_at(k)) for k in range(s.total_steps)]
         assert [plan.at(k) for k in range(s.total_steps)] == want
         assert plan.at(7) == want[7] and plan.at(s.total_steps - 1) == want[-1]  # backwards (a resume), the last step
@@ -158,13 +158,13 @@ def test_the_batch_plans_table_is_the_schedule_exactly(schedule):
 
 def test_the_batch_plans_table_follows_the_gns_controller():
     # batch.adaptive: a batch the controller doubles (or a restored one) applies from the next step on
-    from bigbatch.trainer.batching import BatchPlan
+    from bigbatch.trainer.batching import BatchSchedule
 
     cfg = _cfg(batch={"global_batch": 64, "adaptive": "gns", "adapt_every": 10, "max": 1024},
                optim={"base_lr": 0.1, "base_batch": 64}, schedule={"name": "cosine", "warmup_steps": 20},
                train={"steps": 2000}, measure={"gns": True})
     s = Schedule(cfg, 10_000)
-    plan = BatchPlan(cfg, s, 2)
+    plan = BatchSchedule(cfg, s, 2)
     seen = []
     for k in range(1200):
         batch, per_device, accum, lr = plan.at(k)
@@ -172,7 +172,7 @@ def test_the_batch_plans_table_follows_the_gns_controller():
         seen.append(batch)
         plan.observe(k + 1, lambda: 1e9 if k < 400 else 1.0)  # a huge noise scale, then a small one
     assert seen[0] == 64 and seen[9] == 64 and seen[10] == 128 and seen[-1] == 1024
-    restored = BatchPlan(cfg, s, 2)
+    restored = BatchSchedule(cfg, s, 2)
     restored.at(1200)  # a block filled before the restore must not survive it
     restored.load_state_dict(plan.state_dict())
     assert restored.at(1200) == (1024, 512, 1, s.lr_at(1200, 1024))
