@@ -7,8 +7,8 @@
 imports it, so on a cluster the module must be on the PYTHONPATH of the job (or installed in its
 environment), not only on the submit host.
 
-This module only imports and checks (before any work starts: `Config.validate` calls
-`check_config`); calling the functions and checking what they return is the trainer's job
+This module only imports and checks (before any work starts: the [model] and [data] sections'
+`check(world)` call `resolve` and `check_call`); calling the functions and checking what they return is the trainer's job
 (`bigbatch.trainer.models`, `bigbatch.trainer.data`). Errors name the config field.
 """
 
@@ -72,15 +72,3 @@ def check_torchvision(name: str, key: str = "model.name") -> str:
         close = [m for m in known if m.startswith(model[:4])] or known[:8]
         raise ConfigError(key, f"torchvision has no classification model {model!r}; e.g. {', '.join(close[:8])}")
     return model
-
-
-def check_config(cfg) -> None:
-    """Import every entry point the config names (before any work); ConfigError naming the field."""
-    if cfg.model.name.startswith(TORCHVISION):
-        check_torchvision(cfg.model.name)
-    elif is_entry_point(cfg.model.name):
-        fn = resolve(cfg.model.name, "model.name")
-        check_call(fn, ((1,), 2), cfg.model.kwargs, cfg.model.name, "model.kwargs")
-    if is_entry_point(cfg.data.name):
-        fn = resolve(cfg.data.name, "data.name")
-        check_call(fn, (), cfg.data.kwargs, cfg.data.name, "data.kwargs")

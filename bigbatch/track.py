@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-JSONL = "metrics.jsonl"
+from bigbatch import folders
+
 FLUSH_S = 1.0  # metrics.jsonl reaches the disk at least this often (and at every checkpoint and at close)
 
 
@@ -61,6 +62,9 @@ class NullTracker:
     def flush(self) -> None:
         pass
 
+    def rewind(self, step: int) -> None:
+        """Drop the rows after `step` (a resumed run logs them again)."""
+
     def close(self, exit_code: int = 0) -> None:
         pass
 
@@ -68,8 +72,7 @@ class NullTracker:
         return self
 
     def __exit__(self, kind, exc, tb) -> None:
-        # a run stopped by an exception (a reporter's too: Ray's diverged and raced trials are
-        # recorded from metrics.jsonl while this file is still open) keeps every row it logged
+        # a run that failed with an exception keeps every row it logged
         if kind is not None:
             self.flush()
 
@@ -81,7 +84,8 @@ class Tracker(NullTracker):
         # buffered, flushed every FLUSH_S: a write per row is a system call on the training loop's path;
         # rows are encoded when flushed, all together: one json.dumps on the loop's path, between
         # training steps, costs ~10x what it costs in a run of them (38 vs ~4 us for a row in the MLP loop)
-        self._jsonl = (self.run_dir / JSONL).open("a")
+        self._path = folders.RunFolder(self.run_dir).metrics
+        self._jsonl = self._path.open("a")
         self._rows: list[dict[str, Any]] = []
         self._flushed = -math.inf  # the first row goes to disk at once: a run that started shows it
         self._reporter = reporter
@@ -111,7 +115,7 @@ class Tracker(NullTracker):
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=row["step"])
         if self._reporter is not None:
-            self._reporter(row)  # it may stop the run by raising (Ray: diverged, slower); see __exit__
+            self._reporter(row)
 
     def progress(self, step: int, text: str = "") -> None:
         if self._bar is not None:
@@ -127,6 +131,12 @@ class Tracker(NullTracker):
         self._jsonl.flush()
         self._flushed = time.monotonic()
 
+    def rewind(self, step: int) -> None:
+        self.flush()
+        self._jsonl.close()
+        truncate_after(self._path, step)
+        self._jsonl = self._path.open("a")
+
     def close(self, exit_code: int = 0) -> None:
         self.flush()
         self._jsonl.close()
@@ -139,7 +149,7 @@ class Tracker(NullTracker):
 
 def _wandb_id(run_dir: Path) -> str:
     """A W&B run id stored in the run folder, so a resumed run continues the same W&B run."""
-    path = run_dir / "wandb_id.txt"
+    path = folders.RunFolder(run_dir).wandb_id
     if path.exists():
         return path.read_text().strip()
     import uuid

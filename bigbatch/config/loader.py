@@ -2,8 +2,8 @@
 
 Strict by design (unlike exec'd or YAML configs that accept any typo): an unknown section or
 key, or a value of the wrong type, raises `ConfigError` naming the field. Each section owns its
-validation in ``__post_init__``; checks that span sections (warmup vs training length, batch vs
-world size) live in `Config.validate`.
+validation (`bigbatch.config.sections`); `Config.validate(world_size)` runs every section's check
+for the world to be started, then the few checks that span sections.
 
 The global batch is the quantity the user sets. Per-device batch and accumulation steps are
 derived from it and the world size (`bigbatch.trainer.batching`), never the other way round.
@@ -11,6 +11,7 @@ derived from it and the world size (`bigbatch.trainer.batching`), never the othe
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -26,8 +27,8 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 import tomli_w
 
 from bigbatch.config.sections import (BatchConfig, CheckpointConfig, DataConfig, DistConfig, MeasureConfig, ModelConfig,
-                                      OptimConfig, ScheduleConfig, TargetConfig, TrackConfig, TrainConfig, _check)
-from bigbatch.entrypoints import check_config as check_entry_points
+                                      OptimConfig, ScheduleConfig, Section, TargetConfig, TrackConfig, TrainConfig, World,
+                                      _check)
 from bigbatch.errors import ConfigError
 
 
@@ -55,25 +56,32 @@ class Config:
         _check(not (self.train.steps is not None and self.train.epochs is not None), "train.steps",
                "set either train.steps or train.epochs, not both")
 
-    def validate(self, world_size: int = 1, check_paths: bool = True) -> None:
-        """Checks that span sections, need the world size or touch the file system (skipped
-        with check_paths=False, e.g. for --dry-run or rendering a job script). Raises ConfigError.
-        Whether the batch divides over the ranks is `bigbatch.trainer.batching.validate`."""
-        if check_paths and self.data.root is not None and self.data.name in ("imagefolder", "cifar10"):
-            _check(Path(self.data.root).expanduser().is_dir(), "data.root", f"folder {self.data.root!r} does not exist")
-        if check_paths:  # user entry points must import here (PYTHONPATH or an installed package)
-            check_entry_points(self)
-        if self.train.compile and self.train.compile_backend != "inductor":
-            import torch._dynamo
+    def sections(self) -> list[Section]:
+        return [getattr(self, name) for name in SECTIONS]
 
-            known = torch._dynamo.list_backends(exclude_tags=())
-            _check(self.train.compile_backend in known, "train.compile_backend",
-                   f"unknown torch.compile backend {self.train.compile_backend!r}; expected inductor, eager, aot_eager, "
-                   "cudagraphs or another name from torch._dynamo.list_backends(exclude_tags=())")
-        if self.train.amp == "fp16":
-            import torch
-
-            _check(torch.cuda.is_available(), "train.amp", "fp16 needs a GPU; use bf16 on CPU")
+    def validate(self, world_size: int = 1, check_paths: bool = True, local_world_size: int | None = None) -> None:
+        """ConfigError for anything that cannot work on `world_size` ranks (`local_world_size` per
+        node, default all on one node): every section's own `check(world)`, then the checks that
+        span sections. check_paths=False skips files and imports (--dry-run, a SLURM script whose
+        files live on the cluster). The schedule against the training length is checked where the
+        dataset size is known (`bigbatch.trainer.preflight`)."""
+        world = World(world_size, local_world_size or world_size, check_paths)
+        for section in self.sections():
+            section.check(world)
+        m, b = self.measure, self.batch
+        if m.gns and world_size == 1 and (b.accum_steps or 1) == 1:
+            # One gradient per step gives one batch size: the two-batch estimator is undefined
+            # (AdaptDL issue 98). Micro-batches or ranks supply the small batch.
+            raise ConfigError("measure.gns", "needs two batch sizes per step: in one process set batch.accum_steps >= 2 "
+                              "(the micro-batches are the small batches), or train on >= 2 ranks")
+        if b.adaptive == "gns":
+            _check(m.gns, "batch.adaptive", '"gns" steers the batch by the noise scale: set measure.gns = true')
+        # the probes draw their own examples and the adaptive batch re-slices the example stream:
+        # both need tensors in memory (image folders stream through a DataLoader)
+        in_memory = "an in-memory dataset (mnist1d, digits, synthetic, cifar10), not imagefolder"
+        for key, on in (("measure.tail_every", m.tail_every), ("measure.sharpness", m.sharpness),
+                        ("batch.adaptive", b.adaptive != "none")):
+            _check(not on or self.data.in_memory, key, f"needs {in_memory}")
 
 
 # --- loading, overrides, writing -------------------------------------------------------------
@@ -155,14 +163,14 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'section.key=value' -> (['section', 'key'], typed value). TOML syntax for the value;
-    a bare word that is not TOML (e.g. lars) is taken as a string."""
+    """'section.key=value' (or 'section.table.key=value' for a table such as model.kwargs) ->
+    (['section', 'key'], typed value). TOML syntax for the value; a bare word that is not TOML
+    (e.g. lars) is taken as a string."""
     if "=" not in text:
         raise ConfigError("--set", f"expected section.key=value, got {text!r}")
     key, _, value = text.partition("=")
-    key = key.strip()
-    path = key.split(".")
-    _check(all(path) and 1 <= len(path) <= 2, "--set", f"expected section.key=value, got {text!r}")
+    path = key.strip().split(".")
+    _check(all(path), "--set", f"expected section.key=value, got {text!r}")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
@@ -174,19 +182,36 @@ _EXCLUSIVE = {"steps": "epochs", "epochs": "steps"}
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    """`raw` (nested dicts as read from TOML) with each 'section.key=value' set; deeper keys
+    ('model.kwargs.width=512') go into a table-valued field, created when absent. Values are
+    checked later, when the sections are built (`from_dict`)."""
+    raw = copy.deepcopy(raw)
+    classes = _section_classes()
     for text in overrides:
         path, value = parse_override(text)
         if len(path) == 1:
             _check(path[0] == "name", path[0], "expected section.key (or name)")
             raw["name"] = value
-        else:
-            raw.setdefault(path[0], {})
-            _check(isinstance(raw[path[0]], dict), path[0], f"expected a [{path[0]}] table")
-            raw[path[0]][path[1]] = value
-            if path[0] == "train" and path[1] in _EXCLUSIVE:  # --set train.steps replaces the file's epochs
-                raw["train"].pop(_EXCLUSIVE[path[1]], None)
+            continue
+        section, key, *inner = path
+        table = raw.setdefault(section, {})
+        _check(isinstance(table, dict), section, f"expected a [{section}] table")
+        if inner and section in classes:
+            hints = typing.get_type_hints(classes[section])
+            if key in hints and not _is_table(hints[key]):
+                raise ConfigError(f"{section}.{key}", f"is not a table, so --set {'.'.join(path)} has nowhere to go "
+                                                      "(nested keys are for tables such as model.kwargs)")
+        for i, part in enumerate([key, *inner][:-1]):
+            table = table.setdefault(part, {})
+            _check(isinstance(table, dict), ".".join(path[:i + 2]), f"is not a table (--set {'.'.join(path)})")
+        table[path[-1]] = value
+        if section == "train" and key in _EXCLUSIVE and not inner:  # --set train.steps replaces the file's epochs
+            table.pop(_EXCLUSIVE[key], None)
     return raw
+
+
+def _is_table(tp: Any) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """The sections of the training config: one dataclass per TOML table ([data], [model], [batch],
 [optim], [schedule], [train], [target], [checkpoint], [track], [dist], [measure]).
 
-Each section owns its validation in ``__post_init__`` and names the field it refuses
-(`ConfigError("batch.global_batch", ...)`). A docstring under each field says what it means.
+Each section owns its validation and names the field it refuses (`ConfigError("batch.global_batch",
+...)`): its values alone in ``__post_init__`` (when it is built), and what depends on the world it
+is about to run on (world size, ranks per node, files on this machine) in ``check(world)``, which
+the pre-launch check calls for every section (`Config.validate`). A docstring under each field
+says what it means.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
+from pathlib import Path
+
+from bigbatch import entrypoints, topology
 from bigbatch.entrypoints import is_entry_point
 from bigbatch.errors import ConfigError
 
@@ -18,6 +24,35 @@ from bigbatch.errors import ConfigError
 def _check(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(key, message)
+
+
+@dataclass(frozen=True)
+class World:
+    """What a config is about to run on, for the checks that depend on it."""
+
+    size: int = 1
+    """Ranks in all (processes x nodes)."""
+    local_size: int = 1
+    """Ranks per node."""
+    check_paths: bool = True
+    """Check files and imports here (False where they live on another machine: a SLURM cluster)."""
+
+
+class Section:
+    def check(self, world: World) -> None:
+        """ConfigError for a value that cannot work on `world` (nothing by default)."""
+
+
+def derive_batch(global_batch: int, world_size: int, accum_steps: int | None, key: str = "batch.global_batch") -> tuple[int, int]:
+    """(per_device_batch, accum_steps) from the global batch and the world size.
+
+    global_batch = per_device_batch x accum_steps x world_size, exactly; anything else is an
+    error before any work starts.
+    """
+    accum = accum_steps or 1
+    if global_batch % (world_size * accum) != 0:
+        raise ConfigError(key, f"global batch {global_batch} is not divisible by world size {world_size} x accum_steps {accum}")
+    return global_batch // (world_size * accum), accum
 
 
 DATASETS = ("mnist1d", "digits", "synthetic", "fake_images", "imagefolder", "cifar10")
@@ -36,7 +71,7 @@ def _check_name(name: str, builtin: tuple[str, ...], key: str, form: str) -> Non
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     name: str = "mnist1d"
     """Dataset: mnist1d, digits, synthetic, fake_images, imagefolder, cifar10, or your own as
     "package.module:function" (called with data.kwargs, returns (train, test): map-style datasets
@@ -97,9 +132,25 @@ class DataConfig:
         if self.backend == "dali":
             _check(self.name == "imagefolder", "data.backend", "dali reads ImageNet-style folders: needs data.name = 'imagefolder'")
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the built-in dataset is tensors in memory (probes draw their own examples from
+        those); image folders stream through a DataLoader. A "module:function" dataset is known
+        only once built (`bigbatch.trainer.probes.validate_data`)."""
+        return self.name != "imagefolder"
+
+    def check(self, world: World) -> None:
+        if not world.check_paths:
+            return
+        if self.root is not None and self.name in ("imagefolder", "cifar10"):
+            _check(Path(self.root).expanduser().is_dir(), "data.root", f"folder {self.root!r} does not exist")
+        if is_entry_point(self.name):  # it must import here (PYTHONPATH or an installed package)
+            fn = entrypoints.resolve(self.name, "data.name")
+            entrypoints.check_call(fn, (), self.kwargs, self.name, "data.kwargs")
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name: str = "mlp"
     """Architecture: mlp/cnn1d for vector data (MNIST-1D, digits, synthetic); resnet18/34/50/101 for
     images; "torchvision:NAME" for any torchvision classification model (weights=None); or your own
@@ -129,9 +180,18 @@ class ModelConfig:
         _check(self.depth >= 1, "model.depth", "must be >= 1")
         _check(self.channels >= 1, "model.channels", "must be >= 1")
 
+    def check(self, world: World) -> None:
+        if not world.check_paths:
+            return
+        if self.name.startswith(entrypoints.TORCHVISION):
+            entrypoints.check_torchvision(self.name)
+        elif is_entry_point(self.name):  # it must import here (PYTHONPATH or an installed package)
+            fn = entrypoints.resolve(self.name, "model.name")
+            entrypoints.check_call(fn, ((1,), 2), self.kwargs, self.name, "model.kwargs")
+
 
 @dataclass
-class BatchConfig:
+class BatchConfig(Section):
     global_batch: int = 128
     """Examples per optimizer step, summed over all ranks and accumulation steps."""
     accum_steps: int | None = None
@@ -174,13 +234,31 @@ class BatchConfig:
             v = getattr(self, k)
             if v is not None:
                 _check(v >= 1, f"batch.{k}", "must be >= 1")
-        if self.min is not None and self.max is not None:
-            _check(self.min <= self.max, "batch.max", f"must be >= batch.min ({self.min})")
+        if self.adaptive != "none":
+            lo, hi = self.adaptive_range()
+            _check(lo <= hi, "batch.max", f"must be >= batch.min ({lo}), got {hi}")
         _check(self.adapt_every >= 1, "batch.adapt_every", "must be >= 1")
+
+    def adaptive_range(self) -> tuple[int, int]:
+        """(smallest, largest) global batch of batch.adaptive."""
+        lo = self.min if self.min is not None else self.global_batch
+        hi = self.max if self.max is not None else 64 * self.global_batch
+        return lo, hi
+
+    def check(self, world: World) -> None:
+        """Every batch the run can take divides over the ranks and micro-batches."""
+        derive_batch(self.global_batch, world.size, self.accum_steps, "batch.global_batch")
+        for i, (_, b) in enumerate(self.phases):
+            derive_batch(b, world.size, self.accum_steps, f"batch.phases[{i}]")
+        if self.adaptive != "none":
+            lo, _ = self.adaptive_range()
+            accum = self.accum_steps or 1
+            _check(lo % (world.size * accum) == 0, "batch.min",
+                   f"{lo} is not divisible by world size {world.size} x accum_steps {accum}")
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     name: Literal["sgd", "lars", "larc", "lamb", "adamw"] = "sgd"
     """sgd (momentum), lars / larc (You et al. 2017), lamb (You et al. 2019), adamw."""
     base_lr: float = 0.1
@@ -217,7 +295,7 @@ class OptimConfig:
 
 
 @dataclass
-class ScheduleConfig:
+class ScheduleConfig(Section):
     name: Literal["constant", "step", "cosine", "poly"] = "constant"
     """Decay after warmup: constant, step (milestones x factor), cosine (to end_lr), poly (power, to end_lr)."""
     warmup_epochs: float = 0.0
@@ -256,7 +334,7 @@ class ScheduleConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
     steps: int | None = None
     """Optimizer steps to train; exactly one of steps / epochs."""
     epochs: float | None = None
@@ -301,9 +379,22 @@ class TrainConfig:
         if self.peak_tflops is not None:
             _check(self.peak_tflops > 0, "train.peak_tflops", f"must be > 0 TFLOP/s, got {self.peak_tflops}")
 
+    def check(self, world: World) -> None:
+        if self.compile and self.compile_backend != "inductor":
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            _check(self.compile_backend in known, "train.compile_backend",
+                   f"unknown torch.compile backend {self.compile_backend!r}; expected inductor, eager, aot_eager, "
+                   "cudagraphs or another name from torch._dynamo.list_backends(exclude_tags=())")
+        if self.amp == "fp16":
+            import torch
+
+            _check(torch.cuda.is_available(), "train.amp", "fp16 needs a GPU; use bf16 on CPU")
+
 
 @dataclass
-class TargetConfig:
+class TargetConfig(Section):
     test_acc: float | None = None
     """Steps/examples to target are counted at the first evaluation with test_acc >= this."""
     test_loss: float | None = None
@@ -322,7 +413,7 @@ class TargetConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     every: int = 0
     """Steps between checkpoints (0 = only on SIGTERM/SIGUSR2 and at the end)."""
     keep: int = 2
@@ -330,10 +421,11 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "checkpoint.every", "must be >= 0")
+        _check(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
 
 
 @dataclass
-class TrackConfig:
+class TrackConfig(Section):
     wandb: bool = False
     """Log to Weights & Biases from rank 0 (offline mode when no API key is configured)."""
     project: str = "bigbatch"
@@ -346,7 +438,7 @@ class TrackConfig:
 
 
 @dataclass
-class DistConfig:
+class DistConfig(Section):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """auto = nccl when CUDA is available, else gloo."""
     allreduce: Literal["builtin", "ring", "torus2d", "hierarchical"] = "builtin"
@@ -368,9 +460,16 @@ class DistConfig:
         _check(self.bucket_cap_mb > 0, "dist.bucket_cap_mb", "must be > 0")
         _check(self.timeout_s > 0, "dist.timeout_s", "must be > 0")
 
+    def check(self, world: World) -> None:
+        """The rank grid of the chosen all-reduce tiles the world."""
+        if self.allreduce == "torus2d":
+            topology.torus_shape(world.size, self.torus_rows, "dist.torus_rows")
+        elif self.allreduce == "hierarchical":
+            topology.check_local_size(world.size, self.local_size or world.local_size, "dist.local_size")
+
 
 @dataclass
-class MeasureConfig:
+class MeasureConfig(Section):
     gns: bool = False
     """Online gradient noise scale B_simple (McCandlish et al. 2018)."""
     gns_every: int = 4

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from bigbatch import config as config_mod
+from bigbatch import folders
 from bigbatch.errors import UsageError
 from bigbatch.launch.jobspec import JOB_ID, SIGNALS, JobSpec, abs_path, assign, bash_array, fill, match_pattern
 
@@ -94,7 +95,7 @@ def prepare_array(sweep_path: str, out: str) -> tuple[int, list[str]]:
     spec, spec_dict = _load_sweep(sweep_path)
     d = Path(out) / ARRAY_DIR
     d.mkdir(parents=True, exist_ok=True)
-    (Path(out) / "sweep.json").write_text(json.dumps(spec_dict, indent=2) + "\n")
+    folders.SweepFolder(out).write_spec(spec_dict)
     names = []
     for i, point in enumerate(spec.points()):
         config_mod.save(spec.trial_config(point), d / f"trial-{i}.toml")
@@ -122,31 +123,22 @@ def render_array(out: str, n_trials: int, job: JobSpec, max_parallel: int | None
 def collect_array(sweep_dir: str) -> dict:
     """trials.jsonl + critical.json + report from the array tasks' run folders."""
     from bigbatch.study import spec as spec_mod  # deferred: torch (see _load_sweep)
-    from bigbatch.study.at_target import measure_at_target
-    from bigbatch.study.records import RUNS_DIR, record_trial, trial_status
-    from bigbatch.study.report import write_report
-    from bigbatch.study.sweep import collect, read_record
+    from bigbatch.study.records import record_trial, trial_status
+    from bigbatch.study.sweep import finalise
     from bigbatch.study.trial import trial_target
 
-    root = Path(sweep_dir)
-    if not (root / "sweep.json").is_file():
-        raise UsageError("SWEEP_DIR", f"{sweep_dir!r} is not an array sweep folder (no sweep.json)")
-    spec = spec_mod.from_dict(json.loads((root / "sweep.json").read_text()))
+    sweep = folders.SweepFolder(sweep_dir)
+    if (spec_dict := sweep.read_spec()) is None:
+        raise UsageError("SWEEP_DIR", f"{sweep_dir!r} is not an array sweep folder (no {folders.SWEEP_SPEC})")
+    spec = spec_mod.from_dict(spec_dict)
     for point in spec.points():
-        run_dir = root / RUNS_DIR / spec.trial_name(point)
-        summary_path = run_dir / "summary.json"
-        if not summary_path.is_file():
-            continue  # `collect` records it as failed
-        summary = json.loads(summary_path.read_text())
-        # as a Ray sweep records it: steps to target interpolated between the evaluations around it
-        record_trial(run_dir, point, spec.trial.gap_epochs, summary, trial_status(summary),
+        run = sweep.run(spec.trial_name(point))
+        if (summary := run.read_summary()) is None:
+            continue  # the finalisation records it as failed
+        # as a Ray trial records itself: steps to target interpolated between the evaluations around it
+        record_trial(run.path, point, spec.trial.gap_epochs, summary, trial_status(summary),
                      target=trial_target(spec, point))
-    # and the noise scales at the target, on the trials the headline reads (study.at_target)
-    measure_at_target([read_record(spec, root, p) for p in spec.points()], spec.trial.b_simple_samples,
-                      spec.trial.torch_threads)
-    analysis = collect(spec, root)
-    write_report(root)
-    return analysis
+    return finalise(spec, sweep.path)
 
 
 # --- talking to SLURM --------------------------------------------------------------------------

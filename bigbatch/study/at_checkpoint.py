@@ -32,13 +32,14 @@ import torch
 from torch import nn
 
 from bigbatch import config as config_mod
+from bigbatch import folders
+from bigbatch.config import derive_batch
 from bigbatch.errors import UsageError
 from bigbatch.measure.modes import measuring
 from bigbatch.measure.noise import GNSEstimator, train_mode_noise
 from bigbatch.measure.sharpness import HessianOperator
 from bigbatch.measure.tails import probe_tail_index
 from bigbatch.trainer import checkpoint as ckpt
-from bigbatch.trainer.batching import derive_batch
 from bigbatch.trainer.data import build_data, tensor_batch
 from bigbatch.trainer.models import build_model
 from bigbatch.trainer.recipe import Schedule
@@ -63,10 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_args(run_dir: Path, samples: int, hessian_examples: int) -> None:
     """UsageError for bad input, before anything is loaded."""
-    if not (run_dir / "config.toml").is_file():
-        raise UsageError("RUN_DIR", f"{str(run_dir)!r} is not a run folder (no config.toml)")
-    if not (run_dir / "checkpoint.pt").is_file():
-        raise UsageError("RUN_DIR", f"no checkpoint.pt in {str(run_dir)!r}")
+    run = folders.RunFolder(run_dir)
+    if not run.is_run():
+        raise UsageError("RUN_DIR", f"{str(run_dir)!r} is not a run folder (no {folders.CONFIG})")
+    if not run.checkpoint.is_file():
+        raise UsageError("RUN_DIR", f"no {folders.CHECKPOINT} in {str(run_dir)!r}")
     if samples < 2:
         raise UsageError("--samples", f"must be >= 2 (two gradients give one spread), got {samples}")
     if hessian_examples < 0:
@@ -76,8 +78,8 @@ def check_args(run_dir: Path, samples: int, hessian_examples: int) -> None:
 def training_micro_batch(cfg, state: dict[str, Any], num_train: int) -> tuple[int, int, int]:
     """(micro-batch b, global batch, world size) of the step that produced the checkpoint."""
     world = max(1, len(state.get("rng") or [None]))  # every rank's RNG state is saved
-    step = int(state["loop"]["step"])
-    controller = (state.get("measure") or {}).get("controller")
+    step = int(state["progress"]["step"])
+    controller = state.get("batch")
     global_batch = int(controller["batch"]) if controller else Schedule(cfg, num_train).batch_at(max(step - 1, 0))
     per_device, _ = derive_batch(global_batch, world, cfg.batch.accum_steps)
     return per_device, global_batch, world
@@ -94,7 +96,7 @@ def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] =
     if not bundle.in_memory:
         raise UsageError("data.name", f"bigbatch measure draws its own micro-batches: needs an in-memory dataset, "
                          f"not {cfg.data.name!r}")
-    state = ckpt.load(run_dir / ckpt.FILENAME)
+    state = ckpt.load(folders.RunFolder(run_dir).checkpoint)
     model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
     model.load_state_dict(state["model"])
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
@@ -125,15 +127,15 @@ def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] =
         result["sharpness_top"] = top
     result["sharpness_mode"] = "train"
     result["tail_alpha"] = probe_tail_index(noise.gradients) if noise.gradients is not None and len(noise.gradients) >= 8 else None
-    gns_state = (state.get("measure") or {}).get("gns")
+    gns_state = (state.get("probes") or {}).get("gns")
     online = None
     if gns_state:
         est = GNSEstimator()
-        est.load_state_dict(gns_state)
+        est.load_state_dict(gns_state["estimator"])
         online = est.b_simple
     result.update({
         "b_simple_online": online,
-        "global_batch": global_batch, "world_size": world, "step": int(state["loop"]["step"]),
+        "global_batch": global_batch, "world_size": world, "step": int(state["progress"]["step"]),
         "label_smoothing": cfg.train.label_smoothing, "run_dir": str(run_dir),
         "seconds": time.perf_counter() - t0,
     })
@@ -153,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
     if "OMP_NUM_THREADS" not in os.environ:
         # many small backward passes: on shared cores a second intra-op thread mostly spins
         torch.set_num_threads(1)
-    cfg = config_mod.load(run_dir / "config.toml")
+    cfg = config_mod.load(folders.RunFolder(run_dir).config)
     result = measure_checkpoint(cfg, run_dir, args.samples, args.hessian_examples, args.seed)
     result["seconds"] = time.perf_counter() - t0  # the whole command, loading included
     print(f"bigbatch measure {run_dir}: step {result['step']}, micro-batch b = {result['micro_batch']} "

@@ -15,7 +15,6 @@ sweep measures only what is still missing.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -24,11 +23,12 @@ from typing import Any
 import torch
 
 from bigbatch import config as config_mod
+from bigbatch import folders
 from bigbatch.distributed.env import usable_cpus
 from bigbatch.errors import UsageError
 from bigbatch.study import critical
 from bigbatch.study.at_checkpoint import measure_checkpoint
-from bigbatch.study.records import TRIAL_RECORD, set_measured, write_trial_record
+from bigbatch.study.records import set_measured
 
 
 def chosen_trials(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -50,7 +50,7 @@ def _measure(run_dir: str, samples: int, threads: int) -> dict[str, Any] | None:
     """In a worker process: `bigbatch measure` of one trial's final checkpoint (None when its data
     is not held in memory)."""
     torch.set_num_threads(threads)
-    cfg = config_mod.load(Path(run_dir) / "config.toml")
+    cfg = config_mod.load(folders.RunFolder(run_dir).config)
     try:
         return measure_checkpoint(cfg, Path(run_dir), samples=lambda b: max(32, min(256, samples // b)),
                                   hessian_examples=lambda b: max(512, b), sharpness=False)
@@ -73,7 +73,7 @@ def measure_at_target(records: list[dict[str, Any]], samples: int, threads: int 
             m = future.result()
             if m is None:
                 continue
-            run_dir = Path(trial["run_dir"])
-            write_trial_record(run_dir, set_measured(json.loads((run_dir / TRIAL_RECORD).read_text()), m))
+            run = folders.RunFolder(trial["run_dir"])
+            run.write_trial_record(set_measured(run.read_trial_record(), m))
             measured += 1
     return measured

@@ -20,16 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from bigbatch import config
+from bigbatch import config, folders
 from bigbatch.distributed.env import DistEnv
 from bigbatch.errors import UsageError
 from bigbatch.trainer import checkpoint as ckpt
 from bigbatch.trainer.data import build_data, eval_batches
-from bigbatch.trainer.loop import evaluate
+from bigbatch.trainer.evaluate import evaluate
 from bigbatch.trainer.models import build_model
 
-CONFIG = "config.toml"
-CHECKPOINT = "checkpoint.pt"
+CONFIG, CHECKPOINT = folders.CONFIG, folders.CHECKPOINT
 SAME_DATA_KEYS = ("name", "num_samples", "test_fraction", "seed", "num_features", "num_classes", "label_noise", "root")
 
 
@@ -101,7 +100,7 @@ def interpolate(run_a: Path, run_b: Path, points: int, device: torch.device) -> 
     for t in ts:
         model.load_state_dict(interpolate_state(state_a, state_b, t))
         has_bn = recompute_bn(model, eval_batches(bundle.train, 0, 1, 1024, device, cfg_a.data.train_eval_samples))
-        rows.append({"t": t, **evaluate(model, bundle, env, cfg_a)})
+        rows.append({"t": t, **evaluate(model, bundle, env, cfg_a.data)})
     result: dict[str, Any] = {
         "run_a": str(run_a), "run_b": str(run_b), "points": points, "loss_mode": "eval", "bn_recomputed": has_bn,
         "curve": rows,
@@ -110,8 +109,7 @@ def interpolate(run_a: Path, run_b: Path, points: int, device: torch.device) -> 
         "endpoints": {},
     }
     for end, run, row in (("a", run_a, rows[0]), ("b", run_b, rows[-1])):
-        summary = run / "summary.json"
-        own = json.loads(summary.read_text()).get("test_loss") if summary.is_file() else None
+        own = (folders.RunFolder(run).read_summary() or {}).get("test_loss")
         result["endpoints"][end] = {"run_test_loss": own, "test_loss": row["test_loss"]}
     return result
 

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from bigbatch import config as config_mod
+from bigbatch import folders
 from bigbatch.distributed.alphabeta import fit_alpha_beta
 from bigbatch.distributed.env import resolve_backend, spawn_local
 from bigbatch.errors import UsageError
@@ -74,10 +75,6 @@ def parse_algos(text: str) -> list[str]:
     return algos
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def noise_history(metrics: list[dict], key: str = "gns/b_simple") -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r[key])) for r in metrics if r.get(key) is not None and "step" in r]
 
@@ -85,19 +82,19 @@ def noise_history(metrics: list[dict], key: str = "gns/b_simple") -> list[tuple[
 def read_run(run_dir: str) -> dict:
     """(config, steps to target, batch, noise history) of an existing run folder; UsageError naming
     what is missing."""
-    d = Path(run_dir)
-    if not d.is_dir():
+    d = folders.RunFolder(run_dir)
+    if not d.path.is_dir():
         raise UsageError("--from", f"{run_dir!r} is not a folder")
-    for name in ("metrics.jsonl", "config.toml", "summary.json"):
-        if not (d / name).is_file():
-            raise UsageError("--from", f"{run_dir!r} has no {name} (a run folder of `bigbatch train`)")
-    cfg = config_mod.load(d / "config.toml")
-    summary = json.loads((d / "summary.json").read_text())
+    for path in (d.metrics, d.config, d.summary):
+        if not path.is_file():
+            raise UsageError("--from", f"{run_dir!r} has no {path.name} (a run folder of `bigbatch train`)")
+    cfg = config_mod.load(d.config)
+    summary = d.read_summary()
     if summary.get("steps_to_target") is None:
         raise UsageError("--from", f"the run in {run_dir!r} did not reach its target (summary.json steps_to_target is null)")
     if cfg.batch.adaptive != "none" or cfg.batch.phases:
         raise UsageError("--from", "the run changed its batch during training; the plan needs one fixed batch")
-    history = noise_history(read_jsonl(d / "metrics.jsonl"))
+    history = noise_history(d.read_metrics())
     if not history:
         raise UsageError("--from", f"{run_dir!r}/metrics.jsonl has no gns/b_simple rows (train with measure.gns = true)")
     return {"cfg": cfg, "run_dir": str(d), "steps": int(summary["steps_to_target"]),
@@ -312,7 +309,7 @@ def main(args: argparse.Namespace) -> int:
                   f"(test_acc {summary.get('test_acc')}); give it more (train.epochs) or an easier target", file=sys.stderr)
             return 1
         run = {"run_dir": str(run_dir), "steps": int(summary["steps_to_target"]), "batch": run_cfg.batch.global_batch,
-               "history": noise_history(read_jsonl(run_dir / "metrics.jsonl"))}
+               "history": noise_history(folders.RunFolder(run_dir).read_metrics())}
         if run_cfg.batch.accum_steps != cfg.batch.accum_steps:
             notes.append(f"short run used batch.accum_steps = {run_cfg.batch.accum_steps} for the noise scale: "
                          f"micro-batches of {run_cfg.batch.global_batch // run_cfg.batch.accum_steps} (BatchNorm, where the "

@@ -10,19 +10,16 @@ read and write the same files through these functions.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
+from bigbatch import folders
 from bigbatch.errors import UsageError
 from bigbatch.study import critical
 
-TRIAL_RECORD = "trial.json"  # written by the trial into its run folder
-TRIALS = "trials.jsonl"
-CRITICAL = "critical.json"
-RUNS_DIR = "runs"
+TRIAL_RECORD, TRIALS, CRITICAL, RUNS_DIR = folders.TRIAL_RECORD, folders.TRIALS, folders.CRITICAL, folders.RUNS
+read_rows = folders.read_jsonl
 
 
 def eval_row(row: dict[str, Any]) -> bool:
@@ -106,28 +103,18 @@ def _diff(a: Any, b: Any) -> float | None:
     return None if a is None or b is None else float(a) - float(b)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line
-    return rows
-
-
 def trial_status(summary: dict[str, Any]) -> str:
-    """A finished trial's status from its run's summary.json."""
-    if summary.get("status") == "diverged":
-        return "diverged"
+    """A finished trial's status from its run's summary.json: diverged, slower (raced), ok (reached
+    the target) or not_reached."""
+    if summary.get("status") in ("diverged", "slower"):
+        return summary["status"]
     return "ok" if summary.get("steps_to_target") is not None else "not_reached"
 
 
 def record_trial(run_dir: Path, point: dict[str, Any], gap_epochs: float | None, summary: dict[str, Any] | None,
                   status: str, *, target: dict[str, float] | None = None,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    rec = trial_record(point, summary, read_rows(run_dir / "metrics.jsonl"), gap_epochs, status,
+    rec = trial_record(point, summary, folders.RunFolder(run_dir).read_metrics(), gap_epochs, status,
                        target=target, extra=extra)
     rec["run_dir"] = str(run_dir)
     write_trial_record(run_dir, rec)
@@ -136,25 +123,20 @@ def record_trial(run_dir: Path, point: dict[str, Any], gap_epochs: float | None,
 
 def write_trial_record(run_dir: Path, rec: dict[str, Any]) -> None:
     """RUN_DIR/trial.json, atomically (a sweep reading it never sees half a record)."""
-    tmp = Path(run_dir) / (TRIAL_RECORD + ".tmp")
-    tmp.write_text(json.dumps(rec) + "\n")
-    os.replace(tmp, Path(run_dir) / TRIAL_RECORD)
+    folders.RunFolder(run_dir).write_trial_record(rec)
 
 
 def load_sweep(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(trials, analysis): the records of trials.jsonl and critical.json refitted from them."""
-    trials_path = sweep_dir / TRIALS
-    if not trials_path.is_file():
-        raise UsageError("SWEEP_DIR", f"{str(sweep_dir)!r} has no trials.jsonl (not a finished sweep folder)")
-    trials = [json.loads(l) for l in trials_path.read_text().splitlines() if l.strip()]
+    sweep = folders.SweepFolder(sweep_dir)
+    if not sweep.trials.is_file():
+        raise UsageError("SWEEP_DIR", f"{str(sweep_dir)!r} has no {folders.TRIALS} (not a finished sweep folder)")
+    trials = sweep.read_trials()
     analysis = critical.analyse(trials)
-    sweep_json = sweep_dir / "sweep.json"
-    if sweep_json.is_file():
-        spec = json.loads(sweep_json.read_text())
+    if (spec := sweep.read_spec()) is not None:
         analysis["sweep"] = spec.get("name")
         analysis["target"] = spec.get("target") or (spec.get("base") or {}).get("target") or {}
-    elif (sweep_dir / CRITICAL).is_file():  # keep the names a sweep folder without sweep.json had
-        old = json.loads((sweep_dir / CRITICAL).read_text())
+    elif (old := sweep.read_critical()) is not None:  # keep the names a sweep folder without its spec had
         analysis["sweep"], analysis["target"] = old.get("sweep"), old.get("target", {})
     return trials, analysis
 

@@ -24,8 +24,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bigbatch import folders
 from bigbatch.study import critical
-from bigbatch.study.records import CRITICAL, fmt, headline, load_sweep, read_rows
+from bigbatch.study.records import CRITICAL, fmt, headline, load_sweep
 
 PLOTS = ("steps_vs_batch", "pareto", "lr_sensitivity", "gap_vs_batch", "b_simple")
 
@@ -204,7 +205,7 @@ def plot_b_simple(analysis: dict[str, Any], sweep_dir: Path, path: Path) -> bool
     curves = []
     for r in analysis["best"]:
         for t in r.get("trial_dirs", []):
-            rows = [x for x in read_rows(Path(t) / "metrics.jsonl") if x.get("gns/b_simple") is not None]
+            rows = [x for x in folders.RunFolder(t).read_metrics() if x.get("gns/b_simple") is not None]
             if rows:
                 curves.append((r["batch"], [x["examples"] for x in rows], [x["gns/b_simple"] for x in rows]))
                 break
@@ -296,7 +297,7 @@ def write_report(sweep_dir: str | Path) -> Path:
     for title, head, rows in tables:
         md += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows] + [""]
-    (sweep_dir / "report.md").write_text("\n".join(md))
+    folders.SweepFolder(sweep_dir).report_md.write_text("\n".join(md))
 
     esc = html.escape
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Critical batch size study</title>",
@@ -311,7 +312,7 @@ def write_report(sweep_dir: str | Path) -> Path:
         parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
         parts.append("</table>")
     parts.append("</body></html>")
-    out = sweep_dir / "report.html"
+    out = folders.SweepFolder(sweep_dir).report_html
     out.write_text("\n".join(parts))
     return out
 

@@ -27,13 +27,13 @@ import torch
 import torch.distributed as dist
 
 from bigbatch import config as config_mod
+from bigbatch.config import World
 from bigbatch.distributed import env as dist_env
-from bigbatch.distributed import hooks
 from bigbatch.distributed.alphabeta import fit_alpha_beta, predict
 from bigbatch.distributed.bench import parse_size, spawn_sweep
 from bigbatch.errors import ConfigError, UsageError
 from bigbatch.trainer.data import build_data, tensor_batch
-from bigbatch.trainer.loop import prepare_model, wrap_ddp
+from bigbatch.trainer.build import prepare_model, wrap_ddp
 from bigbatch.trainer.optim import build_optimizer
 
 
@@ -213,7 +213,7 @@ def main(args: argparse.Namespace) -> int:
     backend = dist_env.resolve_backend(cfg.dist.backend)
     for n in worlds:  # dist.torus_rows / dist.local_size must fit every world measured
         try:
-            hooks.check_topology(cfg.dist, n, n)
+            cfg.dist.check(World(n, n))
         except ConfigError as e:
             raise ConfigError(e.field, f"{e.message} (at --nproc {n})") from None
     out = Path(args.out or f"runs/scaling-{cfg.name}")

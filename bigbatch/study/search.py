@@ -3,7 +3,8 @@
 Racing: a finished trial that reached the target leaves its steps in SWEEP/race/; a running
 trial at the same batch but another lr stops once its steps exceed `search.race` x the fewest
 steps there (a file read per logged row, so it works on any cluster with a shared folder) and is
-recorded as `slower`, its steps a lower bound. Trials at the best lr itself are never raced, so
+recorded as `slower`, its steps a lower bound. The racer is a stop rule the training loop
+consults (`bigbatch.trainer.stopper`): the run ends with status "slower" in its summary. Trials at the best lr itself are never raced, so
 seed-to-seed scatter cannot take the majority away from the best lr.
 """
 
@@ -14,25 +15,12 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from bigbatch import folders
 from bigbatch.study import adaptive
-
-RACE_DIR = "race"
-
-
-class Slower(Exception):
-    """The trial used clearly more steps than its batch's best finished trial: stopped by racing."""
-
-    def __init__(self, step: int, best: float) -> None:
-        super().__init__(f"stopped at step {step}: more than the race limit over the best {best:g} steps")
-        self.step, self.best = step, best
-
-    def __reduce__(self):  # picklable from a worker process: rebuilt from (step, best)
-        return type(self), (self.step, self.best)
-
 
 def record_finish(out_dir: Path, point: dict[str, Any], steps_to_target: float) -> None:
     """Leave a finished trial's steps where the racing trials of its batch read them."""
-    race = Path(out_dir) / RACE_DIR
+    race = folders.SweepFolder(out_dir).race
     race.mkdir(exist_ok=True)
     path = race / f"{adaptive.point_name(point)}.json"
     tmp = path.with_suffix(".tmp")
@@ -43,7 +31,7 @@ def record_finish(out_dir: Path, point: dict[str, Any], steps_to_target: float) 
 def best_finished(out_dir: Path, batch: int, exclude_multiplier: float) -> float | None:
     """The fewest steps to target among finished trials at `batch` with another lr multiplier."""
     best = None
-    for path in (Path(out_dir) / RACE_DIR).glob(f"b{batch}-*.json"):
+    for path in folders.SweepFolder(out_dir).race.glob(f"b{batch}-*.json"):
         try:
             r = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -53,18 +41,20 @@ def best_finished(out_dir: Path, batch: int, exclude_multiplier: float) -> float
     return best
 
 
-def racer(out_dir: Path, point: dict[str, Any], factor: float) -> Callable[[dict[str, Any]], None] | None:
-    """A metrics-row callback that raises Slower once the trial is clearly behind (None: no racing)."""
+def racer(out_dir: Path, point: dict[str, Any], factor: float) -> Callable[[dict[str, Any]], dict[str, Any] | None] | None:
+    """A stop rule for the training loop: given a metrics row, {"status": "slower", ...} once the
+    trial is clearly behind (None: go on; racer None: no racing)."""
     if not factor or point.get("phase") == "gap":
         return None
 
-    def check(row: dict[str, Any]) -> None:
+    def check(row: dict[str, Any]) -> dict[str, Any] | None:
         step = row.get("step")
         if step is None:
-            return
+            return None
         best = best_finished(out_dir, point["batch"], point["lr_multiplier"])
         if best is not None and step > factor * best:
-            raise Slower(int(step), best)
+            return {"status": "slower", "steps_lower_bound": int(step), "raced_against": best}
+        return None
 
     return check
 

@@ -12,8 +12,8 @@ racing, the gap phase). An interrupted sweep continues with `--resume` (a grid: 
 adaptive: the queue replayed, finished trials answering from their trial.json): finished trials
 are not run again, an unfinished one restarts from its last checkpoint when it has one.
 
-Output folder:
-    sweep.toml        the sweep config as given
+Output folder (file names: `bigbatch.folders`):
+    sweep.json        the sweep config as run (self-contained: the base config read in)
     runs/<trial>/     each trial's run folder (config.toml, metrics.jsonl, summary.json, ...)
     tune/             Ray Tune's experiment state (what --resume restores)
     race/             steps of finished trials that racing trials compare against (adaptive)
@@ -36,11 +36,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bigbatch import config as config_mod
+from bigbatch import folders
 from bigbatch.distributed.env import usable_cpus
 from bigbatch.errors import UsageError
 from bigbatch.study import adaptive, critical, search
 from bigbatch.study import spec as spec_mod
-from bigbatch.study.records import CRITICAL, RUNS_DIR, TRIAL_RECORD, TRIALS, headline, read_rows, trial_record
+from bigbatch.study.records import CRITICAL, RUNS_DIR, TRIAL_RECORD, TRIALS, headline, trial_record
 from bigbatch.study.report import write_report
 from bigbatch.study.spec import SweepSpec
 
@@ -145,8 +146,7 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
     import ray
     from ray import tune
 
-    from bigbatch.study.at_target import measure_at_target  # torch and the trainer: only when trials run
-    from bigbatch.study.trial import run_trial
+    from bigbatch.study.trial import run_trial  # torch and the trainer: only when trials run
 
     out_dir = out_dir.resolve()
     tune_dir = out_dir / TUNE_DIR
@@ -158,7 +158,7 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
     elif tune_dir.exists():
         raise UsageError("--out", f"{str(out_dir)!r} already holds a sweep: pass --resume to continue it, or another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep.json").write_text(json.dumps(spec_dict, indent=2) + "\n")
+    folders.SweepFolder(out_dir).write_spec(spec_dict)
 
     owns_ray = not ray.is_initialized()  # a caller's Ray session (a notebook, a test) is used as it is
     if owns_ray:
@@ -209,11 +209,23 @@ def run_sweep(spec: SweepSpec, spec_dict: dict[str, Any], out_dir: Path, *, resu
                   if spec.trial_name(p) not in errors and not (out_dir / RUNS_DIR / spec.trial_name(p) / TRIAL_RECORD).is_file()]
     if unfinished:  # Tune returns normally after SIGINT, with the state saved for Tuner.restore
         raise Interrupted(f"{len(points) - len(unfinished)} of {len(points)} trials finished")
-    # the noise scales at the target, on the trials the headline reads them from (after Ray's
-    # workers are gone, so the measurements get the CPUs)
+    return finalise(spec, out_dir, points, errors, num_cpus)  # after Ray's workers are gone: the measurements get the CPUs
+
+
+def finalise(spec: SweepSpec, out_dir: Path, points: list[dict[str, Any]] | None = None,
+             errors: dict[str, BaseException] | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+    """What every sweep ends with, whoever ran its trials (Ray here, a SLURM job array in
+    `bigbatch slurm collect`): the noise scales at the target measured on the trials the headline
+    reads them from (`bigbatch.study.at_target`), trials.jsonl, critical.json and the report."""
+    from bigbatch.study.at_target import measure_at_target  # torch: only once there are trials
+
+    points = points if points is not None else spec.points()
+    errors = errors or {}
     records = [read_record(spec, out_dir, p, errors.get(spec.trial_name(p))) for p in points]
     measure_at_target(records, spec.trial.b_simple_samples, spec.trial.torch_threads, num_cpus)
-    return collect(spec, out_dir, errors, points)
+    analysis = collect(spec, out_dir, errors, points)
+    write_report(out_dir)
+    return analysis
 
 
 def read_record(spec: SweepSpec, out_dir: Path, point: dict[str, Any], error: BaseException | None = None) -> dict[str, Any]:
@@ -224,7 +236,7 @@ def read_record(spec: SweepSpec, out_dir: Path, point: dict[str, Any], error: Ba
         rec = json.loads(path.read_text())
     else:
         message = _first_line(error) if error is not None else "no result (the trial did not finish)"
-        rows = read_rows(out_dir / RUNS_DIR / name / "metrics.jsonl") if (out_dir / RUNS_DIR / name).is_dir() else []
+        rows = folders.SweepFolder(out_dir).run(name).read_metrics()
         rec = trial_record(point, None, rows, spec.trial.gap_epochs, "failed", message)
     rec["trial"] = name
     return rec
@@ -306,7 +318,7 @@ def run_and_report(spec: SweepSpec, spec_dict: dict[str, Any], out: Path, resume
     except Interrupted as e:
         print(f"interrupted: {e}; continue with: {resume_command} --out {out} --resume", file=sys.stderr)
         return 130
-    report = write_report(out)
+    report = folders.SweepFolder(out).report_html
     counts = analysis["trials"]
     print(f"sweep {spec.name}: {sum(counts.values())} trials ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) "
           f"in {time.perf_counter() - t0:.0f} s")

@@ -16,14 +16,13 @@ from bigbatch.trainer.models import build_model
 
 
 def amp_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use a grad scaler)."""
+    """(autocast dtype or None, use a grad scaler). fp16 without a GPU was refused before launch
+    (`TrainConfig.check`)."""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "off"
     if amp == "off":
         return None, False
     if amp == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("train.amp", "fp16 needs a GPU; use bf16 on CPU")
         return torch.float16, True
     return torch.bfloat16, False
 

@@ -1,10 +1,10 @@
 """Atomic save and restore of everything a run needs to continue exactly where it stopped, with
 the last `checkpoint.keep` checkpoints kept to fall back on.
 
-A checkpoint holds the model and optimizer state, the grad scaler, the step, the position of the
-example stream (examples consumed), every rank's RNG state and the loop's own bookkeeping (target
-reached, measurement state). It only holds tensors and plain Python values, so it loads with
-`weights_only=True`.
+A checkpoint holds one key per component of the run (`bigbatch.trainer.checkpointer`: progress,
+model, optimizer, scaler, batch, probes, metrics, evaluator, rng). It only holds tensors and plain
+Python values, so it loads with `weights_only=True`. Checkpoints of format 1 (one "loop" and one
+"measure" key) are read as format 2.
 
 Files in the run folder:
 - `checkpoint-<step>.pt` (step zero-padded to 8 digits): one per save, written to a temporary
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,11 +30,12 @@ from typing import Any
 
 import torch
 
+from bigbatch import folders
+
 log = logging.getLogger("bigbatch")
 
-FILENAME = "checkpoint.pt"  # the newest checkpoint, whatever its step
-FORMAT = 1
-_STEP_FILE = re.compile(r"^checkpoint-(\d+)\.pt$")
+FILENAME = folders.CHECKPOINT  # the newest checkpoint, whatever its step
+FORMAT = 2
 
 
 class CheckpointWriteError(RuntimeError):
@@ -71,8 +71,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def step_file(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / f"checkpoint-{step:08d}.pt"
+step_file = folders.checkpoint_file
 
 
 def candidates(run_dir: str | Path) -> list[Path]:
@@ -81,7 +80,7 @@ def candidates(run_dir: str | Path) -> list[Path]:
     steps = []
     if run_dir.is_dir():
         for p in run_dir.iterdir():
-            m = _STEP_FILE.match(p.name)
+            m = folders.CHECKPOINT_STEP.match(p.name)
             if m and p.is_file():
                 steps.append((int(m.group(1)), p))
     if steps:
@@ -180,10 +179,29 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool 
     """The checkpoint's state (ValueError for another format). mmap=True maps the tensors instead
     of reading them: a cheap check that the file is whole, for a launcher."""
     state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
+    fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
+    if fmt == 1:
+        return _from_format_1(state)
+    if fmt != FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {fmt!r}")
     return state
+
+
+def _from_format_1(state: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 kept the loop's bookkeeping under "loop" and the probes' and batch controller's
+    state under "measure"; format 2 has one key per component."""
+    loop, measure = state["loop"], state.get("measure") or {}
+    gns = measure.get("gns")
+    return {
+        "format": FORMAT, "step": state.get("step", loop["step"]), "model": state["model"],
+        "optimizer": state["optimizer"], "scaler": state["scaler"], "rng": state["rng"],
+        "progress": {k: loop[k] for k in ("step", "examples", "train_time_s", "wall_s")},
+        "evaluator": {"last": loop["last_eval"], "last_step": loop["last_eval_step"],
+                      "steps_to_target": loop["steps_to_target"], "examples_to_target": loop["examples_to_target"]},
+        "metrics": {"loss_sum": loop["interval_loss"], "count": loop["interval_count"]},
+        "probes": {"gns": {"estimator": gns, "steps": 0} if gns else None},
+        "batch": measure.get("controller"),
+    }
 
 
 def _why(e: BaseException) -> str:

@@ -7,14 +7,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from bigbatch.config import Config
+from bigbatch.config import DataConfig, TargetConfig
 from bigbatch.distributed.env import DistEnv
 from bigbatch.trainer.data import DataBundle, eval_batches
 
 
-def reached_target(cfg: Config, metrics: dict[str, float], within: float = 0.0) -> bool:
+def reached_target(t: TargetConfig, metrics: dict[str, float], within: float = 0.0) -> bool:
     """The target met (within = 0), or nearly: accuracy within `within` of it, loss within that fraction."""
-    t = cfg.target
     if t.test_acc is not None and metrics["test_acc"] >= t.test_acc - within:
         return True
     if t.train_acc is not None and metrics["train_acc"] >= t.train_acc - within:
@@ -23,7 +22,7 @@ def reached_target(cfg: Config, metrics: dict[str, float], within: float = 0.0) 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, bundle: DataBundle, env: DistEnv, cfg: Config, batch_size: int = 1024,
+def evaluate(model: nn.Module, bundle: DataBundle, env: DistEnv, data_cfg: DataConfig, batch_size: int = 1024,
              limit: int = 0) -> dict[str, float]:
     """Test loss/accuracy and train loss/accuracy (on a fixed training subset).
 
@@ -32,14 +31,14 @@ def evaluate(model: nn.Module, bundle: DataBundle, env: DistEnv, cfg: Config, ba
     """
     model.eval()
     sums = []
-    train_limit = cfg.data.train_eval_samples
+    train_limit = data_cfg.train_eval_samples
     if limit:
         train_limit = min(train_limit, limit) if train_limit else limit
     for data, limit in ((bundle.test, limit), (bundle.train, train_limit)):
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         correct = torch.zeros((), dtype=torch.float64, device=env.device)
         count = 0
-        for x, y in eval_batches(data, env.rank, env.world_size, batch_size, env.device, limit, cfg.data.num_workers):
+        for x, y in eval_batches(data, env.rank, env.world_size, batch_size, env.device, limit, data_cfg.num_workers):
             if x.dim() == 4 and env.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             out = model(x).float()

@@ -29,12 +29,11 @@ import time
 from pathlib import Path
 
 from bigbatch import config as config_mod
+from bigbatch import folders
 from bigbatch.errors import (EXIT_DIVERGED, EXIT_FAILURE, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_USAGE, ConfigError,
                              PeerLostError, UsageError)
-from bigbatch.trainer import batching
 
 STATUS_DIR_ENV = "BIGBATCH_STATUS_DIR"  # set by the --nproc launcher: each rank leaves rank<R>.json there
-LAUNCHER_LOG = "launcher.log"
 _LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d ")  # the ranks' log format (trainer.loop.setup_logging)
 
 
@@ -55,13 +54,13 @@ def _load(args) -> tuple[config_mod.Config, Path | None, bool]:
     """(config, run folder, resume?) from the arguments."""
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "config.toml").is_file():
-            raise UsageError("--resume", f"{str(run_dir)!r} is not a run folder (no config.toml)")
+        if not folders.RunFolder(run_dir).is_run():
+            raise UsageError("--resume", f"{str(run_dir)!r} is not a run folder (no {folders.CONFIG})")
         import bigbatch.trainer.checkpoint as ckpt
 
         if ckpt.latest(run_dir) is None:
             raise UsageError("--resume", f"no checkpoint in {str(run_dir)!r}")
-        return config_mod.load(run_dir / "config.toml", args.overrides), run_dir, True
+        return config_mod.load(folders.RunFolder(run_dir).config, args.overrides), run_dir, True
     if not args.config:
         raise UsageError("config", "a config file is required (or --resume RUN_DIR)")
     cfg = config_mod.load(args.config, args.overrides)
@@ -86,7 +85,7 @@ def dry_run(cfg: config_mod.Config, world_size: int) -> dict:
 
         n = len(build_data(cfg.data).train)
     sched = Schedule(cfg, n)
-    per_device, accum = batching.derive_batch(sched.batch_at(0), world_size, cfg.batch.accum_steps)
+    per_device, accum = config_mod.derive_batch(sched.batch_at(0), world_size, cfg.batch.accum_steps)
     return {"num_train": n, "world_size": world_size, "per_device_batch": per_device, "accum_steps": accum,
             **sched.summary(), "description": sched.describe()}
 
@@ -121,14 +120,14 @@ def _launch_torchrun(args, cfg: config_mod.Config, run_dir: Path | None, resume:
     env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // args.nproc)))
     with tempfile.TemporaryDirectory(prefix="bigbatch-launch-") as status_dir:
         env[STATUS_DIR_ENV] = status_dir
-        raw_log = Path(status_dir) / LAUNCHER_LOG
+        raw_log = Path(status_dir) / folders.LAUNCHER_LOG
         with raw_log.open("w") as raw:
             rc = _supervise(cmd, env, Path(status_dir), raw)
         reports = [json.loads(p.read_text()) for p in sorted(Path(status_dir).glob("rank*.json"))]
         if Path(run_dir).is_dir():  # appended: a resumed run keeps the earlier segments' reports
-            with (Path(run_dir) / LAUNCHER_LOG).open("a") as f:
+            with (Path(run_dir) / folders.LAUNCHER_LOG).open("a") as f:
                 f.write(raw_log.read_text())
-    code, line = launch_outcome(rc, reports, args.nproc, Path(run_dir) / LAUNCHER_LOG)
+    code, line = launch_outcome(rc, reports, args.nproc, Path(run_dir) / folders.LAUNCHER_LOG)
     if line:
         print(f"bigbatch train: {line}", file=sys.stderr)
     return code
@@ -235,7 +234,7 @@ def failure_line(e: BaseException) -> tuple[int, str]:
         return EXIT_FAILURE, f"{e}; the run stopped"
     first = (str(e).strip().splitlines() or [""])[0][:300]
     run_dir = getattr(e, "run_dir", None)
-    where = f" (traceback in {Path(run_dir) / 'train.log'})" if run_dir is not None else ""
+    where = f" (traceback in {folders.RunFolder(run_dir).log})" if run_dir is not None else ""
     return EXIT_FAILURE, f"run failed: {type(e).__name__}: {first}{where}"
 
 

@@ -1,11 +1,5 @@
-"""The run folder: its file names and every write into it, decided once for the logging rank.
-
-    config.toml     the resolved config (written before training starts)
-    metrics.jsonl   one JSON object per logged step (`bigbatch.track`; truncated to the checkpoint on resume)
-    train.log       the run's log, with the traceback of a failure (stderr gets one line)
-    checkpoint-<step>.pt  the newest checkpoint.keep checkpoints (`bigbatch.trainer.checkpoint`: temp file + rename)
-    checkpoint.pt   a link to the newest one
-    summary.json    the final summary (temp file + rename)
+"""The run folder as a training run writes it: every write into it, decided once for the logging
+rank (the file names and readers are `bigbatch.folders`').
 
 `open_run_dir(path, is_main)` returns a `RunDir` on the logging rank and a `NullRunDir` (same
 path, writes nothing) on every other rank, as tracking does with its do-nothing sink, so the
@@ -15,25 +9,17 @@ loop has no rank branches for files.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from bigbatch import config as config_mod
-from bigbatch.track import JSONL, truncate_after
+from bigbatch import folders
 from bigbatch.trainer import checkpoint as ckpt
 
 log = logging.getLogger("bigbatch")
-
-CONFIG = "config.toml"
-SUMMARY = "summary.json"
-LOG = "train.log"
-METRICS = JSONL
-CHECKPOINT = ckpt.FILENAME
 
 
 def default_run_dir(cfg: config_mod.Config) -> Path:
@@ -52,24 +38,14 @@ class NullRunDir:
 
     def __init__(self, path: str | Path, keep: int = 2):
         self.path = Path(path)
+        self.files = folders.RunFolder(path)
         self.keep = keep
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / CHECKPOINT
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS
 
     def create(self, cfg: config_mod.Config) -> None:
         pass
 
     def start_logging(self) -> None:
         _setup_logging(None, logging.WARNING)
-
-    def truncate_metrics(self, step: int) -> None:
-        pass
 
     def set_aside(self, bad: list, used: Path) -> None:
         pass
@@ -83,7 +59,7 @@ class NullRunDir:
 
     def log_traceback(self, text: str) -> None:
         """A failure's traceback into train.log (not on stderr); every rank appends its own."""
-        with contextlib.suppress(OSError), (self.path / LOG).open("a") as f:
+        with contextlib.suppress(OSError), self.files.log.open("a") as f:
             f.write(text)
 
 
@@ -92,14 +68,10 @@ class RunDir(NullRunDir):
 
     def create(self, cfg: config_mod.Config) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        config_mod.save(cfg, self.path / CONFIG)
+        config_mod.save(cfg, self.files.config)
 
     def start_logging(self) -> None:
-        _setup_logging(self.path / LOG, logging.INFO)
-
-    def truncate_metrics(self, step: int) -> None:
-        """Drop metrics rows after `step` (a resumed run logs them again)."""
-        truncate_after(self.metrics, step)
+        _setup_logging(self.files.log, logging.INFO)
 
     def set_aside(self, bad: list, used: Path) -> None:
         ckpt.set_aside(bad, used)
@@ -115,9 +87,7 @@ class RunDir(NullRunDir):
         log.error("%s", text, extra={"file_only": True})
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        tmp = self.path / (SUMMARY + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, self.path / SUMMARY)
+        self.files.write_summary(summary)
 
 
 def open_run_dir(path: str | Path, is_main: bool, keep: int = 2) -> NullRunDir:

@@ -42,12 +42,15 @@ class StopFlag:
             signal.signal(s, h)
 
 
-def stop_requested(stop: StopFlag, step: int, env: DistEnv) -> bool:
-    """True when any rank got a stop signal; ranks agree every SIGNAL_CHECK_EVERY steps."""
+def stop_requested(stop: StopFlag, step: int, env: DistEnv, ruled: bool = False) -> tuple[bool, bool]:
+    """(a stop signal, a stop rule's verdict) on any rank; ranks agree every SIGNAL_CHECK_EVERY steps
+    (one all-reduce of both), so every rank stops at the same step."""
     if not env.initialized:
-        return stop.signum is not None
+        return stop.signum is not None, ruled
     if step % SIGNAL_CHECK_EVERY:
-        return False
-    flag = torch.tensor([1.0 if stop.signum is not None else 0.0], dtype=torch.float64, device=env.device)
-    dist.all_reduce(flag)
-    return bool(flag.item() > 0)
+        return False, False
+    flags = torch.tensor([1.0 if stop.signum is not None else 0.0, 1.0 if ruled else 0.0], dtype=torch.float64,
+                         device=env.device)
+    dist.all_reduce(flags)
+    signalled, ruled = flags.tolist()
+    return signalled > 0, ruled > 0

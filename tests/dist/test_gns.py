@@ -14,10 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bigbatch import config
 from bigbatch.distributed.env import DistEnv, free_port
 from bigbatch.measure.noise import per_sample_b_simple
-from bigbatch.trainer.probes import OnlineGNS
+from bigbatch.measure.gns import GradientNoiseScale
 
 N, D, GLOBAL, STEPS = 4096, 16, 256, 600
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mnist1d-mlp.toml"
@@ -36,14 +35,15 @@ def mse(out, t):
     return torch.nn.functional.mse_loss(out.squeeze(-1), t)
 
 
-def gns_cfg(extra=()):
-    # every step measured: the references are per step
-    return config.load(None, ["measure.gns=true", "measure.gns_every=1", "measure.gns_ema=0.99", *extra])
+def trainer_gns(ddp_model, accum, every=1):
+    """The estimator as `bigbatch train`'s probe drives it: the loop's step numbers and batch sizes,
+    sync="read" (every step measured by default: the references are per step)."""
+    return GradientNoiseScale(ddp_model, accum_steps=accum, decay=0.99, every=every, sync="read")
 
 
 def online_estimate(model, ddp_model, env, x, y, per_device, accum, scale=1.0):
     """Run STEPS measured steps (no optimizer: the weights stay fixed) and return B_simple."""
-    gns = OnlineGNS(gns_cfg(), env, model)  # hooks on the parameters DDP shares
+    gns = trainer_gns(ddp_model, accum)  # hooks on the parameters DDP shares
     gen = torch.Generator().manual_seed(2)
     for step in range(STEPS):
         batch = torch.randperm(N, generator=gen)[:GLOBAL]
@@ -52,7 +52,7 @@ def online_estimate(model, ddp_model, env, x, y, per_device, accum, scale=1.0):
         for i, idx in enumerate(mine.chunk(accum)):
             loss = mse(ddp_model(x[idx]), y[idx]) / accum
             (loss * scale).backward()
-        assert gns.after_backward(GLOBAL, per_device, accum, scale=scale)
+        assert gns.record(per_device, GLOBAL, accum, scale=scale)
         model.zero_grad(set_to_none=True)
     return gns.estimator.b_simple
 
@@ -74,13 +74,13 @@ def test_gns_every_measures_every_kth_step_exactly_as_those_steps_alone():
     batches = [torch.randperm(N, generator=gen)[:GLOBAL] for _ in range(40)]
 
     def run(every, steps):
-        gns = OnlineGNS(gns_cfg([f"measure.gns_every={every}"]), env, model)
+        gns = trainer_gns(model, 8, every)
         measured = []
         for step, batch in steps:
             gns.begin_step(step)
             for idx in batch.chunk(8):
                 (mse(model(x[idx]), y[idx]) / 8).backward()
-            measured.append(gns.after_backward(GLOBAL, 32, 8))
+            measured.append(gns.record(32, GLOBAL, 8))
             model.zero_grad(set_to_none=True)
         return gns, measured
 

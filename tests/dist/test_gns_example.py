@@ -1,8 +1,8 @@
 """examples/gns_in_your_loop.py, a plain torch DDP loop with `GradientNoiseScale`, on 2 gloo
-ranks gives the B_simple that `bigbatch train` (its online probe) gives on the same model, data,
-global batch, seed and measurement interval (every step: GradientNoiseScale's default, so the
-run sets measure.gns_every = 1): within the 15 % the issue asks for (they see the same batches,
-so in practice they agree to float precision)."""
+ranks gives the B_simple that `bigbatch train` (its online probe, which wraps the same estimator
+with sync="read") gives on the same model, data, global batch, seed and measurement interval
+(every step: GradientNoiseScale's default, so the run sets measure.gns_every = 1): within 1 %
+(they see the same batches, so in practice they agree to float precision)."""
 
 from __future__ import annotations
 
@@ -38,5 +38,5 @@ def test_example_loop_b_simple_agrees_with_bigbatch_train_on_2_ranks(tmp_path):
     theirs = [r for r in read_jsonl(out / "metrics.jsonl") if "gns/b_simple" in r][-1]
     assert theirs["step"] == STEPS
     for key in ("b_simple", "grad_sq", "trace_sigma"):
-        assert mine[key] > 0 and abs(mine[key] - theirs[f"gns/{key}"]) <= 0.15 * theirs[f"gns/{key}"], \
+        assert mine[key] > 0 and abs(mine[key] - theirs[f"gns/{key}"]) <= 0.01 * theirs[f"gns/{key}"], \
             (key, mine[key], theirs[f"gns/{key}"])

@@ -72,6 +72,9 @@ def test_failed_trial_is_recorded_others_complete_and_wandb_groups_trials(tmp_pa
     for b in (16, 32, 64):
         hot = trials[f"b{b}-lr500-s0"]
         assert hot["status"] == "diverged" and hot["steps_to_target"] is None and hot["steps"] < 60, hot
+        # the loop ended the run: its summary says so, and no exception went through Ray
+        assert json.loads((out / "runs" / f"b{b}-lr500-s0" / "summary.json").read_text())["status"] == "diverged"
+    assert {p.parent.name for p in (out / "tune").rglob("error.txt")} == {"b32-lr1-s0"}  # only the real failure
     failed = trials["b32-lr1-s0"]
     assert failed["status"] == "failed" and "FileExistsError" in failed["error"]
     for name in ("b16-lr1-s0", "b64-lr1-s0"):
@@ -163,7 +166,13 @@ def test_adaptive_study_seeds_the_best_lr_races_the_slow_one_and_refits_to_its_c
         assert r["lr_multiplier"] == 1.0 and r["n_seeds"] == 3 and len(r["seed_steps"]) == 3  # 3 seeds at the best lr
     assert analysis["n_seeds"] == 3 and analysis["b_crit_ci"] is not None
     slow = [t for t in trials if t["lr_multiplier"] == 0.05]
-    assert any(t["status"] == "slower" and t["steps_lower_bound"] > 1.5 * t["raced_against"] for t in slow), slow
+    raced = [t for t in slow if t["status"] == "slower"]
+    assert any(t["steps_lower_bound"] > 1.5 * t["raced_against"] for t in raced), slow
+    for t in raced:  # stopped by the loop's stopper, through the run's summary: no exception through Ray
+        summary = json.loads((out / "runs" / t["trial"] / "summary.json").read_text())
+        assert summary["status"] == "slower" and summary["stopped_by"]["steps_lower_bound"] == t["steps_lower_bound"]
+        assert t["error"] is None
+    assert not list((out / "tune").rglob("error.txt"))
     # interpolated crossings: not the step of an evaluation
     ok = [t for t in trials if t["status"] == "ok" and t["phase"] == "critical"]
     assert ok and all(t["steps_to_target"] < t["steps_to_target_eval"] or t["crossing_resolution"] == 1.0 for t in ok)

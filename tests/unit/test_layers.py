@@ -94,10 +94,3 @@ def test_no_function_local_bigbatch_import_hides_a_cycle():
                 elif isinstance(node, ast.Import):
                     local.update((str(f.relative_to(ROOT)), a.name) for a in node.names if a.name.startswith("bigbatch"))
     assert local <= DEFERRED, sorted(local - DEFERRED)
-
-
-def test_no_module_is_over_400_lines():
-    """A module owns one concept; past ~400 lines it usually owns two (split it by concept)."""
-    long = {str(f.relative_to(ROOT)): n for f in (ROOT / "bigbatch").rglob("*.py")
-            if (n := len(f.read_text().splitlines())) > 400}
-    assert not long, long

@@ -150,7 +150,7 @@ def test_the_batch_plans_table_is_the_schedule_exactly(schedule):
     s = Schedule(cfg, 10_000)
     assert s.total_steps > 2 * BatchSchedule.BLOCK
     for world in (1, 4):
-        plan = BatchSchedule(cfg, s, world)
+        plan = BatchSchedule(cfg.batch, s, world)
         want = [(s.batch_at(k), s.batch_at(k) // (5 * world), 5, s.lr_at(k)) for k in range(s.total_steps)]
         assert [plan.at(k) for k in range(s.total_steps)] == want
         assert plan.at(7) == want[7] and plan.at(s.total_steps - 1) == want[-1]  # backwards (a resume), the last step
@@ -159,20 +159,27 @@ def test_the_batch_plans_table_is_the_schedule_exactly(schedule):
 def test_the_batch_plans_table_follows_the_gns_controller():
     # batch.adaptive: a batch the controller doubles (or a restored one) applies from the next step on
     from bigbatch.trainer.batching import BatchSchedule
+    from bigbatch.trainer.loop import Progress
 
     cfg = _cfg(batch={"global_batch": 64, "adaptive": "gns", "adapt_every": 10, "max": 1024},
                optim={"base_lr": 0.1, "base_batch": 64}, schedule={"name": "cosine", "warmup_steps": 20},
                train={"steps": 2000}, measure={"gns": True})
     s = Schedule(cfg, 10_000)
-    plan = BatchSchedule(cfg, s, 2)
-    seen = []
+    plan = BatchSchedule(cfg.batch, s, 2)
+    seen, p = [], Progress()
+
+    class Noise:  # what the probes would measure: a huge noise scale, then a small one
+        def b_simple(self) -> float:
+            return 1e9 if p.step <= 400 else 1.0
+
     for k in range(1200):
         batch, per_device, accum, lr = plan.at(k)
         assert (per_device, accum, lr) == (batch // 2, 1, s.lr_at(k, batch))
         seen.append(batch)
-        plan.observe(k + 1, lambda: 1e9 if k < 400 else 1.0)  # a huge noise scale, then a small one
+        p.step, p.examples = p.step + 1, p.examples + batch
+        plan.after_step(p, Noise())
     assert seen[0] == 64 and seen[9] == 64 and seen[10] == 128 and seen[-1] == 1024
-    restored = BatchSchedule(cfg, s, 2)
+    restored = BatchSchedule(cfg.batch, s, 2)
     restored.at(1200)  # a block filled before the restore must not survive it
     restored.load_state_dict(plan.state_dict())
     assert restored.at(1200) == (1024, 512, 1, s.lr_at(1200, 1024))

@@ -76,16 +76,20 @@ def test_read_resets_and_time_between_steps_is_not_counted():
 
 def test_the_loss_sum_is_the_same_read_on_the_host_or_stacked():
     # the loop's loss bookkeeping: per-tensor reads on the CPU, one stacked copy on a GPU
-    from bigbatch.trainer.loop import LossSum
+    from bigbatch.trainer.step import LossSum
 
     losses = [torch.tensor(v, dtype=torch.float32) for v in (2.5, 0.125, 1e-3, 7.0)]
     sums = []
     for on_host in (True, False):
-        s = LossSum(10.0, torch.device("cpu"))
+        s = LossSum(torch.device("cpu"), start=10.0, count=3)
         s.on_host = on_host
         for i, loss in enumerate(losses):
             s.add(loss, n=i + 1)
         sums.append(s.total())
+        assert s.count() == 3 + 1 + 2 + 3 + 4
+        restored = LossSum(torch.device("cpu"))
+        restored.load_state_dict(s.state_dict())  # a checkpoint between log rows
+        assert (restored.total(), restored.count()) == (s.total(), s.count())
         s.reset()
         assert s.total() == 0.0
         s.add(torch.tensor(float("inf")), 3)

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from bigbatch.config.sections import TrackConfig
-from bigbatch.track import JSONL, Tracker
+from bigbatch.folders import METRICS as JSONL
+from bigbatch.track import Tracker
 
 
 def on_disk(run_dir):

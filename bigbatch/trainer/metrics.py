@@ -1,0 +1,77 @@
+"""Log rows: every [train] log_every steps (and at the last step), the training loss averaged over
+all ranks' examples since the previous row, the lr and batch, throughput and MFU, where the step's
+time went, and the probes' values; into metrics.jsonl, W&B and a caller's reporter (`bigbatch.track`).
+
+The row's mean loss is one all-reduce of (loss sum, example count), on which the probes' rank sums
+ride (the GNS EMAs under DDP): one collective per row. The row goes to the stopper, which ends a run
+whose loss is not finite (the same all-reduced value on every rank, so every rank stops there).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from bigbatch.distributed.env import DistEnv
+from bigbatch.trainer import flops
+from bigbatch.trainer.probes import Probes
+from bigbatch.trainer.step import StepRunner
+from bigbatch.trainer.stopper import Stopper
+
+
+class MetricsLogger:
+    def __init__(self, log_every: int, env: DistEnv, tracker, stepper: StepRunner, probes: Probes, stopper: Stopper,
+                 num_train: int, flops_per_example: int | None, peak_tflops: float | None):
+        self.every, self.env, self.tracker = log_every, env, tracker
+        self.losses, self.timer = stepper.losses, stepper.timer
+        self.probes, self.stopper = probes, stopper
+        self.num_train = num_train
+        self.flops_per_example, self.peak_tflops = flops_per_example, peak_tflops
+        self._mfu = bool(peak_tflops and flops_per_example)
+        self._since = (0, 0.0)  # (examples, training seconds) at the previous row (or the start)
+
+    def start(self, p) -> None:
+        """Rates in the first row count from here (a resumed run's first row too)."""
+        self._since = (p.examples, p.train_time_s)
+
+    def after_step(self, p, batch: tuple[int, int, int, float]) -> str | None:
+        """A row when one is due; "diverged" when its loss is not finite."""
+        if p.step % self.every and not p.last:
+            return None
+        global_batch, _, _, lr = batch
+        loss_mean, probe_sums = mean_over_ranks(self.losses.total(), self.losses.count(), self.env,
+                                                self.probes.row_values())
+        self.probes.take_row_sums(probe_sums)  # the GNS EMAs' rank average rode on the loss's all-reduce
+        self.losses.reset()
+        examples0, seconds0 = self._since
+        samples_per_s = (p.examples - examples0) / max(p.train_time_s - seconds0, 1e-9)
+        row = {
+            "step": p.step, "examples": p.examples, "epoch": p.examples / self.num_train, "lr": lr,
+            "global_batch": global_batch, "loss": loss_mean, "samples_per_s": samples_per_s,
+            **self.timer.read(),  # time/data, compute, comm_exposed, step (s): per-step means since the last row
+            "flops_per_example": self.flops_per_example,
+            **({"mfu": flops.mfu(self.flops_per_example, samples_per_s, self.peak_tflops, self.env.world_size)}
+               if self._mfu else {}),
+            **self.probes.metrics(),
+        }
+        self.tracker.log(row)
+        self.tracker.progress(p.step, f"loss {loss_mean:.4f}")
+        self._since = (p.examples, p.train_time_s)
+        return self.stopper.after_row(row, p)
+
+    def state_dict(self) -> dict[str, float]:
+        return self.losses.state_dict()
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.losses.load_state_dict(state)
+
+
+def mean_over_ranks(loss_sum: float, count: int, env: DistEnv, extra: list[float]) -> tuple[float, list[float]]:
+    """Mean training loss over all examples of all ranks since the last log row, and the rank
+    sums of `extra` from the same all-reduce (one collective per log row)."""
+    if not env.initialized:
+        return loss_sum / max(count, 1), extra
+    t = torch.tensor([loss_sum, float(count), *extra], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    total, n, *sums = t.tolist()
+    return total / max(n, 1.0), sums
