@@ -113,14 +113,17 @@ def test_two_rank_ddp_matches_per_sample_reference(tmp_path):
 
 
 def test_one_process_without_accumulation_is_refused_naming_the_field():
+    from bigbatch import config
     from bigbatch.errors import ConfigError
-    from bigbatch.trainer.probes import validate
+
+    def gns_cfg(extra=()):
+        return config.load(None, ["measure.gns=true", *extra])
 
     with pytest.raises(ConfigError) as e:
-        validate(gns_cfg(), world_size=1)
+        gns_cfg().validate(1)
     assert e.value.field == "measure.gns"
-    validate(gns_cfg(["batch.accum_steps=2"]), world_size=1)
-    validate(gns_cfg(), world_size=2)
+    gns_cfg(["batch.accum_steps=2"]).validate(1)
+    gns_cfg().validate(2)
 
 
 def test_bigbatch_train_refuses_gns_without_two_batch_sizes_before_any_work(tmp_path, capsys):
