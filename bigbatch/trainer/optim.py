@@ -248,16 +248,16 @@ class LAMB(torch.optim.Optimizer):
         torch._foreach_mul_(v, b2)
         torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
         # r = (m / bc1) / (sqrt(v / bc2) + eps) = c m / (sqrt(v) + eps sqrt(bc2)) with c = sqrt(bc2) / bc1:
-        # the bias corrections become two scalars, so u = wd w + c m / d is one addcdiv
+        # the bias corrections become two scalars, and u is built in place in the one buffer this
+        # step allocates (a fresh buffer costs more than several passes over it on the CPU)
         bc1, bc2_sqrt = 1 - b1**t, math.sqrt(1 - b2**t)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_add_(denom, group["eps"] * bc2_sqrt)
+        update = torch._foreach_sqrt(v)
+        torch._foreach_add_(update, group["eps"] * bc2_sqrt)
+        torch._foreach_reciprocal_(update)
+        torch._foreach_mul_(update, m)
+        torch._foreach_mul_(update, bc2_sqrt / bc1)
         if wd != 0:
-            update = torch._foreach_mul(params, wd)
-            torch._foreach_addcdiv_(update, m, denom, value=bc2_sqrt / bc1)
-        else:
-            update = torch._foreach_div(m, denom)
-            torch._foreach_mul_(update, bc2_sqrt / bc1)
+            torch._foreach_add_(update, params, alpha=wd)
         if group["lars_adapt"]:
             w_norm, u_norm = _norms(params), _norms(update)
             step = -group["lr"] * _trust_ratio(w_norm, u_norm, w_norm / u_norm)
