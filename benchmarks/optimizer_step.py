@@ -13,7 +13,7 @@ the median over repeats (with min..max). On CUDA the steps are timed with CUDA e
 CPU the default is one torch thread: two threads on 2 shared cores wait on each other and on
 other jobs, which multiplies the spread, and the step is memory-bound anyway.
 
-    python benchmarks/optimizer_step.py [--device cpu|cuda] [--repeats 7] [--steps 9] [--threads N]
+    python benchmarks/optimizer_step.py [--device cpu|cuda] [--repeats 7] [--steps 9] [--threads N] [--json FILE]
 
 Prints one JSON object (ratios with their per-repeat values and min..max).
 """
@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
 import time
 from typing import Callable
 
 import torch
+from _report import emit, spread
 
 from bigbatch.trainer.optim import LAMB, LARS, param_groups
 
@@ -77,6 +76,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 on the CPU, torch's on CUDA)")
     p.add_argument("--model", default="resnet50", help="a torchvision model name (default resnet50)")
+    p.add_argument("--json", default=None, help="also write the JSON object to this file")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.threads or device.type == "cpu":
@@ -104,18 +104,15 @@ def main() -> None:
         if base is None:
             continue
         each = [statistics.median(a / b for a, b in zip(ours, theirs)) for ours, theirs in zip(times[name], times[base])]
-        ratios[f"{name}/{base}"] = {"median": round(statistics.median(each), 4), "min": round(min(each), 4),
-                                    "max": round(max(each), 4), "per_repeat": [round(x, 4) for x in each]}
-    print(json.dumps({
+        ratios[f"{name}/{base}"] = spread(each)
+    emit({
         "benchmark": "optimizer_step", "model": args.model,
         "tensors": len(grads), "parameters": sum(g.numel() for g in grads), "device": str(device),
         "step_ms_median": {n: round(statistics.median(x for rep in t for x in rep) * 1e3, 3) for n, t in times.items()},
         "ratios": ratios, "target": TARGET,
         "met": all(v["median"] <= TARGET for v in ratios.values()),
-        "repeats": args.repeats, "steps": args.steps, "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-    }, indent=2))
+        "repeats": args.repeats, "steps": args.steps,
+    }, device, args.json)
 
 
 if __name__ == "__main__":
