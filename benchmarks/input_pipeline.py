@@ -9,7 +9,8 @@ training transforms (RandomResizedCrop(224), horizontal flip, to float, ImageNet
 - `torch`: bigbatch's torch backend (`data.load_imagefolder` + `FolderBatches`: a DataLoader with T
   worker processes whose batch sampler follows the example stream);
 - `dali`:  bigbatch's DALI backend on the CPU (`DaliBatches`: T decoding threads, libjpeg-turbo,
-  decoding only the crop window; its parallel feed in one worker process).
+  decoding only the crop window; its parallel feed in one worker process); `dali_serial_feed`
+  (not run by default) is the same with the feed in the training thread, as before issue 29;
 
 at T = 1 and 2 worker threads. With `--device cuda` every batch goes to the GPU (the DataLoaders
 pin memory) and a fourth backend, `dali_gpu`, decodes with nvJPEG ("mixed") and augments on the GPU.
@@ -93,7 +94,8 @@ def ours_torch(root: Path, threads: int, batch: int, device: torch.device) -> It
         yield folder.next(device)
 
 
-def ours_dali(root: Path, threads: int, batch: int, device: torch.device, decode_on_gpu: bool = False) -> Iterator:
+def ours_dali(root: Path, threads: int, batch: int, device: torch.device, decode_on_gpu: bool = False,
+              feed_workers: int = 1) -> Iterator:
     """CPU operators (libjpeg-turbo), the batch then copied to `device`; or nvJPEG + GPU operators."""
     from torchvision.datasets import ImageFolder
 
@@ -102,14 +104,15 @@ def ours_dali(root: Path, threads: int, batch: int, device: torch.device, decode
 
     samples = ImageFolder(str(root / "train")).samples
     dali = DaliBatches(samples, SIZE, True, seed=0, device=device if decode_on_gpu else torch.device("cpu"),
-                       num_threads=threads)
+                       num_threads=threads, feed_workers=feed_workers)
     dali.restart(ExampleStream(len(samples), 0), lambda s: batch, 0, 0, 1, lambda s: 1)
     while True:
         yield dali.next(device)
 
 
 BACKENDS: dict[str, Callable[..., Iterator]] = {
-    "bare": bare, "torch": ours_torch, "dali": ours_dali, "dali_gpu": partial(ours_dali, decode_on_gpu=True)}
+    "bare": bare, "torch": ours_torch, "dali": ours_dali, "dali_gpu": partial(ours_dali, decode_on_gpu=True),
+    "dali_serial_feed": partial(ours_dali, feed_workers=0)}  # the feed in the training thread (before issue 29)
 
 
 def images_per_s(backend: str, root: Path, threads: int, batch: int, warmup: int, batches: int,
@@ -146,7 +149,7 @@ def main() -> None:
     p.add_argument("--root", default=None, help="folder to generate into / reuse (default: a temporary one)")
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--threads", default="1,2", help="worker threads (processes for torch), comma list")
-    p.add_argument("--backends", default="bare,torch,dali")
+    p.add_argument("--backends", default="bare,torch,dali", help=f"some of {', '.join(BACKENDS)}")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--warmup", type=int, default=3, help="batches dropped per measurement")
     p.add_argument("--batches", type=int, default=8, help="batches timed per measurement")
@@ -157,7 +160,9 @@ def main() -> None:
     torch.set_num_threads(1)  # the main process only receives batches; the workers decode
     device = torch.device(args.device)
     threads = [int(t) for t in args.threads.split(",")]
-    backends = [b for b in args.backends.split(",") if b in BACKENDS]
+    backends = args.backends.split(",")
+    if unknown := [b for b in backends if b not in BACKENDS]:
+        p.error(f"--backends: unknown {', '.join(unknown)}; expected some of {', '.join(BACKENDS)}")
     if device.type == "cuda" and "dali" in backends and "dali_gpu" not in backends:
         backends.append("dali_gpu")
     left_out = {}
@@ -179,7 +184,8 @@ def main() -> None:
                 rates[(b, t)].append(images_per_s(b, root, t, args.batch, args.warmup, args.batches, device))
     ratios = {}
     for t in threads:
-        for ours, base in (("torch", "bare"), ("dali", "bare"), ("dali", "torch"), ("dali_gpu", "torch")):
+        for ours, base in (("torch", "bare"), ("dali", "bare"), ("dali", "torch"), ("dali_gpu", "torch"),
+                           ("dali", "dali_serial_feed")):
             if ours in backends and base in backends:
                 ratios[f"{ours}/{base}@{t}"] = spread([a / b for a, b in zip(rates[(ours, t)], rates[(base, t)])])
     emit({
