@@ -90,18 +90,40 @@ def _evaluate(closure: Callable[[], float] | None):
         return closure()
 
 
+CPU_BUCKET_BYTES = 1 << 20
+"""On the CPU a multi-tensor op runs tensor by tensor, so one op over every parameter at once
+streams the whole model through memory, once per op: ResNet-50's LARS step took 2x the
+per-tensor loop's time that way (127 vs 65 ms, one thread). Runs of about this many bytes stay in
+cache across a step's ~10 ops instead (72 ms; a tensor larger than this is a run of its own)."""
+
+
 def _buckets(params: list[torch.Tensor], key: Callable[[torch.Tensor], Hashable] = lambda p: None
              ) -> list[list[torch.Tensor]]:
     """The parameters with a gradient, split by (device, dtype, key(p)): a multi-tensor kernel
-    takes one device and one dtype (torch's foreach optimizers split the same way)."""
-    out: dict[Hashable, list[torch.Tensor]] = {}
+    takes one device and one dtype (torch's foreach optimizers split the same way). On the CPU
+    each such group is cut further into runs of at most CPU_BUCKET_BYTES."""
+    groups: dict[Hashable, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is None:
             continue
         if p.grad.is_sparse:
             raise RuntimeError("LARS and LAMB do not support sparse gradients")
-        out.setdefault((p.device, p.dtype, key(p)), []).append(p)
-    return list(out.values())
+        groups.setdefault((p.device, p.dtype, key(p)), []).append(p)
+    out = []
+    for (device, _, _), group in groups.items():
+        if device.type != "cpu":
+            out.append(group)
+            continue
+        run, size = [], 0
+        for p in group:
+            nbytes = p.numel() * p.element_size()
+            if run and size + nbytes > CPU_BUCKET_BYTES:
+                out.append(run)
+                run, size = [], 0
+            run.append(p)
+            size += nbytes
+        out.append(run)
+    return out
 
 
 class LARS(torch.optim.Optimizer):

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from bigbatch.trainer import optim
 from bigbatch.trainer.optim import LAMB, LARS, _trust_ratio, param_groups
 
 
@@ -108,8 +109,12 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("bucket_bytes", [1 << 20, 256])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_multi_tensor_step_equals_the_per_tensor_formulas(case):
+def test_multi_tensor_step_equals_the_per_tensor_formulas(case, bucket_bytes, monkeypatch):
+    """With every parameter of a group in one multi-tensor op, and with the CPU's cache-sized runs
+    cut small enough that the groups split into several runs (one layer each, or less)."""
+    monkeypatch.setattr(optim, "CPU_BUCKET_BYTES", bucket_bytes)
     ours_cls, ref_cls, kwargs = CASES[case]
     start = _run(ours_cls, {**kwargs, "lr": 0.0}, steps=1)  # lr 0: the initial weights
     ours = _run(ours_cls, dict(kwargs))
@@ -144,5 +149,16 @@ def test_a_step_is_a_fixed_number_of_ops_whatever_the_depth():
                    and e.cpu_parent.name.startswith("Optimizer.step#"))
 
     for opt_cls, kw in ((LARS, {"momentum": 0.9}), (LARS, {"momentum": 0.9, "clip": True}), (LAMB, {})):
-        shallow, deep = top_level_ops(2, opt_cls, **kw), top_level_ops(40, opt_cls, **kw)
+        shallow, deep = top_level_ops(2, opt_cls, **kw), top_level_ops(40, opt_cls, **kw)  # 40 layers: one CPU run
         assert 0 < shallow == deep < 60, (opt_cls.__name__, kw, shallow, deep)
+
+
+def test_cpu_runs_stay_under_the_cache_budget_in_order():
+    net = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 1024), nn.Linear(1024, 8))  # 256 KiB, 1 MiB, 32 KiB weights
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    runs = optim._buckets(list(net.parameters()))
+    assert [p for run in runs for p in run] == list(net.parameters())  # every parameter once, in order
+    nbytes = [sum(p.numel() * 4 for p in run) for run in runs]
+    assert all(b <= optim.CPU_BUCKET_BYTES or len(run) == 1 for b, run in zip(nbytes, runs)), nbytes
+    assert len(runs) == 3, nbytes  # [w0 b0], [w1 alone: 1 MiB], [b1 w2 b2]
