@@ -93,8 +93,9 @@ def _evaluate(closure: Callable[[], float] | None):
 CPU_BUCKET_BYTES = 1 << 20
 """On the CPU a multi-tensor op runs tensor by tensor, so one op over every parameter at once
 streams the whole model through memory, once per op: ResNet-50's LARS step took 2x the
-per-tensor loop's time that way (127 vs 65 ms, one thread). Runs of about this many bytes stay in
-cache across a step's ~10 ops instead (72 ms; a tensor larger than this is a run of its own)."""
+per-tensor loop's time that way (137 vs 66 ms, one thread, benchmarks/optimizer_step.py). Runs of
+about this many bytes stay in cache across a step's ~10 ops instead (64 ms; a tensor larger than
+this is a run of its own)."""
 
 
 def _buckets(params: list[torch.Tensor], key: Callable[[torch.Tensor], Hashable] = lambda p: None
@@ -141,10 +142,11 @@ class LARS(torch.optim.Optimizer):
     A group with ``lars_adapt = False`` (BatchNorm parameters, biases) takes trust = 1: plain
     momentum SGD in the same form. The momentum buffer holds lr-scaled steps, as in the paper.
 
-    The step is multi-tensor: every parameter of a group (per device and dtype) goes through
-    each ``torch._foreach_*`` op at once, and the trust ratios of all layers are one vector, so a
-    step is a few dozen kernels whatever the number of layers, with no host sync. The operations
-    are those of the per-tensor formulas above, in the same order.
+    The step is multi-tensor: every parameter of a group (per device and dtype; on the CPU, per
+    cache-sized run, `CPU_BUCKET_BYTES`) goes through each ``torch._foreach_*`` op at once, and
+    the trust ratios of all layers are one vector, so on a GPU a step is a few dozen kernels
+    whatever the number of layers, with no host sync. The operations are those of the
+    per-tensor formulas above, in the same order (bitwise the same results on the CPU).
 
     Args:
         params: parameters or param groups (groups may set ``lars_adapt``; default True).
@@ -227,7 +229,8 @@ class LAMB(torch.optim.Optimizer):
     AdamW with decoupled weight decay (their group has weight decay 0).
 
     Multi-tensor like `LARS`: the parameters of a group that share device, dtype and step count t
-    go through each ``torch._foreach_*`` op together, the trust ratios as one vector.
+    (on the CPU, a cache-sized run of them) go through each ``torch._foreach_*`` op together, the
+    trust ratios as one vector.
     """
 
     def __init__(self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
