@@ -10,7 +10,6 @@ several steps at a moving lr, and must agree within 1e-6.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
