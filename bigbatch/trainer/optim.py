@@ -286,7 +286,10 @@ class LAMB(torch.optim.Optimizer):
         if group["lars_adapt"]:
             w_norm, u_norm = _norms(params), _norms(update)
             step = -group["lr"] * _trust_ratio(w_norm, u_norm, w_norm / u_norm)
-            torch._foreach_addcmul_(params, update, step.unbind(0))  # w <- w - gamma * trust * u
+            # w <- w - gamma * trust * u, the per-layer scalars as tensor1: pytorch/pytorch#172731
+            # gives CUDA's foreach addcmul a fused path for 0-dim tensor1 (as tensor2 they fall
+            # back to one kernel per tensor)
+            torch._foreach_addcmul_(params, step.unbind(0), update)
         else:
             torch._foreach_add_(params, update, alpha=-group["lr"])
 
