@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Claim: bigbatch's GPU path works on one GPU and is as fast as a bare PyTorch loop.
 #
-# One prepared run, <= 8 minutes on one H100/H200, everything under one output folder, one JSON
+# One prepared run, <= 9 minutes on one H100/H200, everything under one output folder, one JSON
 # summary on stdout (also OUT/summary.json). The checks, in order:
 #   pytest_gpu          tests/gpu and every other test marked gpu (NCCL + bf16/fp16, DALI sharding)
 #   allreduce_1rank     `bigbatch bench allreduce --backend nccl --nproc 1`, every algorithm, correct sums
@@ -11,8 +11,12 @@
 #   fp16_scaler         300 steps of fp16 autocast with the grad scaler (MNIST-1D CNN): finite losses,
 #                       the loss falls, the run completes
 #   dali                the DALI GPU pipeline (nvJPEG) training on a generated JPEG folder, if DALI imports
+#   optimizer_step      LARS / LARC / LAMB step time vs torch's foreach SGD / AdamW on ResNet-50's parameters
+#   input_pipeline      images/s at 224 px: torchvision's bare loop, bigbatch's torch backend, DALI with CPU
+#                       operators and DALI on the GPU (nvJPEG), at 1 and 4 worker threads
 #   throughput_compile  the same bare vs bigbatch with torch.compile (last: the slowest step)
-# Targets reported (not pass/fail): bigbatch >= 0.98x the bare loop; ResNet-50 bf16 >= 3,000 img/s.
+# Targets reported (not pass/fail): bigbatch >= 0.98x the bare loop; ResNet-50 bf16 >= 3,000 img/s;
+# LARS/LAMB <= 1.5x the foreach step; input backends >= 0.9x the bare loop, DALI >= 1.0x torch.
 #
 # --cpu-smoke runs the same steps tiny on the CPU (ResNet-18 at 32 px, gloo instead of NCCL, bf16
 # instead of fp16, torch.compile's eager backend, DALI expected to refuse without a GPU); the test
@@ -25,7 +29,7 @@ cd "$(dirname "$0")/.."
 
 MODE=gpu
 OUT=""
-BUDGET=480
+BUDGET=540
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-smoke) MODE=cpu-smoke ;;
@@ -72,11 +76,15 @@ if [ "$MODE" = gpu ]; then
   BACKEND=nccl AMP16=fp16 COMPILE_BACKEND=inductor
   THROUGHPUT=(--model resnet50 --image-size 224 --batch 256 --steps 100 --warmup 20 --log-every 10 --samples 2048)
   FP16_STEPS=300 FP16_SAMPLES=10000 DALI_STEPS=30 ALLREDUCE=(--sizes 8,1M,64M --iters 10 --warmup 3)
+  OPTIM=(--device cuda --repeats 7 --steps 9)
+  INPUT=(--device cuda --threads 1,4 --repeats 3 --images 512 --batches 6)
   command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 else
   BACKEND=gloo AMP16=bf16 COMPILE_BACKEND=eager
   THROUGHPUT=(--device cpu --model resnet18 --image-size 16 --batch 4 --steps 6 --warmup 2 --log-every 2 --samples 32)
   FP16_STEPS=30 FP16_SAMPLES=2000 DALI_STEPS=2 ALLREDUCE=(--sizes 8,64K --iters 3 --warmup 1)
+  OPTIM=(--device cpu --model resnet18 --repeats 1 --steps 1 --warmup 1)
+  INPUT=(--threads 1 --repeats 1 --images 16 --batch 4 --warmup 1 --batches 1)
   # one thread per process: on a shared CPU two OpenMP threads spin-wait on each other (10x slower here)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
   LIMIT_SCALE=4  # a shared CPU is slow by a varying factor: only --budget bounds the smoke run
@@ -108,6 +116,11 @@ if "$PY" -c "import nvidia.dali" > "$OUT/logs/dali-import.log" 2>&1; then
 else
   printf 'dali\tnot-installed\t0\n' >> "$OUT/steps.tsv"
 fi
+
+step optimizer_step 45 "$PY" benchmarks/optimizer_step.py "${OPTIM[@]}" --json "$OUT/optimizer_step.json"
+
+step input_pipeline 90 "$PY" benchmarks/input_pipeline.py "${INPUT[@]}" --root "$OUT/input-jpegs" \
+  --json "$OUT/input_pipeline.json"
 
 # last: inductor compiles ResNet-50 twice (bare, bigbatch; the second mostly from inductor's cache),
 # the slowest step, so it gets what the correctness checks left of the budget

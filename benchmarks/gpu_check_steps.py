@@ -121,6 +121,19 @@ def check_dali(out: Path, rcs: dict[str, str], mode: str) -> dict[str, Any]:
     return trained
 
 
+def check_benchmark(out: Path, name: str, rc: str) -> dict[str, Any]:
+    """optimizer_step / input_pipeline: ran and wrote its JSON; the ratios go to the summary."""
+    r = _json(out / f"{name}.json") or {}
+    res: dict[str, Any] = {"ok": rc == "0" and bool(r.get("ratios")),
+                           "ratios": {k: v.get("median") for k, v in (r.get("ratios") or {}).items()}}
+    if name == "optimizer_step":
+        res.update(step_ms=r.get("step_ms_median"), met=r.get("met"))
+    else:
+        res.update(images_per_s={k: v.get("median") for k, v in (r.get("images_per_s") or {}).items()},
+                   left_out=r.get("left_out"))
+    return res
+
+
 def summarize(out: Path, mode: str, budget: int, elapsed: int) -> dict[str, Any]:
     rcs, seconds = {}, {}
     for line in (out / "steps.tsv").read_text().splitlines() if (out / "steps.tsv").exists() else []:
@@ -134,6 +147,8 @@ def summarize(out: Path, mode: str, budget: int, elapsed: int) -> dict[str, Any]
         "throughput_compile": check_throughput(out, "throughput-compile", rcs.get("throughput_compile", "missing"), None),
         "fp16_scaler": check_fp16(out, rcs.get("fp16_scaler", "missing"), mode),
         "dali": check_dali(out, rcs, mode),
+        "optimizer_step": check_benchmark(out, "optimizer_step", rcs.get("optimizer_step", "missing")),
+        "input_pipeline": check_benchmark(out, "input_pipeline", rcs.get("input_pipeline", "missing")),
     }
     for name, c in checks.items():
         c["seconds"] = seconds.get(name)
@@ -149,6 +164,8 @@ def summarize(out: Path, mode: str, budget: int, elapsed: int) -> dict[str, Any]
                                                         "compile": comp.get("ratio_bigbatch_vs_bare")},
             f"resnet50_bf16_img_per_s>={RESNET50_TARGET:.0f}": best >= RESNET50_TARGET,
             "best_bigbatch_img_per_s": best,
+            "optimizer_step<=1.5x_foreach": checks["optimizer_step"]["ratios"],
+            "input_pipeline(torch,dali>=0.9x_bare;dali>=1.0x_torch)": checks["input_pipeline"]["ratios"],
         }
     raw = _json(out / "throughput.json") or {}
     try:

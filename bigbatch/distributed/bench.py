@@ -5,7 +5,8 @@ all-reduce after warmup, algbw = bytes / time and busbw = algbw * 2(n-1)/n, the 
 comparable to a link's bandwidth whatever the rank count. Every size is checked for
 correctness against the exact sum. On GPU the time is taken with CUDA events; on CPU with a
 barrier and the monotonic clock. Each iteration's time is the slowest rank's; the row reports
-the median over iterations.
+the median over iterations. The algorithms are interleaved: every iteration runs each of them
+once, in a rotating order, so algorithms compared in one run saw the same machine.
 
 Runs under an existing world (torchrun, srun, via `bigbatch.distributed.env.init`) or spawns
 --nproc local ranks itself.
@@ -139,14 +140,19 @@ def sweep(algos: list[str], sizes: list[int], dtype_name: str, iters: int, warmu
     n, device = env.world_size, env.device
     cuda = device.type == "cuda"
     eps = {"fp32": 2 ** -23, "bf16": 2 ** -8, "fp16": 2 ** -11}[dtype_name]
-    out = []
-    for algo in algos:
-        for nbytes in sizes:
-            count = max(1, nbytes // torch.tensor([], dtype=dtype).element_size())
-            src = pattern(count, env.rank, dtype, device)
-            buf = torch.empty_like(src)
-            times = []
-            for it in range(warmup + iters):
+    results: dict[tuple[str, int], dict] = {}
+    for nbytes in sizes:
+        count = max(1, nbytes // torch.tensor([], dtype=dtype).element_size())
+        src = pattern(count, env.rank, dtype, device)
+        want = expected_sum(count, n, device)
+        buf = torch.empty_like(src)
+        times: dict[str, list[float]] = {a: [] for a in algos}
+        correct: dict[str, bool] = {}
+        for it in range(warmup + iters):
+            # the algorithms take turns within an iteration, in an order that rotates: a change of
+            # load on a shared machine falls on all of them, not on whichever ran during it
+            shift = it % len(algos)
+            for algo in algos[shift:] + algos[:shift]:
                 buf.copy_(src)
                 if cuda:
                     torch.cuda.synchronize()
@@ -163,15 +169,17 @@ def sweep(algos: list[str], sizes: list[int], dtype_name: str, iters: int, warmu
                     ar.allreduce(buf, algo, rows=rows, local_size=local_size)
                     seconds = time.perf_counter() - t0
                 if it >= warmup:
-                    times.append(seconds)
-            want = expected_sum(count, n, device)
-            ok = torch.allclose(buf.double(), want, rtol=n * eps, atol=0.0)
+                    times[algo].append(seconds)
+                if it == warmup + iters - 1:
+                    correct[algo] = bool(torch.allclose(buf.double(), want, rtol=n * eps, atol=0.0))
+        for algo in algos:
             # the slowest rank defines each iteration; every rank must be correct
-            stats = torch.tensor(times + [0.0 if ok else 1.0], dtype=torch.float64, device=device)
+            stats = torch.tensor(times[algo] + [0.0 if correct[algo] else 1.0], dtype=torch.float64, device=device)
             dist.all_reduce(stats, op=dist.ReduceOp.MAX)
             stats = stats.cpu().tolist()
-            out.append(make_row(algo, n, dtype_name, count * src.element_size(), statistics.median(stats[:-1]), stats[-1] == 0.0))
-    return out
+            results[(algo, nbytes)] = make_row(algo, n, dtype_name, count * src.element_size(),
+                                            statistics.median(stats[:-1]), stats[-1] == 0.0)
+    return [results[(a, b)] for a in algos for b in sizes]
 
 
 # --- the command ------------------------------------------------------------------------------

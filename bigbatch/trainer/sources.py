@@ -12,7 +12,7 @@ a checkpoint records) is the same whichever source reads the examples:
 - image folders (and map-style "module:function" datasets): a DataLoader fed by a copy of the
   stream (rebuilt when the batch changes);
 - DALI (data.backend = "dali"): the same, with a DALI pipeline in place of the DataLoader
-  (`bigbatch.trainer.dali.DaliBatches`: fed the stream's files through fn.external_source).
+  (`bigbatch.trainer.dali.DaliBatches`: fed the stream's files through a parallel fn.external_source).
 """
 
 from __future__ import annotations
@@ -85,8 +85,11 @@ class FolderSource(TensorSource):
 
 def make_source(cfg: Config, env: DistEnv, bundle: DataBundle, stream: ExampleStream, per_device: int) -> TensorSource:
     if cfg.data.backend == "dali":
-        return FolderSource(bundle, stream, env, DaliBatches(bundle.train.samples, cfg.data.image_size, cfg.data.augment,
-                                                             cfg.train.seed, env.device, num_threads=cfg.data.num_workers))
+        # data.num_workers decoding threads; one feed process reads the files ahead (none when
+        # num_workers = 0, which means "all in this process" for the torch backend too)
+        dali = DaliBatches(bundle.train.samples, cfg.data.image_size, cfg.data.augment, cfg.train.seed, env.device,
+                           num_threads=cfg.data.num_workers, feed_workers=min(cfg.data.num_workers, 1))
+        return FolderSource(bundle, stream, env, dali)
     if not bundle.in_memory:
         return FolderSource(bundle, stream, env, FolderBatches(bundle.train, cfg.data.num_workers, env.device.type == "cuda"))
     return TensorSource(bundle, stream, env)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-CHECKS = {"pytest_gpu", "allreduce_1rank", "throughput", "throughput_compile", "fp16_scaler", "dali"}
+CHECKS = {"pytest_gpu", "allreduce_1rank", "throughput", "throughput_compile", "fp16_scaler", "dali", "optimizer_step",
+          "input_pipeline"}
 
 
 def test_cpu_smoke_runs_every_check_and_prints_one_json_summary(tmp_path):
@@ -31,9 +32,13 @@ def test_cpu_smoke_runs_every_check_and_prints_one_json_summary(tmp_path):
     assert {"time/data(s)", "time/compute(s)", "time/comm_exposed(s)", "time/step(s)", "mfu"} <= set(thr["bigbatch_last_log"])
     assert c["throughput_compile"]["compile"] and c["throughput_compile"]["compile_backend"] == "eager"
     assert c["fp16_scaler"]["last_loss"] < c["fp16_scaler"]["first_loss"]
+    assert set(c["optimizer_step"]["ratios"]) == {"lars/sgd_foreach", "larc/sgd_foreach", "lamb/adamw_foreach"}
+    assert all(v > 0 for v in c["optimizer_step"]["ratios"].values())
+    assert {"torch/bare@1"} <= set(c["input_pipeline"]["ratios"]) and c["input_pipeline"]["images_per_s"]["bare@1"] > 0
     # everything under the one folder: logs, results, the run folders
     for f in ("steps.tsv", "pytest-gpu.xml", "allreduce.jsonl", "throughput.json", "throughput-compile.json",
-              "throughput/bigbatch/metrics.jsonl", "throughput/ddp-1rank/run/metrics.jsonl", "fp16-run/summary.json"):
+              "throughput/bigbatch/metrics.jsonl", "throughput/ddp-1rank/run/metrics.jsonl", "fp16-run/summary.json",
+              "optimizer_step.json", "input_pipeline.json"):
         assert (out / f).is_file(), f
     assert sorted(x.name for x in tmp_path.iterdir()) == ["check"]
 

@@ -120,3 +120,50 @@ def test_dali_decodes_on_the_gpu_like_on_the_cpu(tmp_path):
     assert torch.equal(out["cuda"][1].cpu(), out["cpu"][1])
     # nvJPEG and libjpeg-turbo differ by rounding in a few pixels
     assert (out["cuda"][0].cpu() - out["cpu"][0]).abs().mean() < 0.05
+
+
+def test_the_feed_is_a_pure_function_of_the_micro_batch_number(tmp_path):
+    """What lets DALI's worker processes compute micro-batches out of order: feed(k) is the k-th
+    micro-batch of this rank in the stream (step k // accum, part k % accum), whenever it is asked."""
+    from torchvision.datasets import ImageFolder
+
+    from bigbatch.trainer.dali import MicroBatchFeed
+    from bigbatch.trainer.stream import ExampleStream, shard
+
+    root = jpeg_folder(tmp_path / "imgs", {"a": 5, "b": 4})  # 9 images: steps straddle epochs
+    samples = ImageFolder(str(root / "train")).samples
+    batch, world, rank, accum = 8, 2, 1, 2
+    feed = MicroBatchFeed(samples, True, 3, ExampleStream(len(samples), 3, position=5), batch, rank, world, accum)
+    stream = ExampleStream(len(samples), 3, position=5)
+    want = [m for _ in range(6) for m in shard(stream.take(batch), rank, world, accum)]
+    backwards = {k: feed(k) for k in reversed(range(len(want)))}
+    for k, indices in enumerate(want):
+        jpegs, labels, anchors, shapes, flips = backwards[k]
+        assert [j.tobytes() for j in jpegs] == [np.fromfile(samples[i][0], dtype=np.uint8).tobytes() for i in indices.tolist()]
+        assert [int(y[0]) for y in labels] == [samples[i][1] for i in indices.tolist()]
+        again = feed(k)  # the same crops and flips however often and in whatever order it is asked
+        assert all(np.array_equal(a, b) for a, b in zip(anchors + shapes + flips, again[2] + again[3] + again[4]))
+    assert [len(m) for m in want] == [2] * 12
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_parallel_feed_workers_keep_the_stream_order(tmp_path, augment):
+    """Two feed processes, four micro-batches in flight each, with accumulation: the same images,
+    crops and flips as feeding from the training thread."""
+    pytest.importorskip("nvidia.dali")
+    import torch
+    from torchvision.datasets import ImageFolder
+
+    from bigbatch.trainer.dali import DaliBatches
+    from bigbatch.trainer.stream import ExampleStream
+
+    root = jpeg_folder(tmp_path / "imgs", {"a": 6, "b": 5})
+    samples = ImageFolder(str(root / "train")).samples
+    out = {}
+    for workers in (0, 2):
+        b = DaliBatches(samples, 16, augment, seed=3, device=torch.device("cpu"), num_threads=1, feed_workers=workers,
+                        feed_depth=4)
+        b.restart(ExampleStream(len(samples), 3, 7), lambda s: 8, 0, 1, 2, lambda s: 2)  # rank 1 of 2, 2 micro-batches
+        out[workers] = [b.next(torch.device("cpu")) for _ in range(9)]
+    for (x0, y0), (x2, y2) in zip(out[0], out[2]):
+        assert x0.shape == (2, 3, 16, 16) and torch.equal(x0, x2) and torch.equal(y0, y2)
