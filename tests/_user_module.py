@@ -43,6 +43,34 @@ def make_model(input_shape, num_classes, width=32):
                          nn.Linear(width, num_classes))
 
 
+def make_seq_data(n=512, length=12, vocab=8, seed=0):
+    """Token sequences: x random tokens, the target at each position (x[t] + x[t-1]) mod vocab
+    (x[-1] = 0): per-token targets (N, T), learnable from the current and the previous token."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, length), generator=g)
+    prev = torch.cat([torch.zeros(n, 1, dtype=torch.long), x[:, :-1]], 1)
+    y = (x + prev) % vocab
+    cut = 3 * n // 4
+    return (x[:cut], y[:cut]), (x[cut:], y[cut:])
+
+
+class TokenPairs(nn.Module):
+    """Logits (N, T, V) from embeddings of each token and of the one before it."""
+
+    def __init__(self, vocab, width):
+        super().__init__()
+        self.now, self.before = nn.Embedding(vocab, width), nn.Embedding(vocab, width)
+        self.out = nn.Sequential(nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, vocab))
+
+    def forward(self, x):
+        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+        return self.out(self.now(x) + self.before(prev))
+
+
+def make_seq_model(input_shape, num_classes, width=32):
+    return TokenPairs(num_classes, width)
+
+
 def not_a_model(input_shape, num_classes):
     return "a string"
 

@@ -346,6 +346,9 @@ class TrainConfig(Section):
     log_every: int = 10
     """Steps between metrics.jsonl lines."""
     label_smoothing: float = 0.0
+    ignore_index: int = -100
+    """Sequence targets equal to this count for nothing in the loss and the token accuracy (padding;
+    PyTorch's convention). Classification labels are never negative, so the default ignores none."""
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     """Mixed precision: auto = bf16 on GPU, off on CPU. fp16 uses a grad scaler (GPU only)."""
     compile: bool = False

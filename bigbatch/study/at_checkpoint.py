@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from bigbatch import config as config_mod
 from bigbatch import folders
@@ -42,6 +41,7 @@ from bigbatch.measure.tails import probe_tail_index
 from bigbatch.trainer import checkpoint as ckpt
 from bigbatch.trainer.data import build_data, tensor_batch
 from bigbatch.trainer.models import build_model
+from bigbatch.trainer.objective import TrainingLoss
 from bigbatch.trainer.recipe import Schedule
 
 DEFAULT_SAMPLES = 256  # K micro-batch gradients: |G|^2's relative error ~ B_simple / (b K) near a target
@@ -99,7 +99,7 @@ def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] =
     state = ckpt.load(folders.RunFolder(run_dir).checkpoint)
     model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
     model.load_state_dict(state["model"])
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    loss_fn = TrainingLoss(cfg.train.label_smoothing, cfg.train.ignore_index)
     b, global_batch, world = training_micro_batch(cfg, state, len(bundle.train))
     samples = samples(b) if callable(samples) else samples
     hessian_examples = hessian_examples(b) if callable(hessian_examples) else hessian_examples

@@ -34,6 +34,7 @@ from bigbatch.distributed.bench import parse_size, spawn_sweep
 from bigbatch.errors import ConfigError, UsageError
 from bigbatch.trainer.data import build_data, tensor_batch
 from bigbatch.trainer.build import prepare_model, wrap_ddp
+from bigbatch.trainer.objective import TrainingLoss
 from bigbatch.trainer.optim import build_optimizer
 
 
@@ -101,7 +102,7 @@ def measure_step_times(cfg, per_device_batch: int, steps: int, warmup: int) -> d
     model = prepare_model(cfg, bundle, env)
     ddp = wrap_ddp(model, cfg, env)
     opt = build_optimizer(cfg.optim, model, cfg.optim.base_lr)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    loss_fn = TrainingLoss(cfg.train.label_smoothing, cfg.train.ignore_index)
     gen = torch.Generator().manual_seed(cfg.train.seed + env.rank)
 
     def batch():

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from bigbatch import config as config_mod
 from bigbatch import folders
@@ -32,6 +31,7 @@ from bigbatch.trainer import checkpoint as ckpt
 from bigbatch.trainer.data import build_data, tensor_batch
 from bigbatch.trainer.loop import run as loop_run
 from bigbatch.trainer.models import build_model
+from bigbatch.trainer.objective import TrainingLoss
 
 
 def _prepare_run_dir(run: folders.RunFolder) -> tuple[bool, dict[str, Any] | None]:
@@ -67,7 +67,7 @@ def train_mode_sharpness(cfg, run_dir: Path, samples: int) -> float | None:
     b, _, _ = training_micro_batch(cfg, state, len(bundle.train))
     n = min(max(samples, b), len(bundle.train))
     x, y = tensor_batch(bundle.train, torch.arange(n), torch.device("cpu"), train=False)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    loss_fn = TrainingLoss(cfg.train.label_smoothing, cfg.train.ignore_index)
     with measuring(model, "train"):
         return HessianOperator(model, loss_fn, x, y, micro_batch=min(b, n)).top_eigs(k=1, iters=30)[0]
 

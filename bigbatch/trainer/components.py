@@ -36,6 +36,7 @@ from bigbatch.trainer.dali import require_dali
 from bigbatch.trainer.data import DataBundle, build_data
 from bigbatch.trainer.evaluator import Evaluator
 from bigbatch.trainer.metrics import MetricsLogger
+from bigbatch.trainer.objective import TrainingLoss, tokens_per_example
 from bigbatch.trainer.optim import build_optimizer
 from bigbatch.trainer.probes import Probes
 from bigbatch.trainer.recipe import Schedule
@@ -112,6 +113,7 @@ class Components:
             "train_s": p.train_time_s,
             "samples_per_s": p.examples / max(p.train_time_s, 1e-9),
             "flops_per_example": self.metrics.flops_per_example,
+            **({"tokens": p.examples * self.metrics.tokens_per_example} if self.metrics.tokens_per_example > 1 else {}),
             **({"stopped_by": self.stopper.detail} if self.stopper.detail else {}),
         }
         if status != "preempted":
@@ -151,7 +153,7 @@ def build(cfg: Config, env: dist_env.DistEnv, prepared: Prepared, run_dir: NullR
     scaler = torch.amp.GradScaler(env.device.type, enabled=use_scaler)
     optimizer = build_optimizer(cfg.optim, model, schedule.lr_at(0))
     ddp_model = wrap_ddp(model, cfg, env)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    loss_fn = TrainingLoss(cfg.train.label_smoothing, cfg.train.ignore_index)
     probe = Probes(cfg.measure, env, model, ddp_model, bundle.train, loss_fn, seed=cfg.train.seed,
                    subset_seed=cfg.data.seed, accum_steps=cfg.batch.accum_steps or 1)
     stream = ExampleStream(len(bundle.train), cfg.train.seed)
@@ -162,7 +164,8 @@ def build(cfg: Config, env: dist_env.DistEnv, prepared: Prepared, run_dir: NullR
     stopper = Stopper(env, stop_rule, stop_at_target=cfg.train.stop_at_target)
     fpe = flops.train_flops_per_example(model, bundle.input_shape)  # counted once
     metrics = MetricsLogger(cfg.train.log_every, env, tracker, stepper, probe, stopper, len(bundle.train), fpe,
-                            flops.resolve_peak_tflops(cfg.train.peak_tflops, env.device, amp_dtype))
+                            flops.resolve_peak_tflops(cfg.train.peak_tflops, env.device, amp_dtype),
+                            tokens_per_example(bundle.target_shape))
     evaluator = Evaluator(cfg.target, cfg.train, cfg.data, env, model, bundle, tracker, probe, stopper)
     checkpointer = Checkpointer(cfg.checkpoint, env, run_dir, tracker, stream, {
         "model": model, "optimizer": optimizer, "scaler": scaler, "batch": batches, "probes": probe,

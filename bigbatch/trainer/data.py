@@ -65,6 +65,12 @@ class DataBundle:
     def in_memory(self) -> bool:
         return isinstance(self.train, TensorData)
 
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """One example's target: () for a class label, (T,) for a sequence of T targets."""
+        y = self.train.y[0] if isinstance(self.train, TensorData) else torch.as_tensor(self.train[0][1])
+        return tuple(y.shape)
+
 
 # --- datasets ------------------------------------------------------------------------------
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from bigbatch.config import DataConfig, TargetConfig
 from bigbatch.distributed.env import DistEnv
 from bigbatch.trainer.data import DataBundle, eval_batches
+from bigbatch.trainer.objective import IGNORE_INDEX, eval_sums
 
 
 def reached_target(t: TargetConfig, metrics: dict[str, float], within: float = 0.0) -> bool:
@@ -23,11 +23,12 @@ def reached_target(t: TargetConfig, metrics: dict[str, float], within: float = 0
 
 @torch.no_grad()
 def evaluate(model: nn.Module, bundle: DataBundle, env: DistEnv, data_cfg: DataConfig, batch_size: int = 1024,
-             limit: int = 0) -> dict[str, float]:
+             limit: int = 0, ignore_index: int = IGNORE_INDEX) -> dict[str, float]:
     """Test loss/accuracy and train loss/accuracy (on a fixed training subset).
 
     Every rank evaluates its shard; the sums are all-reduced. Plain cross-entropy (no label
-    smoothing), BatchNorm in eval mode. limit > 0: only the first `limit` examples of each set.
+    smoothing), BatchNorm in eval mode; per token for sequences (`bigbatch.trainer.objective`).
+    limit > 0: only the first `limit` examples of each set.
     """
     model.eval()
     sums = []
@@ -35,17 +36,12 @@ def evaluate(model: nn.Module, bundle: DataBundle, env: DistEnv, data_cfg: DataC
     if limit:
         train_limit = min(train_limit, limit) if train_limit else limit
     for data, limit in ((bundle.test, limit), (bundle.train, train_limit)):
-        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
-        correct = torch.zeros((), dtype=torch.float64, device=env.device)
-        count = 0
+        total = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss sum, correct, count
         for x, y in eval_batches(data, env.rank, env.world_size, batch_size, env.device, limit, data_cfg.num_workers):
             if x.dim() == 4 and env.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            out = model(x).float()
-            loss_sum += F.cross_entropy(out, y, reduction="sum").double()
-            correct += (out.argmax(1) == y).sum().double()
-            count += len(y)
-        sums.append(torch.stack([loss_sum, correct, torch.tensor(float(count), dtype=torch.float64, device=env.device)]))
+            total += eval_sums(model(x), y, ignore_index)
+        sums.append(total)
     t = torch.stack(sums)
     if env.initialized:
         dist.all_reduce(t)

@@ -24,7 +24,7 @@ class Evaluator:
                  tracker, probes: Probes, stopper: Stopper):
         self.target, self.every = target, train.eval_every
         self.fine, self.fine_within = train.eval_fine, train.eval_fine_within
-        self.subset, self.data = data.eval_subset, data
+        self.subset, self.data, self.ignore_index = data.eval_subset, data, train.ignore_index
         self.env, self.model, self.bundle = env, model, bundle
         self.tracker, self.probes, self.stopper = tracker, probes, stopper
         self.last: dict[str, float] = {}  # the last evaluation's metrics
@@ -47,7 +47,8 @@ class Evaluator:
         if not self.due(p):
             return None
         # the plain module: no DDP collectives; data.eval_subset: the first N examples only
-        self.last = evaluate(self.model, self.bundle, self.env, self.data, limit=self.subset)
+        self.last = evaluate(self.model, self.bundle, self.env, self.data, limit=self.subset,
+                             ignore_index=self.ignore_index)
         self.last_step = p.step
         if self.steps_to_target is None and reached_target(self.target, self.last):
             self.steps_to_target, self.examples_to_target = p.step, p.examples
@@ -64,7 +65,7 @@ class Evaluator:
     def at_end(self, p, status: str) -> None:
         """The run's numbers on the full test and training-evaluation sets, when evaluations used a subset."""
         if self.subset and status in ("completed", "target_reached"):
-            self.last = evaluate(self.model, self.bundle, self.env, self.data)
+            self.last = evaluate(self.model, self.bundle, self.env, self.data, ignore_index=self.ignore_index)
             self.tracker.log({"step": p.step, "examples": p.examples, "epoch": p.examples / len(self.bundle.train),
                               **self.last, "eval_set": "full"})
 

@@ -1,6 +1,7 @@
 """Log rows: every [train] log_every steps (and at the last step), the training loss averaged over
-all ranks' examples since the previous row, the lr and batch, throughput and MFU, where the step's
-time went, and the probes' values; into metrics.jsonl, W&B and a caller's reporter (`bigbatch.track`).
+all ranks' examples since the previous row, the lr and batch, throughput (examples/s, and tokens/s
+for sequences) and MFU, where the step's time went, and the probes' values; into metrics.jsonl,
+W&B and a caller's reporter (`bigbatch.track`).
 
 The row's mean loss is one all-reduce of (loss sum, example count), on which the probes' rank sums
 ride (the GNS EMAs under DDP): one collective per row. The row goes to the stopper, which ends a run
@@ -21,13 +22,15 @@ from bigbatch.trainer.stopper import Stopper
 
 class MetricsLogger:
     def __init__(self, log_every: int, env: DistEnv, tracker, stepper: StepRunner, probes: Probes, stopper: Stopper,
-                 num_train: int, flops_per_example: int | None, peak_tflops: float | None):
+                 num_train: int, flops_per_example: int | None, peak_tflops: float | None,
+                 tokens_per_example: int = 1):
         self.every, self.env, self.tracker = log_every, env, tracker
         self.losses, self.timer = stepper.losses, stepper.timer
         self.probes, self.stopper = probes, stopper
         self.num_train = num_train
         self.flops_per_example, self.peak_tflops = flops_per_example, peak_tflops
         self._mfu = bool(peak_tflops and flops_per_example)
+        self.tokens_per_example = tokens_per_example  # sequences: T targets each (tokens and tokens/s logged)
         self._since = (0, 0.0)  # (examples, training seconds) at the previous row (or the start)
 
     def start(self, p) -> None:
@@ -49,6 +52,8 @@ class MetricsLogger:
             "step": p.step, "examples": p.examples, "epoch": p.examples / self.num_train, "lr": lr,
             "global_batch": global_batch, "loss": loss_mean, "samples_per_s": samples_per_s,
             **self.timer.read(),  # time/data, compute, comm_exposed, step (s): per-step means since the last row
+            **({"tokens": p.examples * self.tokens_per_example,
+                "tokens_per_s": samples_per_s * self.tokens_per_example} if self.tokens_per_example > 1 else {}),
             "flops_per_example": self.flops_per_example,
             **({"mfu": flops.mfu(self.flops_per_example, samples_per_s, self.peak_tflops, self.env.world_size)}
                if self._mfu else {}),

@@ -1,8 +1,10 @@
 """A user's dataset: `data.name = "package.module:function"`, called as `function(**data.kwargs)`.
 
 The function returns `(train, test)`, each either
-- a pair `(x, y)` of tensors or numpy arrays (x[i] one example, y[i] its integer class), or a
-  `torch.utils.data.TensorDataset` of two tensors: held in memory, a batch is one index operation;
+- a pair `(x, y)` of tensors or numpy arrays (x[i] one example, y[i] its integer class, or for a
+  sequence task y[i] its T integer targets: y of shape (N, T), e.g. the next token at each
+  position, with the model returning logits (N, T, V)), or a `torch.utils.data.TensorDataset` of
+  two tensors: held in memory, a batch is one index operation;
 - a map-style dataset (`__len__`, `__getitem__(i) -> (x, y)`): loaded through a DataLoader with
   `data.num_workers` workers, like an image folder.
 
@@ -10,8 +12,8 @@ Either way the batches come from bigbatch's example stream, so the data order, t
 ranks, the global-batch semantics and exact resume are the same as for the built-in datasets.
 
 The number of classes is `train.classes` (its length) or `train.num_classes` when the dataset has
-one, else the largest label + 1 (read from `train.targets`, the label tensor, or, for other
-map-style datasets, one pass over the training set's labels).
+one, else the largest label (or target token) + 1 (read from `train.targets`, the label tensor,
+or, for other map-style datasets, one pass over the training set's labels).
 """
 
 from __future__ import annotations
@@ -52,9 +54,10 @@ def _as_split(obj: Any, split: str, name: str):
         x, y = _tensor(obj[0], f"{split} x", name), _tensor(obj[1], f"{split} y", name)
         if x.is_floating_point():
             x = x.float()
-        if y.dim() != 1 or y.is_floating_point() or len(y) != len(x) or len(y) == 0:
-            raise ConfigError(KEY, f"{name!r}: {split} y must be a non-empty 1-D integer tensor as long as x; "
-                                   f"got shape {tuple(y.shape)}, dtype {y.dtype}, x shape {tuple(x.shape)}")
+        if y.dim() not in (1, 2) or y.is_floating_point() or len(y) != len(x) or len(y) == 0:
+            raise ConfigError(KEY, f"{name!r}: {split} y must be a non-empty integer tensor as long as x, 1-D (a class "
+                                   f"per example) or 2-D (a target per token); got shape {tuple(y.shape)}, dtype "
+                                   f"{y.dtype}, x shape {tuple(x.shape)}")
         return InMemory(x, y.long())
     if hasattr(obj, "__getitem__") and hasattr(obj, "__len__"):
         if len(obj) == 0:
@@ -80,7 +83,7 @@ def _num_classes(train, test) -> int:
     elif getattr(train, "targets", None) is not None:
         labels = [torch.as_tensor(train.targets)]
     else:
-        labels = [torch.as_tensor([int(train[i][1]) for i in range(len(train))])]
+        labels = [torch.as_tensor(train[i][1]).max() for i in range(len(train))]
     return int(max(int(t.max()) for t in labels)) + 1
 
 
