@@ -9,7 +9,7 @@ from torch import nn
 
 from bigbatch.config import Config
 from bigbatch.distributed.env import DistEnv
-from bigbatch.trainer.data import DataBundle, eval_batches
+from bigbatch.trainer.data import DataBundle, eval_batch_counts, eval_batches
 
 
 def reached_target(cfg: Config, metrics: dict[str, float], within: float = 0.0) -> bool:
@@ -24,28 +24,39 @@ def reached_target(cfg: Config, metrics: dict[str, float], within: float = 0.0) 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, bundle: DataBundle, env: DistEnv, cfg: Config, batch_size: int = 1024,
-             limit: int = 0) -> dict[str, float]:
+             limit: int = 0, stop=None) -> dict[str, float] | None:
     """Test loss/accuracy and train loss/accuracy (on a fixed training subset).
 
     Every rank evaluates its shard; the sums are all-reduced. Plain cross-entropy (no label
     smoothing), BatchNorm in eval mode. limit > 0: only the first `limit` examples of each set.
+    With `stop` (a `bigbatch.trainer.stop.StopCheck`): None when the ranks agreed to stop during
+    the evaluation (checked after the batches every rank has, so all ranks abandon it at the same
+    batch; the loop redoes it after the resume).
     """
     model.eval()
     sums = []
     train_limit = cfg.data.train_eval_samples
     if limit:
         train_limit = min(train_limit, limit) if train_limit else limit
+    checked = 0  # batches every rank has had so far: the stop check's count
     for data, limit in ((bundle.test, limit), (bundle.train, train_limit)):
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         correct = torch.zeros((), dtype=torch.float64, device=env.device)
         count = 0
-        for x, y in eval_batches(data, env.rank, env.world_size, batch_size, env.device, limit, cfg.data.num_workers):
+        common = min(eval_batch_counts(min(limit, len(data)) if limit else len(data), env.world_size, batch_size))
+        for i, (x, y) in enumerate(eval_batches(data, env.rank, env.world_size, batch_size, env.device, limit,
+                                                cfg.data.num_workers)):
             if x.dim() == 4 and env.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             out = model(x).float()
             loss_sum += F.cross_entropy(out, y, reduction="sum").double()
             correct += (out.argmax(1) == y).sum().double()
             count += len(y)
+            if stop is not None and i < common:
+                checked += 1
+                if stop.during_evaluation(checked):
+                    model.train()
+                    return None
         sums.append(torch.stack([loss_sum, correct, torch.tensor(float(count), dtype=torch.float64, device=env.device)]))
     t = torch.stack(sums)
     if env.initialized:

@@ -52,7 +52,7 @@ from bigbatch.trainer.rundir import NullRunDir, default_run_dir, open_run_dir
 from bigbatch.trainer.sources import make_source
 from bigbatch.trainer.steptime import StepTimer
 from bigbatch.trainer.stream import ExampleStream
-from bigbatch.trainer.stop import StopFlag, stop_requested
+from bigbatch.trainer.stop import StopCheck
 
 log = logging.getLogger("bigbatch")
 
@@ -69,6 +69,7 @@ class LoopState:
     examples_to_target: int | None = None
     last_eval: dict[str, float] = field(default_factory=dict)
     last_eval_step: int = 0
+    eval_pending: bool = False  # a stop was agreed during this step's evaluation: the resumed run does it first
     interval_loss: float = 0.0  # loss sum (this rank) since the last log line
     interval_count: int = 0
 
@@ -211,6 +212,21 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
         if (error := dist_env.broadcast_object(error)) is not None:  # full disk, unwritable: every rank stops
             raise ckpt.CheckpointWriteError(error)
 
+    def evaluate_now(global_batch: int, lr: float) -> bool:
+        """The evaluation of step st.step: recorded, logged, the target checked. False when the ranks
+        agreed to stop during it (then st.eval_pending tells the resumed run to do it first)."""
+        # the plain module: no DDP collectives; data.eval_subset: the first N examples only
+        evaluated = evaluate(model, bundle, env, cfg, limit=cfg.data.eval_subset, stop=stop)
+        st.eval_pending = evaluated is None
+        if evaluated is not None:
+            st.last_eval, st.last_eval_step = evaluated, st.step
+            if st.steps_to_target is None and reached_target(cfg, st.last_eval):
+                st.steps_to_target, st.examples_to_target = st.step, st.examples
+            tracker.log({"step": st.step, "examples": st.examples, "epoch": st.examples / n_train, "lr": lr,
+                         "global_batch": global_batch, **st.last_eval, **measures.at_eval(),
+                         **({"eval_set": "subset"} if cfg.data.eval_subset else {})})
+        return evaluated is not None
+
     status = "completed"
     # read once: the per-step Python is a visible part of a ~1 ms CPU step (no probe: none is called per step)
     measuring, adaptive, distributed = measures.active, plan.controller is not None, env.initialized
@@ -218,8 +234,12 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
     log_every, eval_every, ckpt_every = cfg.train.log_every, cfg.train.eval_every, cfg.checkpoint.every
     train_model.train()
     last_log_examples, interval_train_s = st.examples, 0.0
-    with StopFlag() as stop, peer_watch(cfg, env, run_dir.path, lambda: st.step), tracker:
-        while st.step < total_steps and not plan.finished(st.examples):
+    with StopCheck(env, cfg.checkpoint.stop_within_s) as stop, peer_watch(cfg, env, run_dir.path, lambda: st.step), tracker:
+        if st.eval_pending:  # resumed from a stop during this step's evaluation: that evaluation first
+            global_batch, _, _, lr = plan.at(st.step - 1)
+            if evaluate_now(global_batch, lr) and cfg.train.stop_at_target and st.steps_to_target is not None:
+                status = "target_reached"
+        while status == "completed" and not stop.agreed and st.step < total_steps and not plan.finished(st.examples):
             # the batch and the lr of this step
             t0 = time.perf_counter()
             timer.start()
@@ -295,26 +315,19 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
                     break
 
             if (eval_every and st.step % eval_every == 0) or last or (eval_fine and fine_eval_due(cfg, st)):
-                # the plain module: no DDP collectives; data.eval_subset: the first N examples only
-                st.last_eval = evaluate(model, bundle, env, cfg, limit=cfg.data.eval_subset)
-                st.last_eval_step = st.step
-                if st.steps_to_target is None and reached_target(cfg, st.last_eval):
-                    st.steps_to_target, st.examples_to_target = st.step, st.examples
-                tracker.log({"step": st.step, "examples": st.examples, "epoch": epoch, "lr": lr,
-                             "global_batch": global_batch, **st.last_eval, **measures.at_eval(),
-                             **({"eval_set": "subset"} if cfg.data.eval_subset else {})})
-                if cfg.train.stop_at_target and st.steps_to_target is not None:
+                if evaluate_now(global_batch, lr) and cfg.train.stop_at_target and st.steps_to_target is not None:
                     status = "target_reached"
                     break
 
-            if stop_requested(stop, st.step, env):
-                save_checkpoint()
-                status = "preempted"
-                log.warning("stop signal %s: checkpointed at step %d; continue with `bigbatch train --resume %s`",
-                            stop.signum, st.step, run_dir.path)
+            if stop.requested(st.step):  # True on every rank at the same step (also after a stopped evaluation)
                 break
             if ckpt_every and st.step % ckpt_every == 0 and not last:
                 save_checkpoint()
+        if stop.agreed and status == "completed":
+            save_checkpoint()
+            status = "preempted"
+            log.warning("stop signal %s: checkpointed at step %d; continue with `bigbatch train --resume %s`",
+                        stop.signum, st.step, run_dir.path)
         if status not in ("preempted", "diverged"):
             save_checkpoint()  # the final state: `bigbatch interpolate` and fine-tuning read it
             if cfg.data.eval_subset:  # the run's numbers on the full test and training-evaluation sets
