@@ -52,7 +52,7 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-SchedulerParameters=bf_interval=5
+SchedulerParameters=bf_interval=5,sched_interval=5
 ReturnToService=2
 KillWait=30
 JobRequeue=1
