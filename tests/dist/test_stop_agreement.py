@@ -4,6 +4,7 @@ next collective: nothing is left pending)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -76,3 +77,71 @@ def test_an_evaluation_is_abandoned_by_every_rank_together():
     whole = dist_env.spawn_local(2, _evaluation, None, backend="gloo", timeout_s=60)
     assert whole[0] == whole[1] and whole[0][0] is not None and whole[0][1] is False
     assert 0.0 <= whole[0][0]["test_acc"] <= 1.0
+
+
+STOPLAB = '''
+import os
+import signal
+from pathlib import Path
+
+import torch
+
+
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, x, y, marker=None):
+        self.x, self.y, self.marker = x, y, marker
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        if self.marker is not None and i == 5 and not Path(self.marker).exists():
+            Path(self.marker).touch()  # once: SLURM's SIGTERM while the first evaluation runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.x[i], int(self.y[i])
+
+
+def make_data(marker="", n=800, features=12, classes=3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, features, generator=g)
+    y = (x @ torch.randn(features, classes, generator=g)).argmax(1)
+    return Pairs(x[:600], y[:600]), Pairs(x[600:], y[600:], marker or None)
+'''
+
+
+def test_a_stop_during_an_evaluation_is_redone_after_the_resume_and_the_run_ends_as_if_uninterrupted(tmp_path):
+    """One process, SIGTERM inside the evaluation of step 20: checkpoint at 20 (exit 3), the resumed
+    run evaluates step 20 first; every metrics row and the summary equal an uninterrupted run's."""
+    from _helpers import bigbatch, read_jsonl
+
+    (tmp_path / "src" / "stoplab").mkdir(parents=True)
+    (tmp_path / "src" / "stoplab" / "__init__.py").write_text("")
+    (tmp_path / "src" / "stoplab" / "data.py").write_text(STOPLAB)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "src"), os.environ.get("PYTHONPATH", "")])}
+
+    def run(name: str, *extra: str):
+        sets = ["data.name='stoplab.data:make_data'", f"data.kwargs={{marker='{tmp_path / name}.marker'}}",
+                "data.num_workers=0", "model.hidden=16", "batch.global_batch=32", "train.steps=40",
+                "train.eval_every=20", "train.log_every=5", "train.amp='off'", "track.progress='off'"]
+        return bigbatch("train", MLP, "--out", str(tmp_path / name), *[a for s in sets for a in ("--set", s)], *extra,
+                        env=env, timeout=300)
+
+    (tmp_path / "whole.marker").touch()  # never signalled
+    whole = run("whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = run("cut")
+    assert cut.returncode == 3, cut.stderr[-3000:]
+    assert "checkpointed at step 20" in cut.stderr, cut.stderr[-3000:]
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert saved["loop"]["step"] == 20 and saved["loop"]["eval_pending"] is True
+    resumed = bigbatch("train", "--resume", str(tmp_path / "cut"), env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    def measured(name: str) -> list[dict]:  # every row without its timings
+        return [{k: v for k, v in r.items() if not k.startswith("time/") and k not in ("samples_per_s", "mfu")}
+                for r in read_jsonl(tmp_path / name / "metrics.jsonl")]
+
+    assert measured("cut") == measured("whole")
+    assert [r["step"] for r in measured("cut") if "test_loss" in r] == [20, 40]
+    a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("cut", "whole"))
+    assert {k: a[k] for k in ("test_loss", "test_acc", "train_loss", "steps")} == \
+           {k: b[k] for k in ("test_loss", "test_acc", "train_loss", "steps")}
