@@ -236,3 +236,25 @@ def heredoc(path_expr: str, text: str) -> str:
 
 def abs_path(path: str | os.PathLike) -> str:
     return str(Path(path).expanduser().resolve())
+
+
+def cpus_per_proc(data_cfg) -> int:
+    """CPUs one training process keeps busy: itself, plus its DataLoader workers (image folders and
+    "module:function" datasets read through a DataLoader) or DALI threads; in-memory data adds none."""
+    from bigbatch.trainer.data import LOADERS  # deferred: torch (`bigbatch slurm cancel` must start fast)
+
+    through_loader = data_cfg.backend == "dali" or data_cfg.name == "imagefolder" or data_cfg.name not in LOADERS
+    return 1 + (data_cfg.num_workers if through_loader else 0)
+
+
+def render_collector(job: JobSpec, dependency: str, out: str) -> str:
+    """The array's collector job: `bigbatch slurm collect SWEEP_DIR` with the array's time limit,
+    partition, account, site options, --env and container (through srun, as the trials ran)."""
+    collect = ["$PYTHON", "-m", "bigbatch", "slurm", "collect", "$SWEEP_DIR"]
+    run = " ".join(f'"{w}"' for w in collect)
+    if job.container_image:
+        run = 'srun --ntasks=1 "${SRUN_ARGS[@]}" ' + run
+    lines = ["#!/bin/bash", job.collector_header(dependency), "",
+             assign("SWEEP_DIR", abs_path(out)), assign("PYTHON", job.python), job.srun_args(), job.user_env(),
+             run, ""]
+    return "\n".join(line for line in lines if line is not None)

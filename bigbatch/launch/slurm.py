@@ -39,8 +39,8 @@ from pathlib import Path
 
 from bigbatch import config as config_mod
 from bigbatch.errors import UsageError
-from bigbatch.launch.jobspec import (JOB_ID, SIGNALS, JobSpec, abs_path, assign, bash_array, fill, heredoc,
-                                     match_pattern)
+from bigbatch.launch.jobspec import (JOB_ID, SIGNALS, JobSpec, abs_path, assign, bash_array, cpus_per_proc, fill,
+                                     heredoc, match_pattern, render_collector)
 
 SNAPSHOT = "submitted-config.toml"  # in the run folder: the config the job trains, as submitted
 
@@ -133,19 +133,6 @@ def render_array(out: str, n_trials: int, job: JobSpec, max_parallel: int | None
     snapshot = "# The trial configs were written into SWEEP_DIR/slurm/ when the array was submitted."
     return fill("train.sbatch", {"header": job.header(array), "settings": "\n".join(settings), "user_env": job.user_env(),
                                  "config_snapshot": snapshot})
-
-
-def render_collector(job: JobSpec, dependency: str, out: str) -> str:
-    """The array's collector job: `bigbatch slurm collect SWEEP_DIR` with the array's time limit,
-    partition, account, site options, --env and container (through srun, as the trials ran)."""
-    collect = ["$PYTHON", "-m", "bigbatch", "slurm", "collect", "$SWEEP_DIR"]
-    run = " ".join(f'"{w}"' for w in collect)
-    if job.container_image:
-        run = 'srun --ntasks=1 "${SRUN_ARGS[@]}" ' + run
-    lines = ["#!/bin/bash", job.collector_header(dependency), "",
-             assign("SWEEP_DIR", abs_path(out)), assign("PYTHON", job.python), job.srun_args(), job.user_env(),
-             run, ""]
-    return "\n".join(line for line in lines if line is not None)
 
 
 def collect_array(sweep_dir: str) -> dict:
@@ -309,15 +296,6 @@ def _parse_sbatch_opts(items: list[str]) -> list[tuple[str, str | None]]:
         name, sep, value = item.partition("=")
         opts.append((name.removeprefix("--"), value if sep else None))
     return opts
-
-
-def cpus_per_proc(data_cfg) -> int:
-    """CPUs one training process keeps busy: itself, plus its DataLoader workers (image folders and
-    "module:function" datasets read through a DataLoader) or DALI threads; in-memory data adds none."""
-    from bigbatch.trainer.data import LOADERS  # deferred: torch (see _load_sweep)
-
-    through_loader = data_cfg.backend == "dali" or data_cfg.name == "imagefolder" or data_cfg.name not in LOADERS
-    return 1 + (data_cfg.num_workers if through_loader else 0)
 
 
 def job_from_args(args: argparse.Namespace, default_name: str, data_cfg=None) -> JobSpec:
