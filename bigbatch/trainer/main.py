@@ -287,7 +287,12 @@ def _run_here(cfg: config_mod.Config, run_dir: Path | None, resume: bool) -> int
     _report(f"pid{dist_env.launcher_world()[0]}", str(os.getpid()))  # the launcher kills what is left of a failed run
     peer_lost = grouped = False
     try:
-        summary = run(cfg, run_dir, resume=resume)
+        try:
+            summary = run(cfg, run_dir, resume=resume)
+        finally:
+            # no signal left over for a later run in this process; the handlers stay: a late SIGTERM
+            # (torchrun passing one on as it shuts down) must not kill the rank before it reports its code
+            stop.forget()
         code, line = _exit_code(summary["status"]), ""
     except (UsageError, ConfigError) as e:
         _report_exit(EXIT_USAGE, f"error: {e}")

@@ -60,6 +60,11 @@ def uninstall() -> None:
     _received.clear()
 
 
+def forget() -> None:
+    """Forget received signals (the handlers stay)."""
+    _received.clear()
+
+
 def received() -> int | None:
     """The last stop signal this process got, or None."""
     return _received[-1] if _received else None

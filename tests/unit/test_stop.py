@@ -55,12 +55,14 @@ def test_a_signal_before_the_loop_is_kept_for_its_first_check(handlers):
 
 
 def test_one_process_stops_at_the_next_step_and_not_before():
+    before = signal.getsignal(signal.SIGTERM)
+    stop.forget()
     check = stop.StopCheck(DistEnv(0, 1, 0, 1, torch.device("cpu"), None, False))
     with check:
         assert not check.requested(1) and not check.during_evaluation(1)
         os.kill(os.getpid(), signal.SIGTERM)
         assert check.requested(2) and check.signum == signal.SIGTERM
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers as they were
 
 
 def test_cadence_fits_the_agreed_step_time_into_the_budget_and_grows_at_most_2x():
