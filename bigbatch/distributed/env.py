@@ -12,7 +12,7 @@ Rank and world size come from the launcher's environment, read here and nowhere 
 - anything else: one process, no process group.
 
 SLURM's task variables alone do not make a rank: every process started inside a step inherits
-them. A Ray worker started by `srun --ntasks=W` (slurm/sweep.sbatch) and every trial it runs
+them. A Ray worker started by `srun --ntasks=W` (the sweep job script) and every trial it runs
 carry SLURM_NTASKS=W and their own SLURM_PROCID; a `bigbatch train` run by a batch script with
 `--ntasks=2` carries SLURM_NTASKS=2 and SLURM_PROCID=0. Read as a world, the first waited
 dist.timeout_s for peers that never come. `slurm_misfire` says why `bigbatch train` should
