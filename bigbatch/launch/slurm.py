@@ -42,6 +42,7 @@ from bigbatch.errors import UsageError
 from bigbatch.launch.jobspec import (JOB_ID, SIGNALS, JobSpec, abs_path, assign, bash_array, cpus_per_proc, fill,
                                      heredoc, match_pattern, render_collector)
 
+TORCHRUN_GRACE_S = 30  # torchrun kills its workers this long after it passed them a SIGTERM
 SNAPSHOT = "submitted-config.toml"  # in the run folder: the config the job trains, as submitted
 
 # --- training job ----------------------------------------------------------------------------
@@ -53,6 +54,11 @@ def render_train(config_path: str, overrides: list[str], job: JobSpec, out: str 
 
     cfg = config_mod.load(config_path, overrides)
     preflight.check(cfg, job.world_size, job.procs_per_node, check_paths=False)  # the files are on the cluster
+    limit = min(job.signal_time, TORCHRUN_GRACE_S)
+    if cfg.checkpoint.stop_within_s >= limit:
+        raise UsageError("checkpoint.stop_within_s", f"{cfg.checkpoint.stop_within_s:g} s leaves no time to write the "
+                         f"checkpoint before the ranks are killed ({limit} s: torchrun's grace after SIGTERM, or "
+                         "--signal-time); keep it well below")
     if out is not None:
         run_dir = assign("RUN_DIR", abs_path(out))
     else:  # stable across requeues: the job id does not change

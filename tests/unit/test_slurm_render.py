@@ -248,6 +248,8 @@ def test_array_task_picks_its_trial_config_literally(tmp_path, sweep_file):
     (["--time", "1"], "--time: '1' is not longer than --signal-time 90"),
     (["--gpus-per-node", "2", "--procs-per-node", "4"], "--procs-per-node"),
     (["--procs-per-node", "3"], "batch.global_batch: global batch 128 is not divisible by world size 3"),
+    (["--set", "checkpoint.stop_within_s=45"], "checkpoint.stop_within_s: 45 s leaves no time"),
+    (["--set", "checkpoint.stop_within_s=20", "--signal-time", "15"], "checkpoint.stop_within_s: 20 s"),
 ])
 def test_bad_job_options_are_one_line_exit_2(capsys, argv, expect):
     rc = main(["slurm", "render", MLP, *argv])
