@@ -175,6 +175,7 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         st = LoopState(**saved["loop"])
+        st.interval_loss = own_interval_loss(saved, rank, world)
         measures.load_state_dict(saved.get("measure"))  # GNS EMAs
         plan.load_state_dict((saved.get("measure") or {}).get("controller"))  # the adaptive batch
         stream.position = st.examples
@@ -201,12 +202,17 @@ def _train(cfg: Config, env: dist_env.DistEnv, bundle: DataBundle, schedule: Sch
         # on every rank: averaging the GNS EMAs is a collective
         measure_state = {**measures.state_dict(), "controller": plan.state_dict()}
         st.interval_loss = interval_loss.total()
+        by_rank = [st.interval_loss]  # each rank's part of the next log row's loss (a stop comes at any step)
+        if env.initialized:
+            by_rank = [None] * world
+            dist.all_gather_object(by_rank, st.interval_loss)
         error = run_dir.save_checkpoint(st.step, {
             "model": ckpt.unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "loop": {**st.to_dict(), "wall_s": st.wall_s + (time.perf_counter() - t_start)},
             "rng": rngs,
+            "interval_loss": by_rank,
             "measure": measure_state,
         })
         if (error := dist_env.broadcast_object(error)) is not None:  # full disk, unwritable: every rank stops
@@ -387,6 +393,18 @@ class LossSum:
         self.start = 0.0
         self.losses.clear()
         self.counts.clear()
+
+
+def own_interval_loss(saved: dict[str, Any], rank: int, world: int) -> float:
+    """This rank's loss sum since the last log row, from a checkpoint: its own when the world is the
+    same; otherwise the sum of all on rank 0 (the next row's mean over ranks stays the same).
+    Checkpoints from before "interval_loss" was kept hold rank 0's only (the value in "loop")."""
+    by_rank = saved.get("interval_loss")
+    if not by_rank:
+        return saved["loop"]["interval_loss"]
+    if len(by_rank) == world:
+        return by_rank[rank]
+    return math.fsum(by_rank) if rank == 0 else 0.0
 
 
 def _fmt(v: float | None) -> str:
