@@ -382,7 +382,16 @@ def eval_batches(data, rank: int, world_size: int, batch_size: int, device: torc
             yield tensor_batch(data, sel, device, train=False)
     else:
         subset = torch.utils.data.Subset(data, list(idx))
+        # forkserver: the rank forks nothing itself. A fork from a rank whose gloo threads run
+        # Python now and then deadlocked the child in CPython's after-fork thread cleanup (seen on
+        # the 2-node SLURM test: the worker stuck in PyOS_AfterFork_Child, the rank waiting for it,
+        # its peer in the next collective). The training loader forks once, before them.
+        if num_workers > 0:  # the server imports these once; its workers start with them
+            import multiprocessing
+
+            multiprocessing.set_forkserver_preload(["torch", "torchvision.datasets", "bigbatch.trainer.data"])
         loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
-                                             worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
+                                             worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+                                             multiprocessing_context="forkserver" if num_workers > 0 else None)
         for x, y in loader_iter(loader):
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

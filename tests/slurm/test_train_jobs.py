@@ -41,6 +41,7 @@ IMAGES = ["data.name='imagefolder'", "data.image_size=16", "data.augment=false",
           "train.eval_every=0", "train.log_every=10", "train.amp='off'", "track.progress='off'",
           "checkpoint.stop_within_s=1.0"]
 TWO_PROCS = ["--procs-per-node", "2", "--cpus-per-task", "2"]  # the nodes have 2 CPUs each
+pytestmark = pytest.mark.timeout(900)  # the first test waits for 4 jobs and 2 requeues (85-300 s on 2 busy cores)
 
 
 def submit(name: str, config: Path, sets: list[str], job_args: list[str], env, cwd: Path) -> str:
