@@ -421,10 +421,15 @@ class CheckpointConfig(Section):
     """Steps between checkpoints (0 = only on SIGTERM/SIGUSR2 and at the end)."""
     keep: int = 2
     """Newest checkpoint-<step>.pt files kept; resume falls back to an older one if one does not load."""
+    stop_within_s: float = 10.0
+    """After SIGTERM/SIGUSR2 the ranks agree to stop (and checkpoint) within about this many seconds
+    of training or evaluation (bigbatch.trainer.stop). Keep it plus a checkpoint write below
+    torchrun's 30 s grace and SLURM's KillWait / GraceTime."""
 
     def __post_init__(self) -> None:
         _check(self.every >= 0, "checkpoint.every", "must be >= 0")
         _check(self.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.keep}")
+        _check(self.stop_within_s > 0, "checkpoint.stop_within_s", "must be > 0")
 
 
 @dataclass

@@ -8,7 +8,8 @@ barrier and the monotonic clock. Each iteration's time is the slowest rank's; th
 the median over iterations. The algorithms are interleaved: every iteration runs each of them
 once, in a rotating order, so algorithms compared in one run saw the same machine.
 
-Runs under an existing world (torchrun, srun, via `bigbatch.distributed.env.init`) or spawns
+Runs under an existing world (torchrun, or an srun step with BIGBATCH_SRUN_RANKS=1, via
+`bigbatch.distributed.env.init`) or spawns
 --nproc local ranks itself.
 """
 
@@ -189,7 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", metavar="allreduce", help="the collective to benchmark (allreduce)")
     parser.add_argument("--algo", default="all", help=f"{', '.join(ALGOS)}, a comma list, or all (default: all)")
     parser.add_argument("--nproc", type=int, default=None,
-                        help="local ranks to spawn (default 2); under torchrun/srun the existing world is used")
+                        help="local ranks to spawn (default 2); under torchrun (or srun with BIGBATCH_SRUN_RANKS=1) the existing world is used")
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"bytes per rank: comma list or A:B doubling (default {DEFAULT_SIZES})")
     parser.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per size (median reported)")

@@ -3,10 +3,20 @@
 Rank and world size come from the launcher's environment, read here and nowhere else:
 - torchrun (and Ray Train, which exports the same variables): RANK, WORLD_SIZE, LOCAL_RANK,
   LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT;
-- srun without torchrun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_NTASKS_PER_NODE /
-  SLURM_TASKS_PER_NODE, with MASTER_ADDR taken from the first node of SLURM_JOB_NODELIST and the
-  port derived from the job id (as submitit does);
-- nothing set: one process, no process group.
+- srun without torchrun, only in a job step whose tasks were launched as the ranks of one run:
+  the step says so with BIGBATCH_SRUN_RANKS=1 (`srun --export=ALL,BIGBATCH_SRUN_RANKS=1 ...`)
+  and SLURM_STEP_ID is set (an srun step, not the batch script). Then SLURM_PROCID,
+  SLURM_STEP_NUM_TASKS, SLURM_LOCALID and SLURM_STEP_TASKS_PER_NODE give the world, MASTER_ADDR
+  is the first node of SLURM_JOB_NODELIST and the port is derived from the job id (as submitit
+  does);
+- anything else: one process, no process group.
+
+SLURM's task variables alone do not make a rank: every process started inside a step inherits
+them. A Ray worker started by `srun --ntasks=W` (the sweep job script) and every trial it runs
+carry SLURM_NTASKS=W and their own SLURM_PROCID; a `bigbatch train` run by a batch script with
+`--ntasks=2` carries SLURM_NTASKS=2 and SLURM_PROCID=0. Read as a world, the first waited
+dist.timeout_s for peers that never come. `slurm_misfire` says why `bigbatch train` should
+refuse the second case (exit 2) rather than silently train alone.
 
 `init` is idempotent and adopts a process group someone else created (Ray Train's TorchTrainer).
 """
@@ -55,13 +65,50 @@ def _int_env(*names: str) -> int | None:
     return None
 
 
+SRUN_RANKS_ENV = "BIGBATCH_SRUN_RANKS"  # "1": the tasks of this srun step are the ranks of one run
+
+
 def _slurm_tasks_per_node() -> int | None:
-    # SLURM_TASKS_PER_NODE looks like "4(x2),3" — the first node's count is what we need.
-    v = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    # SLURM_STEP_TASKS_PER_NODE looks like "4(x2),3" — the first node's count is what we need.
+    v = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
     if not v:
         return None
     m = re.match(r"(\d+)", v)
     return int(m.group(1)) if m else None
+
+
+def _slurm_tasks() -> int:
+    """Tasks of this srun step, or of the allocation in a batch script."""
+    return _int_env("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1
+
+
+def srun_ranks() -> bool:
+    """True in an srun step launched as the ranks of one run (BIGBATCH_SRUN_RANKS=1 + SLURM_STEP_ID)."""
+    return (os.environ.get(SRUN_RANKS_ENV) == "1" and os.environ.get("SLURM_STEP_ID", "") != ""
+            and "SLURM_PROCID" in os.environ)
+
+
+def _torchrun_world() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def slurm_misfire() -> str | None:
+    """Why this process, in a SLURM job of several tasks, is not one of those tasks' ranks, or None.
+
+    For `bigbatch train` without a launcher: in a batch script with --ntasks=2 (one process, where
+    two ranks were meant) or in an srun step of 2 tasks without BIGBATCH_SRUN_RANKS=1 (every task
+    would train the whole run alone, into the same folder). Not asked inside Ray workers or
+    torchrun ranks: those train as what their own launcher says."""
+    if _torchrun_world() or srun_ranks() or "SLURM_JOB_ID" not in os.environ or _slurm_tasks() <= 1:
+        return None
+    n = _slurm_tasks()
+    how = (f"start one rank per task with `srun --export=ALL,{SRUN_RANKS_ENV}=1 bigbatch train ...`, or "
+           f"`bigbatch train --nproc {n}` on one node, or submit with `bigbatch slurm submit`")
+    if os.environ.get("SLURM_STEP_ID", "") == "":
+        return (f"SLURM_NTASKS={n}, but `bigbatch train` runs in the batch script, as one process, not as {n} ranks: "
+                f"{how}; to train in one process run it under `srun --ntasks=1`")
+    return (f"this srun step has {n} tasks and each would train the whole run alone (the step does not set "
+            f"{SRUN_RANKS_ENV}=1, which makes its tasks the ranks of one run): {how}")
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -76,15 +123,15 @@ def _first_slurm_host(nodelist: str) -> str:
 
 def launcher_world() -> tuple[int, int, int, int]:
     """(rank, world_size, local_rank, local_world_size) from the environment, without side effects."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if _torchrun_world():
         rank = _int_env("RANK") or 0
         world = _int_env("WORLD_SIZE") or 1
         local_rank = _int_env("LOCAL_RANK") or 0
         local_world = _int_env("LOCAL_WORLD_SIZE") or world
         return rank, world, local_rank, local_world
-    if "SLURM_PROCID" in os.environ and (_int_env("SLURM_NTASKS") or 1) > 1:
+    if srun_ranks() and _slurm_tasks() > 1:
         rank = _int_env("SLURM_PROCID") or 0
-        world = _int_env("SLURM_NTASKS") or 1
+        world = _slurm_tasks()
         local_rank = _int_env("SLURM_LOCALID") or 0
         local_world = _slurm_tasks_per_node() or world
         return rank, world, local_rank, local_world
@@ -131,7 +178,7 @@ def init(backend: str = "auto", timeout_s: float = 600.0) -> DistEnv:
         initialized = True
     else:
         rank, world, local_rank, local_world = launcher_world()
-        launched = "RANK" in os.environ or ("SLURM_PROCID" in os.environ and world > 1)
+        launched = _torchrun_world() or world > 1
         backend_name = resolve_backend(backend)
         initialized = False
         if launched:
@@ -217,6 +264,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def exit_now(code: int) -> None:
+    """End a process that had a process group, without the interpreter's finalization.
+
+    Why: once DDP has wrapped a model, torch keeps the gloo group alive past
+    destroy_process_group (the reducer, C++, holds it: measured with /proc/self/task, a 2-rank
+    gloo group's worker threads are still running after destroy when DDP wrapped a model, and gone
+    without DDP). A worker thread that is still dropping its last collective's tensors then needs
+    the GIL while the interpreter is torn down: SIGABRT, "terminate called without an active
+    exception", after the work was done and reported (about 1 in 20 two-rank runs on 2 busy cores;
+    pytorch/pytorch#179291 describes the same crash). The caller has closed what it writes;
+    logging and the standard streams are flushed here.
+    """
+    import gc
+    import logging
+    import sys
+
+    gc.collect()  # files only a dropped traceback still held are closed (and flushed)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _spawned_rank(rank: int, world: int, port: int, backend: str, timeout_s: float, fn, args: tuple, queue) -> None:
     torch.set_num_threads(1)  # one core's worth per rank, like one GPU per rank
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
@@ -225,10 +295,11 @@ def _spawned_rank(rank: int, world: int, port: int, backend: str, timeout_s: flo
     try:
         result = fn(*args)
         if rank == 0:
-            queue.put(result)
+            queue.put(result)  # written to the pipe before put returns (SimpleQueue has no feeder thread)
         barrier()  # leave together: a rank whose peers have already gone can abort in gloo's teardown
     finally:
         destroy()
+    exit_now(0)  # the group's threads may outlive destroy (see exit_now); an exception above exits as usual
 
 
 def spawn_local(world: int, fn, *args, backend: str = "auto", timeout_s: float = 600.0):

@@ -1,6 +1,6 @@
-"""What a SLURM job asks for (`JobSpec`: nodes, GPUs, time, partition, ...), checked so that
-every value written into an `#SBATCH` line is safe, and the filling of the sbatch templates in
-slurm/. Values that reach the shell part of a script are quoted with `shlex.quote` (`assign`,
+"""What a SLURM job asks for (`JobSpec`: nodes, GPUs, CPUs, memory, time, partition, any other
+sbatch option, ...), checked so that every value written into an `#SBATCH` line is safe, and the
+filling of the sbatch templates (package data: bigbatch/launch/templates/). Values that reach the shell part of a script are quoted with `shlex.quote` (`assign`,
 `bash_array`); values that reach `#SBATCH` lines (which sbatch reads without a shell) must match
 a strict pattern. Bad input is a `UsageError` naming the option.
 """
@@ -15,7 +15,9 @@ from pathlib import Path
 
 from bigbatch.errors import UsageError
 
-TEMPLATE_DIR = Path(os.environ.get("BIGBATCH_SLURM_TEMPLATES", Path(__file__).resolve().parents[2] / "slurm"))
+# The templates ship inside the package (a non-editable install has them); BIGBATCH_SLURM_TEMPLATES
+# points at a folder of your own versions instead.
+TEMPLATE_DIR = Path(os.environ.get("BIGBATCH_SLURM_TEMPLATES", Path(__file__).resolve().parent / "templates"))
 
 # Patterns for values written into #SBATCH lines. sbatch parses those lines itself (no shell),
 # so a value must not be able to end the option or start another one.
@@ -24,6 +26,20 @@ _PARTITION = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
 _SAFE_PATH = re.compile(r"[A-Za-z0-9_./+@=,-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 JOB_ID = re.compile(r"\d+(_\d+)?")
+# --mem: a SLURM size (0 = all of each node's memory)
+_MEM = re.compile(r"\d+[KMGT]?")
+# --sbatch-opt: an option name, and a value of the characters SLURM's own expressions use
+# (constraints "a100&ib", "[rack1|rack2]", licenses "fs:2", dependencies "afterok:1?afterok:2")
+# but no space, quote, '#', '$' or newline: the line is read by sbatch, which has no quoting
+_OPT_NAME = re.compile(r"[a-z][a-z0-9-]*")
+_OPT_VALUE = re.compile(r"[A-Za-z0-9_.,:=@%+/&|!*()\[\]<>~^?-]+")
+# what bigbatch writes itself: given through its own options, never twice
+MANAGED = {"job-name": "--job-name", "nodes": "--nodes", "ntasks-per-node": "--procs-per-node",
+           "ntasks": "--procs-per-node", "cpus-per-task": "--cpus-per-task", "gpus-per-node": "--gpus-per-node",
+           "mem": "--mem", "partition": "--partition", "account": "--account", "time": "--time",
+           "array": "bigbatch slurm array", "output": "--log-dir", "error": "--log-dir", "open-mode": "--log-dir",
+           "signal": "--signal", "requeue": "--max-requeues", "no-requeue": "--max-requeues",
+           "dependency": "bigbatch slurm array", "wrap": "(a job script)"}
 # SLURM --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
 # days-hours:minutes, days-hours:minutes:seconds.
 _TIME = re.compile(r"(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
@@ -72,7 +88,13 @@ class JobSpec:
     procs_per_node: int | None = None
     """Training processes per node (torchrun --nproc-per-node): default gpus_per_node, or 1 on CPU."""
     cpus_per_task: int | None = None
-    """CPUs of the one task per node: default procs_per_node on CPU partitions, unset on GPU ones."""
+    """CPUs of the one task per node: default procs_per_node x cpus_per_proc."""
+    cpus_per_proc: int = 1
+    """CPUs one training process uses: 1 + its DataLoader workers (or DALI threads), from the config."""
+    mem: str | None = None
+    """--mem per node (a SLURM size); GPU jobs default to 0, all of each node's memory."""
+    sbatch_opts: list[tuple[str, str | None]] = field(default_factory=list)
+    """Any other sbatch option: (name, value or None for a flag), e.g. ("qos", "high"), ("exclusive", None)."""
     partition: str | None = None
     account: str | None = None
     time: str | None = None
@@ -101,10 +123,21 @@ class JobSpec:
         if self.gpus_per_node and self.procs_per_node > self.gpus_per_node:
             raise UsageError("--procs-per-node", f"{self.procs_per_node} processes would share {self.gpus_per_node} GPUs; "
                                                  "use at most one process per GPU")
-        if self.cpus_per_task is None and not self.gpus_per_node:
-            self.cpus_per_task = self.procs_per_node
-        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+        if self.cpus_per_task is None:  # srun no longer passes --cpus-per-task on by itself (Slurm 22.05)
+            self.cpus_per_task = self.procs_per_node * max(1, self.cpus_per_proc)
+        if self.cpus_per_task < 1:
             raise UsageError("--cpus-per-task", f"must be >= 1, got {self.cpus_per_task}")
+        if self.mem is None and self.gpus_per_node:
+            self.mem = "0"
+        if self.mem is not None:
+            match_pattern(_MEM, self.mem, "--mem", "a size such as 64G, 500000M or 0 (all of each node's memory)")
+        for name, value in self.sbatch_opts:
+            match_pattern(_OPT_NAME, name, "--sbatch-opt", "NAME[=VALUE] with NAME an sbatch long option such as qos")
+            if name in MANAGED:
+                raise UsageError("--sbatch-opt", f"{name!r} is set by bigbatch; use {MANAGED[name]}")
+            if value is not None:
+                match_pattern(_OPT_VALUE, value, "--sbatch-opt",
+                              f"a value for --{name} without spaces, quotes, '#', '$' or newlines")
         if self.partition is not None:
             match_pattern(_PARTITION, self.partition, "--partition", "a partition name (letters, digits, '.', '_', '-'; comma-separated)")
         if self.account is not None:
@@ -125,21 +158,33 @@ class JobSpec:
     def world_size(self) -> int:
         return self.nodes * self.procs_per_node
 
-    def header(self, array: str | None = None) -> str:
-        """The #SBATCH lines (values validated in __post_init__)."""
-        lines = [f"--job-name={self.job_name}", f"--nodes={self.nodes}", "--ntasks-per-node=1"]
-        if self.cpus_per_task:
-            lines.append(f"--cpus-per-task={self.cpus_per_task}")
-        if self.gpus_per_node:
-            lines.append(f"--gpus-per-node={self.gpus_per_node}")
-        lines += [f"--partition={self.partition}"] if self.partition else []
+    def _site_lines(self) -> list[str]:
+        """Partition, account, time limit and the pass-through options: the job's and its collector's."""
+        lines = [f"--partition={self.partition}"] if self.partition else []
         lines += [f"--account={self.account}"] if self.account else []
         lines += [f"--time={self.time}"] if self.time else []
+        return lines + [f"--{name}" + (f"={value}" if value is not None else "") for name, value in self.sbatch_opts]
+
+    def header(self, array: str | None = None) -> str:
+        """The #SBATCH lines (values validated in __post_init__)."""
+        lines = [f"--job-name={self.job_name}", f"--nodes={self.nodes}", "--ntasks-per-node=1",
+                 f"--cpus-per-task={self.cpus_per_task}"]
+        if self.gpus_per_node:
+            lines.append(f"--gpus-per-node={self.gpus_per_node}")
+        lines += [f"--mem={self.mem}"] if self.mem is not None else []
+        lines += self._site_lines()
         if array:
             lines += [f"--array={array}", f"--output={self.log_dir}/%x-%A_%a.out"]
         else:
             lines.append(f"--output={self.log_dir}/%x-%j.out")
         lines += ["--open-mode=append", f"--signal=B:{self.signal}@{self.signal_time}", "--requeue"]
+        return "\n".join(f"#SBATCH {line}" for line in lines)
+
+    def collector_header(self, dependency: str) -> str:
+        """#SBATCH lines of an array's collector job: one task, the job's time, partition, account and
+        site options, after `dependency`."""
+        lines = [f"--job-name={self.job_name}-collect", "--nodes=1", "--ntasks=1", "--cpus-per-task=1",
+                 *self._site_lines(), f"--dependency={dependency}", f"--output={self.log_dir}/%x-%j.out"]
         return "\n".join(f"#SBATCH {line}" for line in lines)
 
     def srun_args(self) -> str:
@@ -167,7 +212,8 @@ def fill(template: str, values: dict[str, str]) -> str:
     """Replace {{key}} placeholders; every placeholder must be given and every value used."""
     path = TEMPLATE_DIR / template
     if not path.is_file():
-        raise UsageError("BIGBATCH_SLURM_TEMPLATES", f"sbatch template {str(path)!r} not found (set it to the slurm/ folder of a bigbatch checkout)")
+        raise UsageError("BIGBATCH_SLURM_TEMPLATES", f"sbatch template {str(path)!r} not found (unset it to use the "
+                                                     "templates installed with bigbatch, or point it at a folder with your own)")
     text = path.read_text()
     used = set(re.findall(r"\{\{(\w+)\}\}", text))
     if used != set(values):
@@ -177,5 +223,38 @@ def fill(template: str, values: dict[str, str]) -> str:
     return text.replace("\n\n\n", "\n\n")
 
 
+HEREDOC_END = "BIGBATCH_CONFIG_END"
+
+
+def heredoc(path_expr: str, text: str) -> str:
+    """Shell lines that write `text` verbatim to the file at `path_expr` (a quoted here-document:
+    nothing in it is expanded)."""
+    if any(line.strip() == HEREDOC_END for line in text.splitlines()):
+        raise UsageError("config", f"a line of the config is {HEREDOC_END!r}, which ends the job script's copy of it")
+    return f"cat > {path_expr} <<'{HEREDOC_END}'\n{text.rstrip()}\n{HEREDOC_END}"
+
+
 def abs_path(path: str | os.PathLike) -> str:
     return str(Path(path).expanduser().resolve())
+
+
+def cpus_per_proc(data_cfg) -> int:
+    """CPUs one training process keeps busy: itself, plus its DataLoader workers (image folders and
+    "module:function" datasets read through a DataLoader) or DALI threads; in-memory data adds none."""
+    from bigbatch.trainer.data import LOADERS  # deferred: torch (`bigbatch slurm cancel` must start fast)
+
+    through_loader = data_cfg.backend == "dali" or data_cfg.name == "imagefolder" or data_cfg.name not in LOADERS
+    return 1 + (data_cfg.num_workers if through_loader else 0)
+
+
+def render_collector(job: JobSpec, dependency: str, out: str) -> str:
+    """The array's collector job: `bigbatch slurm collect SWEEP_DIR` with the array's time limit,
+    partition, account, site options, --env and container (through srun, as the trials ran)."""
+    collect = ["$PYTHON", "-m", "bigbatch", "slurm", "collect", "$SWEEP_DIR"]
+    run = " ".join(f'"{w}"' for w in collect)
+    if job.container_image:
+        run = 'srun --ntasks=1 "${SRUN_ARGS[@]}" ' + run
+    lines = ["#!/bin/bash", job.collector_header(dependency), "",
+             assign("SWEEP_DIR", abs_path(out)), assign("PYTHON", job.python), job.srun_args(), job.user_env(),
+             run, ""]
+    return "\n".join(line for line in lines if line is not None)

@@ -6,16 +6,24 @@
     bigbatch slurm array SWEEP                                    one trial per array task + a collector
     bigbatch slurm status [JOB...] / cancel JOB... [--signal USR2]
 
-The scripts come from the templates in slurm/ (train.sbatch, sweep.sbatch). Every value that
+The scripts come from the templates in bigbatch/launch/templates/ (train.sbatch, sweep.sbatch),
+shipped with the package. Every value that
 reaches the shell part of a script is quoted with `shlex.quote`; values that reach `#SBATCH`
 lines (which sbatch reads without a shell) must match a strict pattern, checked here. Bad input
 (nodes < 1, a malformed time limit, a partition sbatch rejects, no sbatch) is a `UsageError`:
 one line, exit 2, before anything is submitted.
 
+The config as submitted: `render`/`submit` load the config with its --set overrides and write the
+resolved config into the script itself, which SLURM keeps with the job; the job writes it to
+RUN_DIR/submitted-config.toml and trains from that, at its first start and at every requeue. An
+edit of the config file after `submit` changes nothing queued.
+
 Preemption (train.sbatch): SLURM sends `--signal` (USR2, 90 s before the time limit by default)
-to the batch script, which passes SIGTERM to the training processes; they checkpoint and exit
-with code 3, and the script requeues the job. The requeued job runs the same
-`bigbatch train CONFIG --out RUN_DIR --auto-resume`, which resumes from RUN_DIR/checkpoint.pt.
+to the batch script, which passes SIGTERM to the training processes (SIGTERM to the script
+itself too); they checkpoint and exit with code 3, and the script requeues the job whenever the
+training ended with 3 and the job was not cancelled. The requeued job runs the same
+`bigbatch train RUN_DIR/submitted-config.toml --out RUN_DIR --auto-resume`, which resumes from
+RUN_DIR/checkpoint.pt.
 """
 
 from __future__ import annotations
@@ -32,7 +40,11 @@ from pathlib import Path
 from bigbatch import config as config_mod
 from bigbatch import folders
 from bigbatch.errors import UsageError
-from bigbatch.launch.jobspec import JOB_ID, SIGNALS, JobSpec, abs_path, assign, bash_array, fill, match_pattern
+from bigbatch.launch.jobspec import (JOB_ID, SIGNALS, JobSpec, abs_path, assign, cpus_per_proc, fill,
+                                     heredoc, match_pattern, render_collector)
+
+TORCHRUN_GRACE_S = 30  # torchrun kills its workers this long after it passed them a SIGTERM
+SNAPSHOT = "submitted-config.toml"  # in the run folder: the config the job trains, as submitted
 
 # --- training job ----------------------------------------------------------------------------
 
@@ -43,17 +55,25 @@ def render_train(config_path: str, overrides: list[str], job: JobSpec, out: str 
 
     cfg = config_mod.load(config_path, overrides)
     preflight.check(cfg, job.world_size, job.procs_per_node, check_paths=False)  # the files are on the cluster
+    limit = min(job.signal_time, TORCHRUN_GRACE_S)
+    if cfg.checkpoint.stop_within_s >= limit:
+        raise UsageError("checkpoint.stop_within_s", f"{cfg.checkpoint.stop_within_s:g} s leaves no time to write the "
+                         f"checkpoint before the ranks are killed ({limit} s: torchrun's grace after SIGTERM, or "
+                         "--signal-time); keep it well below")
     if out is not None:
         run_dir = assign("RUN_DIR", abs_path(out))
     else:  # stable across requeues: the job id does not change
         run_dir = f'RUN_DIR="$SLURM_SUBMIT_DIR"/runs/{shlex.quote(cfg.name)}-"$SLURM_JOB_ID"'
-    train_args = [a for o in overrides for a in ("--set", o)]
     settings = [
-        assign("CONFIG", abs_path(config_path)), run_dir, assign("NPROC_PER_NODE", job.procs_per_node),
+        run_dir, f'CONFIG="$RUN_DIR"/{SNAPSHOT}', assign("NPROC_PER_NODE", job.procs_per_node),
         assign("PYTHON", job.python), assign("STOP_SIGNAL", job.signal), assign("MAX_REQUEUES", job.max_requeues),
-        bash_array("TRAIN_ARGS", train_args), job.srun_args(),
+        "TRAIN_ARGS=()", job.srun_args(),
     ]
-    return fill("train.sbatch", {"header": job.header(), "settings": "\n".join(settings), "user_env": job.user_env()})
+    snapshot = ("# The config as submitted (with its --set overrides), kept with the job by SLURM: this job and\n"
+                "# every requeue of it train exactly this, whatever happens to the file it came from.\n"
+                + heredoc('"$CONFIG"', config_mod.dumps(cfg)))
+    return fill("train.sbatch", {"header": job.header(), "settings": "\n".join(settings), "user_env": job.user_env(),
+                                 "config_snapshot": snapshot})
 
 
 # --- sweeps ------------------------------------------------------------------------------------
@@ -117,7 +137,9 @@ def render_array(out: str, n_trials: int, job: JobSpec, max_parallel: int | None
         assign("NPROC_PER_NODE", job.procs_per_node), assign("PYTHON", job.python),
         assign("STOP_SIGNAL", job.signal), assign("MAX_REQUEUES", job.max_requeues), "TRAIN_ARGS=()", job.srun_args(),
     ]
-    return fill("train.sbatch", {"header": job.header(array), "settings": "\n".join(settings), "user_env": job.user_env()})
+    snapshot = "# The trial configs were written into SWEEP_DIR/slurm/ when the array was submitted."
+    return fill("train.sbatch", {"header": job.header(array), "settings": "\n".join(settings), "user_env": job.user_env(),
+                                 "config_snapshot": snapshot})
 
 
 def collect_array(sweep_dir: str) -> dict:
@@ -198,7 +220,13 @@ def _job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0 = a CPU-only partition)")
     p.add_argument("--procs-per-node", type=int, help="training processes per node (default: GPUs per node, or 1)")
-    p.add_argument("--cpus-per-task", type=int, help="CPUs per node's task (default: processes per node on CPU)")
+    p.add_argument("--cpus-per-task", type=int,
+                   help="CPUs of each node's task (default: processes per node x (1 + data.num_workers when the data "
+                        "goes through DataLoader workers or DALI threads))")
+    p.add_argument("--mem", help="memory per node, a SLURM size such as 256G (default: 0 = all of it on GPU jobs, "
+                                 "the site's default on CPU jobs)")
+    p.add_argument("--sbatch-opt", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="any other sbatch option, e.g. qos=high, constraint=a100, exclusive, reservation=r1; repeatable")
     p.add_argument("--partition", help="SLURM partition")
     p.add_argument("--account", help="SLURM account")
     p.add_argument("--time", help="time limit: minutes, HH:MM:SS, D-HH:MM, ...")
@@ -260,9 +288,19 @@ def _parse_env(items: list[str]) -> list[tuple[str, str]]:
     return env
 
 
-def job_from_args(args: argparse.Namespace, default_name: str) -> JobSpec:
+def _parse_sbatch_opts(items: list[str]) -> list[tuple[str, str | None]]:
+    opts = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        opts.append((name.removeprefix("--"), value if sep else None))
+    return opts
+
+
+def job_from_args(args: argparse.Namespace, default_name: str, data_cfg=None) -> JobSpec:
     return JobSpec(job_name=args.job_name or default_name, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                   procs_per_node=args.procs_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
+                   procs_per_node=args.procs_per_node, cpus_per_task=args.cpus_per_task,
+                   cpus_per_proc=cpus_per_proc(data_cfg) if data_cfg is not None else 1, mem=args.mem,
+                   sbatch_opts=_parse_sbatch_opts(args.sbatch_opt), partition=args.partition,
                    account=args.account, time=args.time, signal=args.signal, signal_time=args.signal_time,
                    max_requeues=args.max_requeues, log_dir=args.log_dir, python=args.python, env=_parse_env(args.env),
                    container_image=args.container_image, container_mounts=args.container_mounts)
@@ -283,7 +321,8 @@ def _print_or_submit(script: str, job: JobSpec, print_only: bool) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    job = job_from_args(args, config_mod.load(args.config, args.overrides).name)
+    cfg = config_mod.load(args.config, args.overrides)
+    job = job_from_args(args, cfg.name, cfg.data)
     return _print_or_submit(render_train(args.config, args.overrides, job, args.out), job, args.action == "render")
 
 
@@ -297,7 +336,7 @@ def _array_sweep(args: argparse.Namespace) -> int:
     spec, _ = _load_sweep(args.config)
     if args.procs_per_node is None:
         args.procs_per_node = spec.trial.workers_per_trial
-    job = job_from_args(args, spec.name)
+    job = job_from_args(args, spec.name, spec.trial_config(spec.points()[0]).data)
     if job.nodes != 1:
         raise UsageError("--nodes", "an array task trains one trial on one node; use submit-sweep for multi-node trials")
     import bigbatch.trainer.preflight as preflight  # deferred: torch
@@ -310,12 +349,7 @@ def _array_sweep(args: argparse.Namespace) -> int:
     _slurm_tool("sbatch")
     prepare_array(args.config, args.out)
     array_id = _submit(script, job)
-    collector = [job.python, "-m", "bigbatch", "slurm", "collect", abs_path(args.out)]
-    extra = [f"--dependency=afterany:{array_id}", f"--job-name={job.job_name}-collect",
-             f"--output={job.log_dir}/%x-%j.out", "--ntasks=1"]
-    extra += [f"--partition={job.partition}"] if job.partition else []
-    extra += [f"--account={job.account}"] if job.account else []
-    collect_id = sbatch("#!/bin/bash\n" + " ".join(shlex.quote(c) for c in collector) + "\n", extra)
+    collect_id = sbatch(render_collector(job, f"afterany:{array_id}", args.out))
     print(array_id)
     print(f"collector job {collect_id} writes {abs_path(args.out)}/trials.jsonl when the array ends", file=sys.stderr)
     return 0

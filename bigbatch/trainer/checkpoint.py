@@ -197,8 +197,10 @@ def _from_format_1(state: dict[str, Any]) -> dict[str, Any]:
         "optimizer": state["optimizer"], "scaler": state["scaler"], "rng": state["rng"],
         "progress": {k: loop[k] for k in ("step", "examples", "train_time_s", "wall_s")},
         "evaluator": {"last": loop["last_eval"], "last_step": loop["last_eval_step"],
-                      "steps_to_target": loop["steps_to_target"], "examples_to_target": loop["examples_to_target"]},
-        "metrics": {"loss_sum": loop["interval_loss"], "count": loop["interval_count"]},
+                      "steps_to_target": loop["steps_to_target"], "examples_to_target": loop["examples_to_target"],
+                      "pending": loop.get("eval_pending", False)},
+        # each rank's loss sum since the last row where kept, else rank 0's (the value in "loop")
+        "metrics": {"loss_sum": state.get("interval_loss") or [loop["interval_loss"]], "count": loop["interval_count"]},
         "probes": {"gns": {"estimator": gns, "steps": 0} if gns else None},
         "batch": measure.get("controller"),
     }

@@ -161,7 +161,7 @@ def build(cfg: Config, env: dist_env.DistEnv, prepared: Prepared, run_dir: NullR
     stepper = StepRunner(cfg.train, env, model, ddp_model, optimizer, scaler, amp_dtype, loss_fn, source, probe)
     tracker = make_tracker(env.is_main, run_dir.path, config_mod.to_dict(cfg), cfg.track, schedule.total_steps,
                            reporter=reporter)
-    stopper = Stopper(env, stop_rule, stop_at_target=cfg.train.stop_at_target)
+    stopper = Stopper(env, stop_rule, stop_at_target=cfg.train.stop_at_target, within_s=cfg.checkpoint.stop_within_s)
     fpe = flops.train_flops_per_example(model, bundle.input_shape)  # counted once
     metrics = MetricsLogger(cfg.train.log_every, env, tracker, stepper, probe, stopper, len(bundle.train), fpe,
                             flops.resolve_peak_tflops(cfg.train.peak_tflops, env.device, amp_dtype),

@@ -17,10 +17,12 @@ Data order: `bigbatch.trainer.stream` (one seeded stream of examples, sharded ov
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +288,42 @@ def build_data(cfg: DataConfig) -> DataBundle:
 
 # --- batches -------------------------------------------------------------------------------
 
+# The signals that ask a run to stop (bigbatch.trainer.stop). The rank's main process owns them:
+# SLURM sends them to every process of a job step, DataLoader workers included, and torch's
+# worker handler turns a SIGTERM from anyone but the parent into the worker's death ("DataLoader
+# worker killed by signal"), which ended the rank before it could checkpoint.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A DataLoader worker's `worker_init_fn`: ignore the stop signals (the parent stops the
+    workers when the run stops), then unblock them (`stop_signals_blocked` blocked them across
+    the fork, so one sent before this point is dropped, not fatal)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Block the stop signals in this thread while DataLoader workers are forked: a forked child
+    inherits the mask, so a signal that arrives before its `ignore_stop_signals` is held, not
+    acted on (with the fork start method, Linux's default up to Python 3.13). The parent gets a
+    signal held meanwhile when the block ends."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def loader_iter(loader: torch.utils.data.DataLoader):
+    """iter(loader), its workers forked with the stop signals blocked."""
+    if loader.num_workers == 0:
+        return iter(loader)
+    with stop_signals_blocked():
+        return iter(loader)
+
 
 def tensor_batch(data: TensorData, idx: torch.Tensor, device: torch.device, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = data.x.index_select(0, idx), data.y.index_select(0, idx)  # x[idx]'s values, 3.7 vs 10 us
@@ -325,13 +363,19 @@ class FolderBatches:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler(), num_workers=self.num_workers, pin_memory=self.pin_memory,
             persistent_workers=False, prefetch_factor=4 if self.num_workers > 0 else None,
+            worker_init_fn=ignore_stop_signals if self.num_workers > 0 else None,
         )
-        self._it = iter(loader)
+        self._it = loader_iter(loader)
 
     def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         assert self._it is not None, "restart() first"
         x, y = next(self._it)
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def eval_batch_counts(n: int, world_size: int, batch_size: int) -> list[int]:
+    """Batches of each rank's shard of an n-example evaluation set (as `eval_batches` yields them)."""
+    return [-(-len(eval_shard(n, r, world_size)) // batch_size) for r in range(world_size)]
 
 
 def eval_batches(data, rank: int, world_size: int, batch_size: int, device: torch.device, limit: int = 0, num_workers: int = 0):
@@ -344,6 +388,16 @@ def eval_batches(data, rank: int, world_size: int, batch_size: int, device: torc
             yield tensor_batch(data, sel, device, train=False)
     else:
         subset = torch.utils.data.Subset(data, list(idx))
-        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
-        for x, y in loader:
+        # forkserver: the rank forks nothing itself. A fork from a rank whose gloo threads run
+        # Python now and then deadlocked the child in CPython's after-fork thread cleanup (seen on
+        # the 2-node SLURM test: the worker stuck in PyOS_AfterFork_Child, the rank waiting for it,
+        # its peer in the next collective). The training loader forks once, before them.
+        if num_workers > 0:  # the server imports these once; its workers start with them
+            import multiprocessing
+
+            multiprocessing.set_forkserver_preload(["torch", "torchvision.datasets", "bigbatch.trainer.data"])
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=num_workers,
+                                             worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+                                             multiprocessing_context="forkserver" if num_workers > 0 else None)
+        for x, y in loader_iter(loader):
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

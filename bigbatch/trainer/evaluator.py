@@ -3,7 +3,9 @@ step), what (`bigbatch.trainer.evaluate`: test and training-subset loss and accu
 its shard), and the target ([target]): the step and examples at which it was first met.
 
 With data.eval_subset the evaluations while training use the first N examples and the run's last
-evaluation the full sets, so the summary holds full-set numbers.
+evaluation the full sets, so the summary holds full-set numbers. A stop signal the ranks agree on
+during an evaluation abandons it (`bigbatch.trainer.stop.StopCheck.during_evaluation`): the run
+checkpoints with the evaluation pending, and the resumed run does it first, before any step.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Evaluator:
         self.last_step = 0
         self.steps_to_target: int | None = None
         self.examples_to_target: int | None = None
+        self.pending = False  # a stop abandoned this step's evaluation: the resumed run does it first
 
     def due(self, p) -> bool:
         return bool((self.every and p.step % self.every == 0) or p.last or (self.fine and self._fine_due(p)))
@@ -43,13 +46,21 @@ class Evaluator:
 
     def after_step(self, p, batch: tuple[int, int, int, float]) -> str | None:
         """An evaluation when one is due; "target_reached" when it meets the target and the run
-        stops there (train.stop_at_target)."""
-        if not self.due(p):
-            return None
+        stops there (train.stop_at_target); "preempted" when a stop signal interrupted it."""
+        return self._evaluate(p, batch) if self.due(p) else None
+
+    def resume(self, p, batches) -> str | None:
+        """A run resumed from a stop during an evaluation: that evaluation, before any step."""
+        return self._evaluate(p, batches.at(p.step - 1)) if self.pending else None
+
+    def _evaluate(self, p, batch: tuple[int, int, int, float]) -> str | None:
         # the plain module: no DDP collectives; data.eval_subset: the first N examples only
-        self.last = evaluate(self.model, self.bundle, self.env, self.data, limit=self.subset,
-                             ignore_index=self.ignore_index)
-        self.last_step = p.step
+        evaluated = evaluate(self.model, self.bundle, self.env, self.data, limit=self.subset,
+                             ignore_index=self.ignore_index, stop=self.stopper.check)
+        self.pending = evaluated is None
+        if evaluated is None:
+            return self.stopper.interrupted()
+        self.last, self.last_step = evaluated, p.step
         if self.steps_to_target is None and reached_target(self.target, self.last):
             self.steps_to_target, self.examples_to_target = p.step, p.examples
         global_batch, _, _, lr = batch
@@ -71,8 +82,9 @@ class Evaluator:
 
     def state_dict(self) -> dict[str, Any]:
         return {"last": dict(self.last), "last_step": self.last_step, "steps_to_target": self.steps_to_target,
-                "examples_to_target": self.examples_to_target}
+                "examples_to_target": self.examples_to_target, "pending": self.pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last, self.last_step = dict(state["last"]), int(state["last_step"])
         self.steps_to_target, self.examples_to_target = state["steps_to_target"], state["examples_to_target"]
+        self.pending = bool(state.get("pending", False))

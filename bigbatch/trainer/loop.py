@@ -104,8 +104,8 @@ def train(c: Components, p: Progress, saved: dict[str, Any] | None = None,
     if init_from is not None:
         c.checkpointer.branch_from(init_from, p)
     c.start(p)  # the derived numbers, logged once; a run resumed at its end takes no step
-    status = None
     with c.stopper, c.peer_watch(lambda: p.step), c.metrics.tracker:
+        status = c.evaluator.resume(p, c.batches)  # an evaluation a stop signal interrupted, first
         while status is None:
             status = train_step(c, p) or ("completed" if p.last else None)
         c.checkpointer.at_end(p, status)  # the final (or stop-signal) checkpoint; none after a divergence

@@ -43,6 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config value (TOML syntax; repeatable)")
     p.add_argument("--out", help="run folder (default runs/<name>-<time>)")
     p.add_argument("--nproc", type=int, default=None, help="launch N local processes through torchrun")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="with --nproc: nodes of the run, one such launcher on each (the SLURM job runs it so)")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="with --nnodes > 1: the c10d rendezvous (torchrun's)")
+    p.add_argument("--rdzv-id", help="with --nnodes > 1: the rendezvous id, the same on every node (a job id)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint that loads")
     p.add_argument("--auto-resume", action="store_true",
                    help="resume when --out already holds a checkpoint, else start (SLURM requeue)")
@@ -101,14 +105,19 @@ def _launch_torchrun(args, cfg: config_mod.Config, run_dir: Path | None, resume:
     from bigbatch.distributed.env import usable_cpus
     from bigbatch.trainer.rundir import default_run_dir
 
-    preflight.check(cfg, args.nproc, args.nproc)  # one node: every rank is local
+    preflight.check(cfg, args.nproc * args.nnodes, args.nproc)
     if resume:
         try:
             ckpt.select(run_dir, mmap=True)
         except ckpt.NoCheckpointError as e:
             raise UsageError("--resume", str(e)) from None
     run_dir = run_dir or default_run_dir(cfg)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+    if args.nnodes == 1:
+        rendezvous = ["--standalone"]
+    else:  # one such launcher per node; --max-restarts=0: a failed rank ends the run with its own code
+        rendezvous = [f"--nnodes={args.nnodes}", "--max-restarts=0", "--rdzv-backend=c10d",
+                      f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={args.nproc}",
            "-m", "bigbatch", "train"]
     if args.resume:
         cmd += ["--resume", str(run_dir)]
@@ -138,9 +147,12 @@ FAILED_GRACE_S = 5.0  # after a rank reported a failure, the others get this lon
 
 def _supervise(cmd: list[str], env: dict[str, str], status_dir: Path, raw) -> int:
     """Run torchrun in its own process group; its stderr goes to `raw`, the ranks' log lines also
-    to our stderr. Signals for the run (Ctrl-C, SIGTERM, SIGUSR2) are passed to the group. Once a
-    rank has reported a failure the run is over: ranks that have not exited FAILED_GRACE_S later
-    (a stopped or hung peer, which torchrun would wait 30 s more for) are killed."""
+    to our stderr. SIGTERM and SIGUSR2 go to the ranks themselves (they checkpoint; torchrun is
+    not asked to stop, which would start its 30 s clock before it kills them), Ctrl-C and any
+    signal before a rank has started to torchrun's group. Once a rank has reported a failure the
+    run is over: ranks that have not exited FAILED_GRACE_S later (a stopped or hung peer, which
+    torchrun would wait 30 s more for) are killed. When torchrun has ended (a SIGTERM to every
+    process of a SLURM step reaches it too), the ranks still writing a checkpoint are waited for."""
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1,
                             start_new_session=True)
 
@@ -152,8 +164,13 @@ def _supervise(cmd: list[str], env: dict[str, str], status_dir: Path, raw) -> in
                 sys.stderr.flush()
 
     def forward(signum, frame) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signum)
+        ranks = _rank_pids(status_dir) if signum != signal.SIGINT else []
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        if not ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signum)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -170,6 +187,9 @@ def _supervise(cmd: list[str], env: dict[str, str], status_dir: Path, raw) -> in
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        deadline = time.monotonic() + RANK_EXIT_WAIT_S
+        while any(_alive(pid) for pid in _rank_pids(status_dir)) and time.monotonic() < deadline:
+            time.sleep(0.2)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -177,10 +197,29 @@ def _supervise(cmd: list[str], env: dict[str, str], status_dir: Path, raw) -> in
     return proc.returncode
 
 
-def _kill_ranks(status_dir: Path) -> None:
+RANK_EXIT_WAIT_S = 120.0  # after torchrun ended: how long ranks may still take to checkpoint and exit
+
+
+def _rank_pids(status_dir: Path) -> list[int]:
+    pids = []
     for f in status_dir.glob("pid*"):
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(f.read_text()), signal.SIGKILL)
+        with contextlib.suppress(ValueError, OSError):
+            pids.append(int(f.read_text()))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by its new parent, is not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _kill_ranks(status_dir: Path) -> None:
+    for pid in _rank_pids(status_dir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 # a rank's own failure is the cause; the ranks that then lost it as a peer come after
@@ -240,14 +279,19 @@ def failure_line(e: BaseException) -> tuple[int, str]:
 
 def _run_here(cfg: config_mod.Config, run_dir: Path | None, resume: bool) -> int:
     from bigbatch.distributed import env as dist_env
+    from bigbatch.trainer import stop
     from bigbatch.trainer.loop import run
 
-    from bigbatch.distributed.env import launcher_world
-
-    _report(f"pid{launcher_world()[0]}", str(os.getpid()))  # the launcher kills what is left of a failed run
+    stop.install()  # a stop signal during start-up (data, model) is kept for the loop's first check
+    _report(f"pid{dist_env.launcher_world()[0]}", str(os.getpid()))  # the launcher kills what is left of a failed run
     peer_lost = grouped = False
     try:
-        summary = run(cfg, run_dir, resume=resume)
+        try:
+            summary = run(cfg, run_dir, resume=resume)
+        finally:
+            # no signal left over for a later run in this process; the handlers stay: a late SIGTERM
+            # (torchrun passing one on as it shuts down) must not kill the rank before it reports its code
+            stop.forget()
         code, line = _exit_code(summary["status"]), ""
     except (UsageError, ConfigError) as e:
         _report_exit(EXIT_USAGE, f"error: {e}")
@@ -269,33 +313,34 @@ def _run_here(cfg: config_mod.Config, run_dir: Path | None, resume: bool) -> int
 
 
 def _end_rank(code: int) -> None:
-    """End a rank that had a process group here, without the interpreter's finalization.
-
-    torch keeps the gloo group's worker threads running past destroy_process_group (once DDP
-    has wrapped a model, the group is still referenced), and a worker that is still releasing
-    its last collective's tensors then needs the GIL of an interpreter being torn down: SIGABRT,
-    "terminate called without an active exception", after the run had finished and reported
-    (seen in about 1 of 20 two-rank runs on 2 busy cores; pytorch/pytorch#179291 describes the
-    same crash). Everything the run writes is closed by now; what is left is flushed first.
-    """
-    import gc
-    import logging
+    """End a rank that had a process group here without the interpreter's finalization
+    (`bigbatch.distributed.env.exit_now` says why); a failed run's W&B run is closed first."""
+    from bigbatch.distributed.env import exit_now
 
     if "wandb" in sys.modules:  # a run that failed left its W&B run open
         import wandb
 
         if wandb.run is not None:
             wandb.finish(exit_code=1 if code else 0)
-    gc.collect()  # files only a dropped traceback still held are closed (and flushed)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(code)
+
+
+def _check_launch(args: argparse.Namespace) -> None:
+    """--nproc/--nnodes/--rdzv-* make sense together; a SLURM task that is no rank is refused."""
+    from bigbatch.distributed.env import slurm_misfire
+
+    if args.nproc is not None and args.nproc < 1:
+        raise UsageError("--nproc", f"must be >= 1, got {args.nproc}")
+    if args.nnodes < 1:
+        raise UsageError("--nnodes", f"must be >= 1, got {args.nnodes}")
+    if args.nnodes > 1 and (args.nproc is None or not args.rdzv_endpoint or not args.rdzv_id):
+        raise UsageError("--nnodes", "a multi-node launch needs --nproc, --rdzv-endpoint HOST:PORT and --rdzv-id")
+    if args.nproc is None and not args.dry_run and (why := slurm_misfire()):
+        raise UsageError("SLURM_NTASKS", why)
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.nproc is not None and args.nproc < 1:
-        raise UsageError("--nproc", f"must be >= 1, got {args.nproc}")
+    _check_launch(args)
     cfg, run_dir, resume = _load(args)
     if args.dry_run:
         from bigbatch.distributed.env import world_size_hint

@@ -10,6 +10,9 @@ whose loss is not finite (the same all-reduced value on every rank, so every ran
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -64,11 +67,25 @@ class MetricsLogger:
         self._since = (p.examples, p.train_time_s)
         return self.stopper.after_row(row, p)
 
-    def state_dict(self) -> dict[str, float]:
-        return self.losses.state_dict()
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's loss sum since the last row (the next row's mean needs each rank's part: a
+        stop can come at any step); a collective under DDP."""
+        own = self.losses.state_dict()
+        by_rank = [own["loss_sum"]]
+        if self.env.initialized:
+            by_rank = [None] * self.env.world_size
+            dist.all_gather_object(by_rank, own["loss_sum"])
+        return {"loss_sum": by_rank, "count": own["count"]}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.losses.load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """This rank's part on the same world size; on another, rank 0 takes the sum of all (the
+        next row's mean over ranks stays the same)."""
+        by_rank, rank, world = state["loss_sum"], self.env.rank, self.env.world_size
+        if len(by_rank) == world:
+            own = by_rank[rank]
+        else:
+            own = math.fsum(by_rank) if rank == 0 else 0.0
+        self.losses.load_state_dict({"loss_sum": own, "count": state["count"]})
 
 
 def mean_over_ranks(loss_sum: float, count: int, env: DistEnv, extra: list[float]) -> tuple[float, list[float]]:

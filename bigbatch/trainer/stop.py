@@ -1,56 +1,166 @@
-"""Stopping on a signal: SIGTERM / SIGUSR2 (SLURM preemption, time limits, torchrun shutdown)
-set a flag; the loop checkpoints at the next step boundary where all ranks agree, so no rank
-leaves a collective the others are in."""
+"""Stopping on a signal, agreed across ranks within a bounded time.
+
+SIGTERM and SIGUSR2 (SLURM preemption, time limits, torchrun shutdown) only record that a stop
+was asked for (`install`, as early as `bigbatch train` starts, so a signal during start-up is
+not lost). The ranks then agree to stop at the same step, by an all-reduce of the flag, and the
+loop checkpoints there, so no rank leaves a collective the others are in. DataLoader workers
+ignore these signals (`bigbatch.trainer.data`): the main process owns them, and SLURM signals
+every process of a step.
+
+When to agree. The check costs one all-reduce; its cadence must be the same on every rank (a
+rank that checks alone waits for ever), so it cannot come from each rank's own clock. Each check
+also all-reduces (max over ranks) the seconds per step since the previous check, and every rank
+derives the next check from that one agreed number: the steps that fit in `within_s` seconds
+(`checkpoint.stop_within_s`), growing at most 2x per check so a slow-down is caught within a
+check. A stop is therefore agreed within about `within_s` of the signal as long as a step does
+not suddenly take several times longer; keep `within_s` plus a checkpoint write below torchrun's
+30 s grace after SIGTERM and SLURM's KillWait / GraceTime. Evaluation is checked the same way per
+evaluation batch (`during_evaluation`), so a long evaluation does not hold the stop back.
+"""
 
 from __future__ import annotations
 
+import math
 import signal
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from bigbatch.distributed.env import DistEnv
+from bigbatch.trainer.data import STOP_SIGNALS
 
-SIGNAL_CHECK_EVERY = 10  # steps between cross-rank agreement on a pending stop signal (world > 1)
+_received: list[int] = []  # the stop signals this process received (newest last)
+_installed: dict[int, Any] = {}  # signal -> the handler before install()
 
 
-class StopFlag:
-    """Set by SIGTERM / SIGUSR2 (SLURM preemption, time limits, torchrun shutdown).
+def _handle(signum, frame) -> None:
+    _received.append(signum)
 
-    The handler only sets a flag; the loop checkpoints at the next step boundary where all ranks
-    agree, so no rank leaves a collective the others are in.
-    """
 
-    def __init__(self) -> None:
+def install() -> bool:
+    """Record SIGTERM / SIGUSR2 from now on (main thread only); False where signals cannot be
+    set (another thread, e.g. inside some Ray workers). Idempotent."""
+    for s in STOP_SIGNALS:
+        if s in _installed:
+            continue
+        try:
+            _installed[s] = signal.signal(s, _handle)
+        except ValueError:  # not the main thread
+            return False
+    return True
+
+
+def uninstall() -> None:
+    """Restore the handlers from before `install` and forget received signals."""
+    for s, h in _installed.items():
+        signal.signal(s, h)
+    _installed.clear()
+    _received.clear()
+
+
+def forget() -> None:
+    """Forget received signals (the handlers stay)."""
+    _received.clear()
+
+
+def received() -> int | None:
+    """The last stop signal this process got, or None."""
+    return _received[-1] if _received else None
+
+
+class Cadence:
+    """Every rank's next check, from the agreed (max over ranks) seconds per unit of work."""
+
+    def __init__(self, within_s: float):
+        self.within_s = within_s
+        self.next = 0  # the first call checks
+        self.every = 1
+        self._last_t: float | None = None
+        self._last_n = 0
+
+    def restart(self) -> None:
+        """A new count from 0 (the next evaluation): first check after the interval learnt so far."""
+        self.next, self._last_t, self._last_n = self.every, time.monotonic(), 0
+
+    def due(self, n: int) -> bool:
+        return n >= self.next
+
+    def local_rate(self, n: int) -> float:
+        """This rank's seconds per unit since the previous check (-1 before the first)."""
+        now = time.monotonic()
+        rate = -1.0 if self._last_t is None or n <= self._last_n else (now - self._last_t) / (n - self._last_n)
+        self._last_t, self._last_n = now, n
+        return rate
+
+    def schedule(self, n: int, agreed_rate: float) -> None:
+        """The next check from the agreed seconds per unit: as many units as fit in within_s,
+        at most twice the previous interval, at least one."""
+        fit = math.floor(self.within_s / agreed_rate) if agreed_rate > 0 else 1
+        self.every = max(1, min(fit, 2 * self.every))
+        self.next = n + self.every
+
+
+class StopCheck:
+    """Whether the ranks agreed to stop. Use as a context manager around training (it installs
+    the handlers if `bigbatch train` has not); every rank calls `requested(step)` once per step at
+    the step boundary and `during_evaluation(i)` after each evaluation batch i that every rank has."""
+
+    def __init__(self, env: DistEnv, within_s: float = 10.0):
+        self.env = env
+        self.agreed = False
+        self.ruled = False  # a stop rule's verdict, agreed by the ranks
         self.signum: int | None = None
-        self._old: dict[int, Any] = {}
+        self._train = Cadence(within_s)
+        self._eval = Cadence(within_s)
+        self._installed_here = False
 
-    def __enter__(self) -> "StopFlag":
-        for s in (signal.SIGTERM, signal.SIGUSR2):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread (e.g. inside some Ray workers)
-                pass
+    def __enter__(self) -> "StopCheck":
+        self._installed_here = not _installed and install()
         return self
 
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
     def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
+        # the run is over: the signals it got are spent (a later run in this process, e.g. its
+        # resume, must not see them); handlers installed by `bigbatch train` itself stay
+        if self._installed_here:
+            uninstall()
+        else:
+            forget()
 
+    def _agree(self, cadence: Cadence, n: int, ruled: bool = False) -> bool:
+        """One all-reduce (max) of [stop asked here, a stop rule's verdict here, seconds per unit
+        here]; schedules the next check. A rule's verdict agreed sets `ruled`."""
+        t = torch.tensor([1.0 if received() is not None else 0.0, 1.0 if ruled else 0.0, cadence.local_rate(n)],
+                         dtype=torch.float64)
+        if self.env.device.type == "cuda":
+            t = t.to(self.env.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        asked, any_ruled, rate = t.tolist()
+        cadence.schedule(n, rate)
+        self.ruled = self.ruled or any_ruled > 0
+        if asked > 0:
+            self.agreed, self.signum = True, received() or signal.SIGTERM
+        return self.agreed
 
-def stop_requested(stop: StopFlag, step: int, env: DistEnv, ruled: bool = False) -> tuple[bool, bool]:
-    """(a stop signal, a stop rule's verdict) on any rank; ranks agree every SIGNAL_CHECK_EVERY steps
-    (one all-reduce of both), so every rank stops at the same step."""
-    if not env.initialized:
-        return stop.signum is not None, ruled
-    if step % SIGNAL_CHECK_EVERY:
-        return False, False
-    flags = torch.tensor([1.0 if stop.signum is not None else 0.0, 1.0 if ruled else 0.0], dtype=torch.float64,
-                         device=env.device)
-    dist.all_reduce(flags)
-    signalled, ruled = flags.tolist()
-    return signalled > 0, ruled > 0
+    def requested(self, step: int, ruled: bool = False) -> bool:
+        """True when the ranks agreed to stop after `step` on a signal (at the same step on every
+        rank). `ruled`: this rank's stop rule wants the run to end; once the ranks agree on that
+        (at a check, like a signal), `self.ruled` is set on every rank."""
+        if self.agreed:
+            return True
+        if not self.env.initialized:
+            self.signum = received()
+            self.agreed = self.signum is not None
+            self.ruled = self.ruled or ruled
+            return self.agreed
+        return self._train.due(step) and self._agree(self._train, step, ruled)
+
+    def during_evaluation(self, batches: int) -> bool:
+        """After `batches` evaluation batches (counted over the evaluation, every rank alike):
+        True when the ranks agreed to stop; the evaluation is then abandoned on every rank."""
+        if not self.env.initialized:
+            return self.requested(0)
+        if batches == 1:
+            self._eval.restart()
+        return self._eval.due(batches) and self._agree(self._eval, batches)

@@ -1,17 +1,20 @@
 #!/bin/bash
-# A real two-node SLURM cluster on this host, for tests and CI (Debian slurm-wlm + munge, root).
+# A real three-node SLURM cluster on this host, for tests and CI (Debian slurm-wlm + munge, root).
 #
-#   tests/slurm/cluster.sh up     start munged (if none runs), slurmctld, slurmd n1 and n2
+#   tests/slurm/cluster.sh up     start munged (if none runs), slurmctld, slurmd n1, n2 and n3
 #   tests/slurm/cluster.sh down   cancel jobs, stop what `up` started
 #   tests/slurm/cluster.sh env    print `export SLURM_CONF=...` for client commands
 #
-# Both nodes run on this host (Debian's slurmd is built with multiple-slurmd): n1 and n2,
-# NodeAddr 127.0.0.1, 2 CPUs each, one partition `debug` holding both. A 1-node 2-process job
-# and a 2-node job both fit. Nothing is isolated: the emulated nodes share the machine's cores.
+# All nodes run on this host (Debian's slurmd is built with multiple-slurmd): n1, n2 and n3,
+# NodeAddr 127.0.0.1, 2 CPUs each, one partition `debug` holding them. Three nodes, because a
+# Ray sweep's worker step then has 2 tasks (a 2-node allocation gives 1, which hid rank
+# detection mistaking a Ray worker for a rank). Nothing is isolated: the emulated nodes share
+# the machine's cores.
 # Install first: apt-get install -y --no-install-recommends slurm-wlm munge
 set -euo pipefail
 D=${BIGBATCH_SLURM_DIR:-/tmp/bigbatch-slurm-cluster}
 CONF=$D/slurm.conf
+NODES=3
 export SLURM_CONF=$CONF
 
 need() { command -v "$1" >/dev/null || { echo "cluster.sh: $1 not found; install: apt-get install -y --no-install-recommends slurm-wlm munge" >&2; exit 2; }; }
@@ -49,13 +52,14 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-SchedulerParameters=bf_interval=5
+SchedulerParameters=bf_interval=5,sched_interval=5
 ReturnToService=2
 KillWait=30
 JobRequeue=1
 NodeName=n1 NodeHostname=$host NodeAddr=127.0.0.1 Port=17001 CPUs=2 RealMemory=$mem State=UNKNOWN
 NodeName=n2 NodeHostname=$host NodeAddr=127.0.0.1 Port=17002 CPUs=2 RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+NodeName=n3 NodeHostname=$host NodeAddr=127.0.0.1 Port=17003 CPUs=2 RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=n1,n2,n3 Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
   if ! pgrep -x munged >/dev/null; then
     install -d -o munge -g munge -m 755 /run/munge
@@ -65,11 +69,12 @@ CONF
   /usr/sbin/slurmctld
   /usr/sbin/slurmd -N n1
   /usr/sbin/slurmd -N n2
+  /usr/sbin/slurmd -N n3
   for _ in $(seq 100); do
-    [ "$(sinfo -h -o '%D %T' 2>/dev/null | awk '$2=="idle"{s+=$1} END{print s+0}')" = 2 ] && break
+    [ "$(sinfo -h -o '%D %T' 2>/dev/null | awk '$2=="idle"{s+=$1} END{print s+0}')" = "$NODES" ] && break
     sleep 0.2
   done
-  sinfo -h -o '%D %T' | awk '$2=="idle"{s+=$1} END{exit !(s==2)}' || { echo "cluster.sh: nodes did not come up; see $D/log" >&2; sinfo >&2; exit 1; }
+  sinfo -h -o '%D %T' | awk '$2=="idle"{s+=$1} END{exit !(s=='"$NODES"')}' || { echo "cluster.sh: nodes did not come up; see $D/log" >&2; sinfo >&2; exit 1; }
   echo "cluster.sh: up: export SLURM_CONF=$CONF"
 }
 
@@ -89,7 +94,7 @@ down() {
     timeout 10 scancel --user="$(id -un)" 2>/dev/null || true
     for _ in $(seq 50); do timeout 5 squeue -h -o %i 2>/dev/null | grep -q . || break; sleep 0.2; done
   fi
-  stop_pidfile "$D/slurmd-n1.pid"; stop_pidfile "$D/slurmd-n2.pid"; stop_pidfile "$D/slurmctld.pid"
+  for n in n1 n2 n3; do stop_pidfile "$D/slurmd-$n.pid"; done; stop_pidfile "$D/slurmctld.pid"
   if [ -f "$D/munged.ours" ]; then stop_pidfile /run/munge/munged.pid; rm -f "$D/munged.ours"; fi
   rm -f "$CONF"
   echo "cluster.sh: down"

@@ -17,6 +17,7 @@ LINT = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-
 # (module file, imported module): deferred so that `--help` and bad-input errors do not wait for torch
 DEFERRED = {
     ("bigbatch/trainer/main.py", "bigbatch.trainer.data"),
+    ("bigbatch/trainer/main.py", "bigbatch.trainer"),  # trainer.stop: torch
     ("bigbatch/trainer/main.py", "bigbatch.trainer.recipe"),
     ("bigbatch/trainer/main.py", "bigbatch.trainer.rundir"),
     ("bigbatch/trainer/main.py", "bigbatch.trainer.loop"),
@@ -31,6 +32,7 @@ DEFERRED = {
     ("bigbatch/trainer/main.py", "bigbatch.trainer.preflight"),
     ("bigbatch/study/spec.py", "bigbatch.trainer.preflight"),
     ("bigbatch/launch/slurm.py", "bigbatch.trainer.preflight"),
+    ("bigbatch/launch/jobspec.py", "bigbatch.trainer.data"),  # LOADERS: torch
     ("bigbatch/launch/slurm.py", "bigbatch.study"),
     ("bigbatch/launch/slurm.py", "bigbatch.study.spec"),
     ("bigbatch/launch/slurm.py", "bigbatch.study.sweep"),

@@ -1,6 +1,7 @@
 """Rendered sbatch scripts: golden files for the multi-node GPU, CPU-only, array and Ray-sweep
-variants; no config value, path, override, variable or job name can run shell commands; bad
-input is one line and exit code 2. (Submitting to a real cluster: tests/slurm.)
+variants; CPUs, memory and any other sbatch option reach the script; the config travels inside
+it as submitted; no config value, path, override, variable, job name or sbatch option can run
+shell commands; bad input is one line and exit code 2. (Submitting to a real cluster: tests/slurm.)
 
 Regenerate the golden files after an intended template change:
     BIGBATCH_UPDATE_GOLDEN=1 python -m pytest tests/unit/test_slurm_render.py
@@ -41,7 +42,8 @@ VARIANTS = {
                             "--account", "proj-1", "--time", "2-00:00:00", "--set", "batch.global_batch=4096",
                             "--set", "optim.name=lars", "--env", "NCCL_SOCKET_IFNAME=ib0", "--out", "/scratch/runs/r1",
                             "--container-image", "nvcr.io#nvidia/pytorch:24.10-py3",
-                            "--container-mounts", "/scratch:/scratch,/data:/data", "--python", "python"],
+                            "--container-mounts", "/scratch:/scratch,/data:/data", "--python", "python",
+                            "--sbatch-opt", "qos=high", "--sbatch-opt", "constraint=a100&ib", "--sbatch-opt", "exclusive"],
     "train-cpu": ["render", MLP, "--gpus-per-node", "0", "--procs-per-node", "4", "--time", "30", "--job-name", "cpu-job",
                   "--signal", "TERM", "--signal-time", "120", "--log-dir", "/scratch/logs"],
     "array": ["array", "{sweep}", "--out", "/scratch/sweeps/tiny", "--max-parallel", "2", "--print"],
@@ -81,11 +83,56 @@ def test_rendered_script_matches_golden_file(capsys, sweep_file, variant):
 
 def test_gpu_and_cpu_variants_ask_for_what_they_run(capsys):
     gpu = _render(capsys, ["render", MLP, "--nodes", "2", "--gpus-per-node", "4"])
-    assert "#SBATCH --gpus-per-node=4" in gpu and "NPROC_PER_NODE=4" in gpu and "--cpus-per-task" not in gpu
+    assert "#SBATCH --gpus-per-node=4" in gpu and "NPROC_PER_NODE=4" in gpu
+    assert "#SBATCH --cpus-per-task=4\n" in gpu and "#SBATCH --mem=0\n" in gpu  # in-memory data: a CPU per rank
+    assert 'srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 "${SRUN_CPUS[@]}"' in gpu
     cpu = _render(capsys, ["render", MLP, "--gpus-per-node", "0", "--procs-per-node", "3", "--set", "batch.global_batch=129"])
     assert "--gpus-per-node" not in cpu and "#SBATCH --cpus-per-task=3" in cpu and "NPROC_PER_NODE=3" in cpu
     assert "#SBATCH --signal=B:USR2@90" in gpu and "#SBATCH --requeue" in gpu and "%j.out" in gpu
     assert 'scontrol requeue "$SLURM_JOB_ID"' in gpu and "--auto-resume" in gpu
+    assert 'trap "on_stop_signal TERM" TERM' in gpu  # SIGTERM (preemption, scancel --full) as well as USR2
+
+
+def test_gpu_jobs_ask_for_cpus_per_dataloader_worker_and_memory(capsys):
+    """8 ranks reading an image folder with 6 workers each: 8 x (1 + 6) CPUs; explicit values win."""
+    image = ["--set", "data.name='imagefolder'", "--set", "data.root='/data/imagenet'", "--set", "data.num_workers=6",
+             "--set", "batch.global_batch=256"]
+    out = _render(capsys, ["render", MLP, "--gpus-per-node", "8", *image])
+    assert "#SBATCH --cpus-per-task=56\n" in out and "#SBATCH --mem=0\n" in out
+    out = _render(capsys, ["render", MLP, "--gpus-per-node", "8", "--cpus-per-task", "96", "--mem", "500G", *image])
+    assert "#SBATCH --cpus-per-task=96\n" in out and "#SBATCH --mem=500G\n" in out
+    cpu = _render(capsys, ["render", MLP, "--procs-per-node", "2"])
+    assert "#SBATCH --cpus-per-task=2\n" in cpu and "--mem" not in cpu.split("#\n")[0]
+
+
+def test_sbatch_opts_reach_the_script_and_the_collector(tmp_path):
+    """--sbatch-opt lines, time limit, partition, --env and the container reach the array's collector job too."""
+    job = slurm.JobSpec(job_name="tiny", time="1:00:00", partition="gpu", account="p1", env=[("A", "x y")],
+                        sbatch_opts=[("qos", "high"), ("exclusive", None)], container_image="img.sqsh")
+    script = slurm.render_collector(job, "afterany:12", str(tmp_path / "sw"))
+    for line in ("#SBATCH --time=1:00:00", "#SBATCH --partition=gpu", "#SBATCH --account=p1", "#SBATCH --qos=high",
+                 "#SBATCH --exclusive", "#SBATCH --dependency=afterany:12", "#SBATCH --ntasks=1", "export A='x y'"):
+        assert line + "\n" in script, line
+    assert 'srun --ntasks=1 "${SRUN_ARGS[@]}" "$PYTHON" "-m" "bigbatch" "slurm" "collect" "$SWEEP_DIR"' in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_the_job_trains_the_config_as_submitted(tmp_path, capsys):
+    """The resolved config (with --set) is inside the script: the job writes it to the run folder
+    and trains it, so editing the file after submitting changes nothing (tests/slurm runs it)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(Path(MLP).read_text())
+    script = _render(capsys, ["render", str(cfg), "--set", "batch.global_batch=64", "--out", str(tmp_path / "run")])
+    cfg.write_text(Path(MLP).read_text().replace("global_batch = 128", "global_batch = 96"))
+    work = tmp_path / "work"
+    work.mkdir()
+    code = script[:script.index("\n# Preemption and time limits")] + '\nprintf "%s" "$CONFIG"'
+    written = _eval_in_bash(code, work, {"SLURM_JOB_ID": "7"})
+    from bigbatch import config as config_mod
+
+    assert written == str(tmp_path / "run" / "submitted-config.toml")
+    assert config_mod.load(written).batch.global_batch == 64
+    assert '"$CONFIG" --out "$RUN_DIR" --auto-resume' in script and str(cfg) not in script
 
 
 # --- injection ------------------------------------------------------------------------------
@@ -103,7 +150,7 @@ def _eval_in_bash(code: str, cwd: Path, env: dict[str, str]) -> str:
     tools = cwd.parent / "tools"
     if not tools.exists():
         tools.mkdir()
-        for name in ("head", "sed", "awk"):
+        for name in ("head", "sed", "awk", "mkdir", "cat"):
             (tools / name).symlink_to(shutil.which(name))
     out = subprocess.run(["/bin/bash", "-c", code], cwd=cwd, env={"PATH": str(tools), **env},
                          capture_output=True, text=True, check=True, timeout=30)
@@ -124,19 +171,23 @@ def test_no_value_can_inject_shell(tmp_path, capsys):
     script = _render(capsys, argv)
     work = tmp_path / "work"
     work.mkdir()
-    # Everything the script does before it starts srun (settings, rendezvous, exports).
-    prefix = script[:script.index('\nmkdir -p "$RUN_DIR"')]
+    # Everything the script does before it launches (settings, exports, the config's copy).
+    prefix = script[:script.index("\n# Preemption and time limits")]
     code = prefix + '\nprintf "%s\\0" "$CONFIG" "$RUN_DIR" "$EVIL_A" "$EVIL_B" "${SRUN_ARGS[@]}" "${TRAIN_ARGS[@]}"'
     env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_SUBMIT_DIR": str(work)}
     values = _eval_in_bash(code, work, env).split("\0")[:-1]
-    assert values[:4] == [str(cfg), str(evil_dir / "run $(touch PWNED)"), "$(touch PWNED)", "x'\n touch PWNED"]
-    assert values[4:7] == ["--container-image=img;$(touch PWNED)", "--container-workdir=" + str(work),
-                           "--container-mounts=/a:/b `touch PWNED`"]
-    assert values[7:] == [a for o in overrides for a in ("--set", o)]
+    run_dir = evil_dir / "run $(touch PWNED)"
+    assert values[:4] == [str(run_dir / "submitted-config.toml"), str(run_dir), "$(touch PWNED)", "x'\n touch PWNED"]
+    assert values[4:] == ["--container-image=img;$(touch PWNED)", "--container-workdir=" + str(work),
+                          "--container-mounts=/a:/b `touch PWNED`"]
+    from bigbatch import config as config_mod  # the overrides arrive verbatim, in the config's copy
+
+    written = config_mod.load(run_dir / "submitted-config.toml")
+    assert written == config_mod.load(cfg, overrides) and written.track.project == EVIL[-1]
     assert not list(work.iterdir()) and not (evil_dir / "PWNED").exists() and not (tmp_path / "PWNED").exists()
     for line in script.splitlines():  # #SBATCH lines hold validated words only
         if line.startswith("#SBATCH"):
-            assert re.fullmatch(r"#SBATCH --[a-z-]+(=[A-Za-z0-9._,/@%:+=-]+)?", line), line
+            assert re.fullmatch(r"#SBATCH --[a-z-]+(=[A-Za-z0-9._,/@%:+=&|!*()\[\]<>~^?-]+)?", line), line
 
 
 @pytest.mark.parametrize("argv, field", [
@@ -149,6 +200,13 @@ def test_no_value_can_inject_shell(tmp_path, capsys):
     (["--env", "A B=1"], "--env"),
     (["--env", "NOEQUALS"], "--env"),
     (["--set", "name=a;touch PWNED"], "name"),
+    (["--sbatch-opt", "qos=high\n#SBATCH --wrap=id"], "--sbatch-opt"),
+    (["--sbatch-opt", "comment=a b"], "--sbatch-opt"),
+    (["--sbatch-opt", "comment=$(id)"], "--sbatch-opt"),
+    (["--sbatch-opt", "qos high"], "--sbatch-opt"),
+    (["--sbatch-opt", "time=10"], "--sbatch-opt"),  # bigbatch's own option says so
+    (["--sbatch-opt=--wrap=id"], "--sbatch-opt"),
+    (["--mem", "lots"], "--mem"),
 ])
 def test_unsafe_sbatch_words_are_refused(capsys, argv, field):
     rc = main(["slurm", "render", MLP, *argv])
@@ -190,6 +248,8 @@ def test_array_task_picks_its_trial_config_literally(tmp_path, sweep_file):
     (["--time", "1"], "--time: '1' is not longer than --signal-time 90"),
     (["--gpus-per-node", "2", "--procs-per-node", "4"], "--procs-per-node"),
     (["--procs-per-node", "3"], "batch.global_batch: global batch 128 is not divisible by world size 3"),
+    (["--set", "checkpoint.stop_within_s=45"], "checkpoint.stop_within_s: 45 s leaves no time"),
+    (["--set", "checkpoint.stop_within_s=20", "--signal-time", "15"], "checkpoint.stop_within_s: 20 s"),
 ])
 def test_bad_job_options_are_one_line_exit_2(capsys, argv, expect):
     rc = main(["slurm", "render", MLP, *argv])
