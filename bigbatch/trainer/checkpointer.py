@@ -126,7 +126,7 @@ class Checkpointer:
         (SGD's momentum buffers, Adam's moments: kept, as in continuing that run) and its position
         in the example stream, so the branch sees the examples that run would have seen next. The
         optimizer's settings (lr, momentum, weight decay) and the batch are this run's; steps count
-        from 0 and examples on from the branch point."""
+        from 0 and examples on from the branch point; the RNG continues the base run's."""
         try:
             state = ckpt.load(path, map_location=self.env.device)
         except (OSError, ValueError, RuntimeError) as e:
@@ -139,4 +139,5 @@ class Checkpointer:
             group.update(mine)
         p.examples = int(state["progress"]["examples"])
         self.stream.position = p.examples
+        RankRNG(self.env).load_state_dict(state["rng"])  # a k = 1 branch continues the base run exactly
         log.info("branched from %s (step %d, %d examples)", path, state["progress"]["step"], p.examples)
