@@ -88,14 +88,14 @@ class Checkpointer:
         if self.every and p.step % self.every == 0 and not p.last:
             self.save(p)
 
-    def at_end(self, p, status: str) -> None:
+    def at_end(self, p, status: str, signum: int | None = None) -> None:
         """The final state (`bigbatch interpolate` and fine-tuning read it) or a stop signal's state
         (to resume); nothing after a divergence (the weights are not finite) or a stop rule."""
         if status in ("completed", "target_reached", "preempted"):
             self.save(p)
         if status == "preempted":
-            log.warning("stop signal: checkpointed at step %d; continue with `bigbatch train --resume %s`",
-                        p.step, self.run_dir.path)
+            log.warning("stop signal %s: checkpointed at step %d; continue with `bigbatch train --resume %s`",
+                        signum if signum is not None else "?", p.step, self.run_dir.path)
 
     def save(self, p) -> None:
         self.tracker.flush()  # metrics.jsonl holds every row up to the checkpoint: a resume truncates it there

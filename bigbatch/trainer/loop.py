@@ -108,7 +108,7 @@ def train(c: Components, p: Progress, saved: dict[str, Any] | None = None,
         status = c.evaluator.resume(p, c.batches)  # an evaluation a stop signal interrupted, first
         while status is None:
             status = train_step(c, p) or ("completed" if p.last else None)
-        c.checkpointer.at_end(p, status)  # the final (or stop-signal) checkpoint; none after a divergence
+        c.checkpointer.at_end(p, status, c.stopper.check.signum)  # the final (or stop-signal) checkpoint; none after a divergence
         c.evaluator.at_end(p, status)  # the full sets, when evaluations used a subset
     return c.finish(p, status)
 

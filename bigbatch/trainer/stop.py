@@ -32,7 +32,7 @@ from bigbatch.distributed.env import DistEnv
 from bigbatch.trainer.data import STOP_SIGNALS
 
 _received: list[int] = []  # the stop signals this process received (newest last)
-_installed: dict[int, Any] = {}  # signal -> the handler before install()
+_before: dict[int, Any] = {}  # signal -> the handler that install() replaced
 
 
 def _handle(signum, frame) -> None:
@@ -41,22 +41,25 @@ def _handle(signum, frame) -> None:
 
 def install() -> bool:
     """Record SIGTERM / SIGUSR2 from now on (main thread only); False where signals cannot be
-    set (another thread, e.g. inside some Ray workers). Idempotent."""
+    set (another thread, e.g. inside some Ray workers). Idempotent. What counts is the handler
+    in place now, not an earlier call: a library (Ray, a test harness) may have set its own
+    handler since, and a SIGTERM to it would kill the process instead of stopping the loop."""
     for s in STOP_SIGNALS:
-        if s in _installed:
+        if signal.getsignal(s) is _handle:
             continue
         try:
-            _installed[s] = signal.signal(s, _handle)
+            _before[s] = signal.signal(s, _handle)
         except ValueError:  # not the main thread
             return False
     return True
 
 
 def uninstall() -> None:
-    """Restore the handlers from before `install` and forget received signals."""
-    for s, h in _installed.items():
-        signal.signal(s, h)
-    _installed.clear()
+    """Restore the handlers that `install` replaced and forget received signals."""
+    for s, h in _before.items():
+        if signal.getsignal(s) is _handle:
+            signal.signal(s, h)
+    _before.clear()
     _received.clear()
 
 
@@ -115,18 +118,22 @@ class StopCheck:
         self._train = Cadence(within_s)
         self._eval = Cadence(within_s)
         self._installed_here = False
+        self._found: dict[int, Any] = {}
 
     def __enter__(self) -> "StopCheck":
-        self._installed_here = not _installed and install()
+        self._found = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+        self._installed_here = install()
         return self
 
     def __exit__(self, *exc) -> None:
         # the run is over: the signals it got are spent (a later run in this process, e.g. its
-        # resume, must not see them); handlers installed by `bigbatch train` itself stay
+        # resume, must not see them); the handlers go back to what they were on entry (those
+        # of `bigbatch train` itself stay)
         if self._installed_here:
-            uninstall()
-        else:
-            forget()
+            for s, h in self._found.items():
+                if h is not None and h is not _handle:
+                    signal.signal(s, h)
+        forget()
 
     def _agree(self, cadence: Cadence, n: int, ruled: bool = False) -> bool:
         """One all-reduce (max) of [stop asked here, a stop rule's verdict here, seconds per unit

@@ -86,3 +86,22 @@ def test_evaluation_restarts_its_count_at_the_learnt_interval():
     c.every = 8
     c.restart()
     assert not c.due(7) and c.due(8)
+
+
+def test_a_handler_set_after_install_does_not_hide_the_signal_from_the_loop():
+    """CI regression: `bigbatch train` in-process had installed the handlers, then a library (Ray,
+    in the sweep tests) set its own SIGTERM handler; the next loop trusted the first install and
+    the SIGTERM killed the test process. The loop now catches it and gives the library its handler back."""
+    stop.install()
+    seen = []
+    foreign = lambda signum, frame: seen.append(signum)  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, foreign)
+    try:
+        check = stop.StopCheck(DistEnv(0, 1, 0, 1, torch.device("cpu"), None, False))
+        with check:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert check.requested(1) and check.signum == signal.SIGTERM and not seen
+        assert signal.getsignal(signal.SIGTERM) is foreign and stop.received() is None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stop.uninstall()
