@@ -12,7 +12,8 @@ of b (augmentation and label smoothing as trained):
   independent Hessian batch (`--hessian-examples`, split into micro-batches of b): HVPs of the
   first 16 gradients, each dotted with all K.
 - sharpness_top: the top eigenvalue of that Hessian (Lanczos on the same HVPs).
-- tail_alpha: `measure.tails.probe_tail_index` on the first 64 gradients.
+- tail_alpha, tail_alpha_interval: `measure.tails.probe_tail_interval` on the first 64 gradients
+  (a 95 % jackknife interval over their 32 independent differences).
 - b_simple_online: the run's own online EMA (measure.gns) as saved in the checkpoint, if any.
 
 Prints one line per quantity and, with --json FILE, writes them as one JSON object.
@@ -37,7 +38,7 @@ from bigbatch.errors import UsageError
 from bigbatch.measure.modes import measuring
 from bigbatch.measure.noise import GNSEstimator, train_mode_noise
 from bigbatch.measure.sharpness import HessianOperator
-from bigbatch.measure.tails import probe_tail_index
+from bigbatch.measure.tails import probe_tail_interval
 from bigbatch.trainer import checkpoint as ckpt
 from bigbatch.trainer.data import build_data, tensor_batch
 from bigbatch.trainer.models import build_model
@@ -126,7 +127,9 @@ def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] =
         top = hessian.top_eigs(k=1, iters=SHARPNESS_ITERS, tol=1e-3)[0] if hessian and sharpness else None
         result["sharpness_top"] = top
     result["sharpness_mode"] = "train"
-    result["tail_alpha"] = probe_tail_index(noise.gradients) if noise.gradients is not None and len(noise.gradients) >= 8 else None
+    tail = probe_tail_interval(noise.gradients) if noise.gradients is not None and len(noise.gradients) >= 8 else None
+    result["tail_alpha"] = tail.alpha if tail else None
+    result["tail_alpha_interval"] = [tail.low, tail.high] if tail else None  # 95 %, jackknife (measure.tails)
     gns_state = (state.get("probes") or {}).get("gns")
     online = None
     if gns_state:

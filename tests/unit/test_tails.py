@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bigbatch.measure.tails import noise_from_gradients, probe_tail_index, tail_index
+from bigbatch.measure.tails import noise_from_gradients, probe_tail_index, probe_tail_interval, tail_index, tail_interval
 
 
 def symmetric_stable(alpha: float, shape, gen: torch.Generator) -> torch.Tensor:
@@ -66,3 +66,44 @@ def test_the_probe_recovers_alpha_1_5_from_64_stable_samples_with_a_nonzero_mean
 def test_the_probe_needs_four_differences():
     with pytest.raises(ValueError, match="at least 8 samples"):
         probe_tail_index(torch.randn(7, 10))
+
+
+def anisotropic_gaussian(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian rows with covariance eigenvalues 1/i^2 (effective dimension ~2.5, as gradient noise
+    concentrated in a few directions): the norms vary far more than in high-dimensional isotropic noise."""
+    return torch.randn(n, d, generator=gen, dtype=torch.float64) / torch.arange(1, d + 1, dtype=torch.float64)
+
+
+def test_the_interval_covers_two_on_anisotropic_gaussian_noise_in_90_percent_of_200_draws():
+    """The probe's setting (64 samples with a nonzero mean, 32 differences): one grouping's alpha-hat
+    spans about 1.6-2.8 here (the issue's reading), so a point value is not evidence of heavy tails."""
+    hits, points, widths = 0, [], []
+    for seed in range(200):
+        gen = torch.Generator().manual_seed(seed)
+        got = probe_tail_interval(anisotropic_gaussian(64, 1000, gen) + 1.0)
+        hits += got.covers(2.0)
+        points.append(got.alpha)
+        widths.append(got.high - got.low)
+    points.sort()
+    print(f"coverage {hits / 200:.3f}; alpha-hat 5-95 % {points[10]:.2f}-{points[189]:.2f}; "
+          f"median width {sorted(widths)[100]:.2f}")
+    assert 0.90 <= hits / 200 <= 1.0
+    assert points[10] > 1.7 and points[189] < 2.4  # the averaged grouping is tighter than one grouping
+
+
+def test_the_interval_of_heavy_tailed_noise_lies_below_two():
+    """Symmetric alpha-stable noise with alpha = 1.2: the interval excludes the Gaussian value."""
+    below = 0
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(500 + seed)
+        below += probe_tail_interval(symmetric_stable(1.2, (64, 1000), gen)).high < 2.0
+    assert below >= 18
+
+
+def test_the_interval_is_deterministic_and_checks_its_level():
+    x = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    a, b = probe_tail_interval(x), probe_tail_interval(x)
+    assert a == b and a.low < a.alpha < a.high and a.samples == 32
+    assert probe_tail_index(x) == a.alpha
+    with pytest.raises(ValueError, match="level"):
+        tail_interval(x, level=1.0)
