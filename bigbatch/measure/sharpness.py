@@ -8,59 +8,76 @@ Keskar et al. 2016 and Sagun et al. 2017: large batches end in minima with large
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 
 from bigbatch.errors import UsageError
-from bigbatch.measure.modes import measuring, micro_batch_loss
+from bigbatch.measure.modes import measuring
 
 
 class HessianOperator:
-    """v -> H v for the Hessian H of the loss on one batch, by double backward (Pearlmutter).
+    """v -> H v for the Hessian H of the loss on (x, y), by double backward (Pearlmutter).
 
-    The loss graph is built once, at construction, in the model's current mode; each `hvp` is
-    one backward pass through it. With `micro_batch`, the loss is the mean over micro-batches
-    of that size (`modes.micro_batch_loss`): in train mode that is the training loss at
-    micro-batch b. Build it inside `modes.measuring(model, mode)`, which restores the BatchNorm
-    buffers its forward pass updates.
+    With `micro_batch`, the loss is the mean over micro-batches of that size
+    (`modes.micro_batch_loss`): in train mode that is the training loss at micro-batch b, and H
+    the mean of the micro-batches' Hessians. Each `hvp` walks the micro-batches one at a time
+    (forward, gradient with its graph, one more backward for H_i v), so memory is one
+    micro-batch's graph whatever the number of examples: a Hessian averaged over thousands of
+    examples costs time, not memory. The random state (dropout) is replayed for every product,
+    so H is the same linear operator in every call; the buffers are the model's at construction
+    (a copy: the train-mode forwards here update BatchNorm running statistics, which the
+    train-mode loss does not read). Build it inside `modes.measuring(model, mode)`.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  x: torch.Tensor, y: torch.Tensor, micro_batch: int | None = None):
+        self.model, self.loss_fn = model, loss_fn
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.num_params = sum(p.numel() for p in self.params)
-        self.examples = x.shape[0] if micro_batch is None else (x.shape[0] // micro_batch) * micro_batch
-        # the graph holds its own copy of the buffers: a later train-mode forward (which updates
-        # BatchNorm running statistics in place) or `measuring` restoring them must not break it
-        state = {**dict(model.named_parameters()), **{k: v.clone() for k, v in model.named_buffers()}}
+        n = x.shape[0]
+        if micro_batch is not None and micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+        b = n if micro_batch is None or micro_batch >= n else micro_batch
+        self.micro_batch = b
+        self.chunks = [(x[i * b:(i + 1) * b], y[i * b:(i + 1) * b]) for i in range(n // b)]
+        self.examples = b * len(self.chunks)  # trailing examples that do not fill a micro-batch are dropped
+        self._names = [name for name, p in model.named_parameters() if p.requires_grad]
+        self._buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+        self._rng = _rng_state(self.params[0].device if self.params else torch.device("cpu"))
+        self._dtype = self.params[0].dtype if self.params else torch.float32
+        self.hvps = 0  # products taken (each costs about 2 forward + 3 backward passes per micro-batch)
 
-        def forward(inputs: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(model, state, (inputs,))
-
-        loss = micro_batch_loss(forward, loss_fn, x, y, micro_batch)
+    def _chunk_grad(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+        state = {**dict(zip(self._names, self.params)), **{k: v.clone() for k, v in self._buffers.items()}}
+        loss = self.loss_fn(torch.func.functional_call(self.model, state, (x,)), y)
         grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         # a parameter the loss does not touch has a zero row and column in H
-        self._flat_grad = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                     for g, p in zip(grads, self.params)])
-        self._used = [g is not None and g.requires_grad for g in grads]
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.params)])
+        return flat, [g is not None and g.requires_grad for g in grads]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self._flat_grad.dtype
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
-        return self._flat_grad.device
+        return self.params[0].device if self.params else torch.device("cpu")
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """H v for a flat vector v (any float dtype; the product comes back in v's dtype)."""
-        if not any(self._used):
-            return torch.zeros_like(v)
-        hv = torch.autograd.grad(self._flat_grad, self.params, grad_outputs=v.to(self.dtype),
-                                 retain_graph=True, allow_unused=True)
-        flat = torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, self.params)])
-        return flat.detach().to(v.dtype)
+        out = torch.zeros(self.num_params, dtype=torch.float64, device=v.device)
+        with _replayed_rng(self._rng):
+            for x, y in self.chunks:
+                flat, used = self._chunk_grad(x, y)
+                if not any(used):
+                    continue
+                hv = torch.autograd.grad(flat, self.params, grad_outputs=v.to(flat.dtype), allow_unused=True)
+                out += torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1)
+                                  for h, p in zip(hv, self.params)]).double()
+        self.hvps += 1
+        return (out / max(len(self.chunks), 1)).to(v.dtype)
 
     def top_eigs(self, k: int = 1, iters: int = 100, tol: float = 1e-4, seed: int = 0) -> list[float]:
         """The k largest (algebraic) eigenvalues of H, descending (Lanczos, see `lanczos_top_eigs`)."""
@@ -87,7 +104,7 @@ def hessian_top_eigs(
     only when asked for. BatchNorm buffers, the module's mode and the RNG are restored.
 
     Runs at most min(iters, P) Lanczos steps (P = trainable parameters) and stops early once the
-    top-k Ritz values change by less than `tol` (relative) between steps.
+    top-k Ritz pairs have residuals below `tol` (relative; see `lanczos_top_eigs`).
     """
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _check_lanczos_args(k, iters, n_params)
@@ -105,7 +122,16 @@ def _check_lanczos_args(k: int, iters: int, n_params: int) -> None:
 def lanczos_top_eigs(hvp: Callable[[torch.Tensor], torch.Tensor], n_params: int, dtype: torch.dtype,
                      device: torch.device, k: int = 1, iters: int = 100, tol: float = 1e-4, seed: int = 0) -> list[float]:
     """Top-k eigenvalues of the symmetric operator `hvp` on R^n_params (Lanczos with full
-    reorthogonalisation), descending."""
+    reorthogonalisation), descending.
+
+    Stops when every top-k Ritz pair (theta, u) has a residual |H u - theta u| <= tol |theta|.
+    The residual of a Ritz pair after j steps is beta_{j+1} |s_j| (s_j the last component of its
+    eigenvector of the tridiagonal matrix; Parlett, The Symmetric Eigenvalue Problem, 13.2), so
+    the test costs no product; H has an eigenvalue within the residual of theta (and, once the
+    top eigenvalue is separated by a gap g from the next, theta is within residual^2 / g of it).
+    A stop on the change of the Ritz values between steps can fire while the top value is still
+    creeping up; the residual cannot be small unless (theta, u) is an eigenpair.
+    """
     _check_lanczos_args(k, iters, n_params)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(n_params, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
@@ -113,7 +139,6 @@ def lanczos_top_eigs(hvp: Callable[[torch.Tensor], torch.Tensor], n_params: int,
     basis = [q]
     alphas: list[float] = []
     betas: list[float] = []
-    previous = None
     m = min(iters, n_params)
     for j in range(m):
         w = hvp(basis[j])
@@ -123,28 +148,43 @@ def lanczos_top_eigs(hvp: Callable[[torch.Tensor], torch.Tensor], n_params: int,
         q_mat = torch.stack(basis)
         for _ in range(2):
             w = w - q_mat.T @ (q_mat @ w)
-        ritz = _tridiag_eigs(alphas, betas)
-        top = ritz[:k]
-        if len(top) == k and previous is not None and all(
-            abs(a - b) <= tol * max(abs(a), 1e-12) for a, b in zip(top, previous)
-        ):
-            return top
-        previous = top if len(top) == k else None
         beta = float(w.norm())
+        ritz, last = _tridiag_eig(alphas, betas)
+        if len(ritz) >= k and all(beta * abs(s) <= tol * max(abs(t), 1e-12) for t, s in zip(ritz[:k], last[:k])):
+            return ritz[:k]
         if j == m - 1 or beta <= 1e-10 * max(abs(alpha), 1.0):
             break  # the Krylov space is invariant (or exhausted): the Ritz values are exact
         betas.append(beta)
         basis.append(w / beta)
-    ritz = _tridiag_eigs(alphas, betas)
+    ritz, _ = _tridiag_eig(alphas, betas)
     if len(ritz) < k:  # invariant subspace smaller than k: restarting is not worth it here
         raise UsageError("k", f"the Krylov space has only {len(ritz)} dimensions; ask for fewer eigenvalues")
     return ritz[:k]
 
 
-def _tridiag_eigs(alphas: list[float], betas: list[float]) -> list[float]:
+def _tridiag_eig(alphas: list[float], betas: list[float]) -> tuple[list[float], list[float]]:
+    """Eigenvalues of the Lanczos tridiagonal matrix, descending, and the last component of each
+    eigenvector (what the residual needs)."""
     n = len(alphas)
     t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
     if n > 1:
         off = torch.tensor(betas[: n - 1], dtype=torch.float64)
         t += torch.diag(off, 1) + torch.diag(off, -1)
-    return sorted(torch.linalg.eigvalsh(t).tolist(), reverse=True)
+    values, vectors = torch.linalg.eigh(t)
+    order = values.argsort(descending=True)
+    return values[order].tolist(), vectors[-1, order].tolist()
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.device, torch.Tensor | None]:
+    return torch.get_rng_state(), device, torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def _replayed_rng(state: tuple[torch.Tensor, torch.device, torch.Tensor | None]) -> Iterator[None]:
+    """Run with the RNG at `state` (the same dropout masks every time), restoring it afterwards."""
+    cpu, device, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield

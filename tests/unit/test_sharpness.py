@@ -54,3 +54,20 @@ def test_k_larger_than_the_parameter_count_is_a_usage_error():
     model, loss_fn, x, y, _ = least_squares(d=4)
     with pytest.raises(UsageError, match="number of parameters \\(4\\)"):
         hessian_top_eigs(model, loss_fn, x, y, k=5)
+
+
+def test_the_operator_is_one_symmetric_matrix_over_micro_batches_even_with_dropout():
+    """Each product re-walks the micro-batches (memory of one micro-batch); the dropout masks are
+    replayed, so u.Hv = v.Hu and the products are the mean of the micro-batches' Hessians."""
+    from bigbatch.measure.modes import measuring
+    from bigbatch.measure.sharpness import HessianOperator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3)).double()
+    x, y = torch.randn(96, 6, dtype=torch.float64), torch.randint(0, 3, (96,))
+    with measuring(model, "train"):
+        op = HessianOperator(model, torch.nn.functional.cross_entropy, x, y, micro_batch=32)
+        u, v = torch.randn(op.num_params, dtype=torch.float64), torch.randn(op.num_params, dtype=torch.float64)
+        assert float(u @ op.hvp(v)) == pytest.approx(float(v @ op.hvp(u)), rel=1e-9)
+        assert torch.equal(op.hvp(v), op.hvp(v))
+    assert op.examples == 96 and len(op.chunks) == 3 and op.hvps == 4
