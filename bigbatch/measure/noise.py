@@ -7,10 +7,11 @@ Three pieces:
   gradient at two batch sizes (McCandlish et al. 2018, appendix A.1). Under data parallelism the
   small batch is one rank's local batch and the big batch the global batch, so both norms come
   almost for free; in one process the micro-batches of gradient accumulation are the small batches.
-- `train_mode_noise`: the reference on the loss that is trained. K independent gradients of the
-  training micro-batch size b, BatchNorm in train mode (each micro-batch normalised by its own
-  statistics, as SGD sees it), give unbiased |G|^2 and tr(Sigma); with Hessian-vector products on
-  an independent batch also G^T H G and tr(H Sigma), hence B_noise.
+- `train_mode_noise` (measure.train_mode): the reference on the loss that is trained. K
+  independent gradients of the training micro-batch size b, BatchNorm in train mode (each
+  micro-batch normalised by its own statistics, as SGD sees it), give unbiased |G|^2 and
+  tr(Sigma); with Hessian-vector products on an independent batch also G^T H G and tr(H Sigma),
+  hence B_noise; each with a jackknife standard error (measure.jackknife).
 - `per_sample_b_simple`: the exact value from per-example gradients (torch.func), for models
   without batch-dependent layers (a BatchNorm model is refused unless eval mode is asked for:
   a per-example gradient in eval mode is the gradient of a different loss).
@@ -19,13 +20,11 @@ Three pieces:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
 from bigbatch.measure.modes import has_batch_norm, measuring
-from bigbatch.measure.sharpness import HessianOperator
 
 
 def two_batch_estimate(sq_small: float, b_small: float, sq_big: float, b_big: float) -> tuple[float, float]:
@@ -194,121 +193,3 @@ def per_sample_b_simple(
     """
     grad_sq, trace_sigma = per_sample_stats(model, loss_fn, x, y, chunk, eval_batchnorm)
     return trace_sigma / grad_sq
-
-
-@dataclass
-class NoiseMeasurement:
-    """What `train_mode_noise` measured; `to_dict` gives the JSON fields."""
-
-    micro_batch: int  # b: the examples in each gradient (the training micro-batch)
-    samples: int  # K: independent micro-batch gradients
-    grad_sq: float  # |G|^2, unbiased
-    trace_sigma: float  # tr(Sigma), per-example units: b x tr Cov(G_b)
-    g_h_g: float | None = None  # G^T H G, unbiased given H
-    trace_h_sigma: float | None = None  # tr(H Sigma), per-example units
-    hessian_examples: int = 0  # examples in the independent Hessian batch (0: B_noise not measured)
-    hessian_samples: int = 0  # M: gradients that got an HVP
-    bn_mode: str = "train"  # "train": batch statistics of each micro-batch; "none": no BatchNorm
-    gradients: torch.Tensor | None = field(default=None, repr=False)  # the first `keep` gradients (K', P)
-
-    @property
-    def b_simple(self) -> float | None:
-        """tr(Sigma)/|G|^2 (None when the |G|^2 estimate is not positive: noise dominates)."""
-        return self.trace_sigma / self.grad_sq if self.grad_sq > 0 else None
-
-    @property
-    def b_noise(self) -> float | None:
-        """tr(H Sigma)/(G^T H G) (None when not measured or G^T H G is not positive)."""
-        if self.g_h_g is None or self.trace_h_sigma is None or self.g_h_g <= 0:
-            return None
-        return self.trace_h_sigma / self.g_h_g
-
-    def to_dict(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k != "gradients"}
-        return {**out, "b_simple": self.b_simple, "b_noise": self.b_noise}
-
-
-def train_mode_noise(
-    model: torch.nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    hessian: HessianOperator | None = None,
-    keep: int = 0,
-    hessian_samples: int | None = None,
-) -> NoiseMeasurement:
-    """B_simple (and with `hessian`, B_noise) of the training loss from K independent
-    micro-batch gradients.
-
-    `batches`: K >= 2 independent micro-batches (x_k, y_k), each of the training micro-batch
-    size b, drawn as training draws them (augmentation included). Each gradient G_k is taken in
-    train mode: BatchNorm normalises the micro-batch by its own statistics, which is the loss SGD
-    follows. G = E[G_k] is the gradient of that expected loss and Cov(G_k) = Sigma/b defines the
-    per-example-equivalent covariance Sigma, so the noise of any batch built from micro-batches
-    of b (accumulation, data parallelism) is Sigma/B, as McCandlish et al. 2018 assume. Unbiased
-    estimators (the mean gradient Gbar over K; E|G_B|^2 = |G|^2 + tr(Sigma)/B at B = b and B = bK):
-
-        tr(Sigma) = b * sum_k |G_k - Gbar|^2 / (K - 1)
-        |G|^2     = |Gbar|^2 - tr(Sigma) / (b K)
-
-    `hessian`: a `HessianOperator` of the same training loss on a batch independent of the K
-    micro-batches (so E[H] is the Hessian and does not correlate with the G_k). Given H,
-    E[G_k^T H G_k] = G^T H G + tr(H Sigma)/b (McCandlish et al. 2018, section 2.2: the
-    second-order term of the expected loss change), so the same two estimators with H in the
-    inner product give
-
-        tr(H Sigma) = b * sum_k (G_k - Gbar)^T H (G_k - Gbar) / (K - 1)
-        G^T H G     = Gbar^T H Gbar - tr(H Sigma) / (b K)
-
-    and B_noise = tr(H Sigma)/(G^T H G) (section 2.2; B_simple is its H = I form).
-
-    HVPs cost several backward passes, so only the first M = `hessian_samples` gradients (all
-    K by default) get one, and each H G_a is dotted with every gradient: for independent G_a, G_l
-    (l != a), E[G_l^T H G_a] = G^T H G and E[G_a^T H G_a] = G^T H G + tr(H Sigma)/b, so
-
-        G^T H G     = sum_{a <= M} sum_{l != a} G_l^T H G_a / (M (K - 1))
-        tr(H Sigma) = b * (sum_{a <= M} G_a^T H G_a / M - G^T H G)
-
-    which at M = K is exactly the pair of formulas above. Sums in float64, memory O(parameters)
-    plus `keep` stored gradients (float32; for the tail index). Mode, BatchNorm buffers and RNG
-    are restored afterwards.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    bn_mode = "train" if has_batch_norm(model) else "none"
-    sum_g = sum_hg = None
-    sum_sq = sum_ghg = 0.0
-    kept: list[torch.Tensor] = []
-    count, micro, hvps = 0, None, 0
-    with measuring(model, "train"):
-        for x, y in batches:
-            if micro is None:
-                micro = x.shape[0]
-            elif x.shape[0] != micro:
-                raise ValueError(f"every micro-batch must have the same size b; got {x.shape[0]} after {micro}")
-            loss = loss_fn(model(x), y)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            g = torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1) for gi, p in zip(grads, params)])
-            if len(kept) < keep:
-                kept.append(g.detach().float())
-            g = g.detach().double()
-            sum_g = g.clone() if sum_g is None else sum_g.add_(g)
-            sum_sq += float(g @ g)
-            if hessian is not None and (hessian_samples is None or hvps < hessian_samples):
-                hg = hessian.hvp(g)
-                sum_hg = hg.clone() if sum_hg is None else sum_hg.add_(hg)
-                sum_ghg += float(g @ hg)
-                hvps += 1
-            count += 1
-    if count < 2:
-        raise ValueError(f"need at least 2 micro-batch gradients, got {count}")
-    k, b = count, micro
-    cov_trace = (sum_sq - float(sum_g @ sum_g) / k) / (k - 1)  # tr Cov(G_b)
-    out = NoiseMeasurement(micro_batch=b, samples=k, trace_sigma=b * cov_trace,
-                           grad_sq=float(sum_g @ sum_g) / k**2 - cov_trace / k, bn_mode=bn_mode,
-                           gradients=torch.stack(kept) if kept else None)
-    if hessian is not None:
-        m = hvps
-        out.g_h_g = (float(sum_g @ sum_hg) - sum_ghg) / (m * (k - 1))
-        out.trace_h_sigma = b * (sum_ghg / m - out.g_h_g)
-        out.hessian_examples = hessian.examples
-        out.hessian_samples = m
-    return out

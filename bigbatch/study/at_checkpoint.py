@@ -38,7 +38,8 @@ from bigbatch import folders
 from bigbatch.config import derive_batch
 from bigbatch.errors import UsageError
 from bigbatch.measure.modes import measuring
-from bigbatch.measure.noise import GNSEstimator, train_mode_noise
+from bigbatch.measure.noise import GNSEstimator
+from bigbatch.measure.train_mode import train_mode_noise
 from bigbatch.measure.sharpness import HessianOperator
 from bigbatch.measure.tails import probe_tail_interval
 from bigbatch.trainer import checkpoint as ckpt

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from bigbatch.measure.modes import measuring
-from bigbatch.measure.noise import per_sample_stats, train_mode_noise
+from bigbatch.measure.noise import per_sample_stats
+from bigbatch.measure.train_mode import train_mode_noise
 from bigbatch.measure.sharpness import HessianOperator, hessian_top_eigs
 
 B = 16  # the training micro-batch
