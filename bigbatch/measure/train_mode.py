@@ -93,7 +93,7 @@ class NoiseMeasurement:
         value = low_n / upper if upper is not None and upper > 0 and low_n > 0 else 0.0
         if d > 0:
             resolved = se_d is not None and d - t_quantile((1 + LEVEL) / 2, self.groups - 1) * se_d > 0
-            reason = "resolved" if resolved else (f"{den} {d:.3g} is within its noise (SE {se_d}): "
+            reason = "resolved" if resolved else (f"{den} {d:.3g} is within its noise (SE {se_d:.3g}): "
                                                   f"{name} > {value:.4g}, upper end unbounded")
         else:
             reason = (f"{den} estimate {d:.3g} <= 0 at b K = {self.micro_batch * self.samples} examples: "

@@ -6,8 +6,12 @@ the training micro-batch b is derived from the run's config, its step and its wo
 RNG state per rank is saved). Everything is measured with BatchNorm in train mode on micro-batches
 of b (augmentation and label smoothing as trained):
 
-- B_simple, |G|^2, tr(Sigma): `measure.noise.train_mode_noise` on K = --samples independent
-  micro-batch gradients (unbiased estimators; McCandlish et al. 2018, appendix A).
+- B_simple, |G|^2, tr(Sigma): `measure.train_mode.train_mode_noise` on K independent
+  micro-batch gradients (unbiased estimators; McCandlish et al. 2018, appendix A), each with a
+  jackknife standard error; K starts at --samples and grows (up to --max-samples, 20 s) until
+  b K >= 10 B_simple or B_simple's relative standard error is <= 20 %. A ratio whose denominator
+  is not positive or not resolved is reported as a lower bound with its reason (*_lower_bound,
+  *_reason), never as a value.
 - B_noise = tr(H Sigma)/(G^T H G): the same gradients with Hessian-vector products on an
   independent Hessian batch (`--hessian-examples`, split into micro-batches of b): HVPs of the
   first 16 gradients, each dotted with all K.
@@ -16,7 +20,10 @@ of b (augmentation and label smoothing as trained):
   stopped on the Ritz residual).
 - tail_alpha, tail_alpha_interval: `measure.tails.probe_tail_interval` on the first 64 gradients
   (a 95 % jackknife interval over their 32 independent differences).
-- b_simple_online: the run's own online EMA (measure.gns) as saved in the checkpoint, if any.
+- b_simple_online: the run's own online EMA (measure.gns) as saved in the checkpoint, if any;
+  b_simple_online_mean: its logged values averaged over training, step-weighted.
+- --micro-batch B: measure at BatchNorm micro-batch B instead of the training b (one fixed B
+  makes checkpoints trained at different batch sizes comparable); train_micro_batch is kept.
 
 Prints one line per quantity and, with --json FILE, writes them as one JSON object.
 """
@@ -53,9 +60,12 @@ DEFAULT_SAMPLES = 256  # K micro-batch gradients: |G|^2's relative error ~ B_sim
 # draw (it is convex in the matrix): at one micro-batch of 256 examples a batch-256 MNIST-1D CNN
 # read 10.4-20.6 over six seeds against ~11 at 2,048 (issue 32). 2,048 examples, in micro-batches of b.
 DEFAULT_HESSIAN_EXAMPLES = 2048
-HESSIAN_SAMPLES = 16  # M gradients get an HVP (each dotted with all K): an HVP costs ~4 backward passes
+HESSIAN_SAMPLES = 32  # M gradients get an HVP (each dotted with all K; 2 in each jackknife group): an HVP costs
+# ~2.5 passes per Hessian micro-batch, so 32 of them on 2,048 examples cost about as much as 1,000 gradients
 TAIL_SAMPLES = 64
 SHARPNESS_ITERS = 30  # a cap: the residual stop below ends the top eigenvalue after 4-6 steps here
+GROWTH = 4  # K may grow to 4 x --samples (default 1,024) until B_simple is resolved (measure.train_mode)
+BUDGET_S = 20.0  # ... or until this many seconds of gradients: the command stays within ~30 s on a CPU
 SHARPNESS_TOL = 1e-2  # Ritz residual |H u - theta u| <= 1 % of theta (measure.sharpness.lanczos_top_eigs)
 
 
@@ -66,11 +76,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hessian-examples", type=int, default=DEFAULT_HESSIAN_EXAMPLES,
                    help=f"examples in the independent Hessian batch for B_noise and sharpness (default "
                         f"{DEFAULT_HESSIAN_EXAMPLES}; 0 = skip both)")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help=f"K may grow up to this many gradients until B_simple is resolved (b K >= 10 B_simple or a "
+                        f"standard error below 20 %%; default {GROWTH} x --samples, and at most {BUDGET_S:g} s)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="BatchNorm micro-batch to measure at (default: the training micro-batch b); one fixed value "
+                        "for runs at different batch sizes measures one loss")
     p.add_argument("--seed", type=int, default=0, help="seed of the example draws (default 0)")
     p.add_argument("--json", metavar="FILE", help="also write the result as one JSON object")
 
 
-def check_args(run_dir: Path, samples: int, hessian_examples: int) -> None:
+def check_args(run_dir: Path, samples: int, hessian_examples: int, max_samples: int | None = None,
+               micro_batch: int | None = None) -> None:
     """UsageError for bad input, before anything is loaded."""
     run = folders.RunFolder(run_dir)
     if not run.is_run():
@@ -81,6 +98,10 @@ def check_args(run_dir: Path, samples: int, hessian_examples: int) -> None:
         raise UsageError("--samples", f"must be >= 2 (two gradients give one spread), got {samples}")
     if hessian_examples < 0:
         raise UsageError("--hessian-examples", f"must be >= 0, got {hessian_examples}")
+    if max_samples is not None and max_samples < samples:
+        raise UsageError("--max-samples", f"must be >= --samples ({samples}), got {max_samples}")
+    if micro_batch is not None and micro_batch < 2:
+        raise UsageError("--micro-batch", f"must be >= 2 (BatchNorm needs two examples), got {micro_batch}")
 
 
 def training_micro_batch(cfg, state: dict[str, Any], num_train: int) -> tuple[int, int, int]:
@@ -95,10 +116,14 @@ def training_micro_batch(cfg, state: dict[str, Any], num_train: int) -> tuple[in
 
 def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] = DEFAULT_SAMPLES,
                        hessian_examples: int | Callable[[int], int] = DEFAULT_HESSIAN_EXAMPLES,
-                       seed: int = 0, sharpness: bool = True) -> dict[str, Any]:
+                       seed: int = 0, sharpness: bool = True, *, max_samples: int | Callable[[int], int] | None = None,
+                       micro_batch: int | None = None, budget_s: float | None = BUDGET_S) -> dict[str, Any]:
     """The measurement as a dict (see the module docstring); raises UsageError for data that is
-    not held in memory. `samples` and `hessian_examples` may be functions of the training
-    micro-batch b (a sweep sizes them per trial). `sharpness=False` skips the Lanczos run."""
+    not held in memory. `samples` (the K to start from), `max_samples` (how far K may grow;
+    default 4 x samples) and `hessian_examples` may be functions of the micro-batch b (a sweep
+    sizes them per trial). `micro_batch`: the BatchNorm micro-batch to measure at (default the
+    training one; a fixed value makes runs at different batch sizes comparable: one loss).
+    `sharpness=False` skips the Lanczos run."""
     t0 = time.perf_counter()
     bundle = build_data(cfg.data)
     if not bundle.in_memory:
@@ -108,8 +133,10 @@ def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] =
     model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
     model.load_state_dict(state["model"])
     loss_fn = TrainingLoss(cfg.train.label_smoothing, cfg.train.ignore_index)
-    b, global_batch, world = training_micro_batch(cfg, state, len(bundle.train))
+    train_b, global_batch, world = training_micro_batch(cfg, state, len(bundle.train))
+    b = micro_batch or train_b
     samples = samples(b) if callable(samples) else samples
+    max_samples = max_samples(b) if callable(max_samples) else (max_samples or GROWTH * samples)
     hessian_examples = hessian_examples(b) if callable(hessian_examples) else hessian_examples
     cpu = torch.device("cpu")
     n = len(bundle.train)
@@ -117,7 +144,7 @@ def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] =
     torch.manual_seed(seed)  # augmentation draws
 
     def micro_batches():  # K independent micro-batches of b distinct examples, as training draws them
-        for _ in range(samples):
+        for _ in range(max(samples, max_samples)):
             yield tensor_batch(bundle.train, torch.randperm(n, generator=gen)[:b], cpu, train=True)
 
     result: dict[str, Any] = {}
@@ -130,14 +157,15 @@ def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] =
             hx, hy = tensor_batch(bundle.train, h_idx, cpu, train=True)
             hessian = HessianOperator(model, loss_fn, hx, hy, micro_batch=b)
         noise = train_mode_noise(model, loss_fn, micro_batches(), hessian=hessian, keep=TAIL_SAMPLES,
-                                 hessian_samples=HESSIAN_SAMPLES)
+                                 hessian_samples=HESSIAN_SAMPLES, min_samples=samples, max_samples=max_samples,
+                                 budget_s=budget_s)
         result.update(noise.to_dict())
         top = hessian.top_eigs(k=1, iters=SHARPNESS_ITERS, tol=SHARPNESS_TOL)[0] if hessian and sharpness else None
         result["sharpness_top"] = top
     result["sharpness_mode"] = "train"
     tail = probe_tail_interval(noise.gradients) if noise.gradients is not None and len(noise.gradients) >= 8 else None
     result["tail_alpha"] = tail.alpha if tail else None
-    result["tail_alpha_interval"] = [tail.low, tail.high] if tail else None  # 95 %, jackknife (measure.tails)
+    result["tail_alpha_interval"] = [tail.low, _finite(tail.high)] if tail else None  # 95 %, jackknife; None: unbounded
     gns_state = (state.get("probes") or {}).get("gns")
     online = None
     if gns_state:
@@ -146,6 +174,8 @@ def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] =
         online = est.b_simple
     result.update({
         "b_simple_online": online,
+        "b_simple_online_mean": training_mean(folders.RunFolder(run_dir).read_metrics()),
+        "train_micro_batch": train_b,
         "global_batch": global_batch, "world_size": world, "step": int(state["progress"]["step"]),
         "label_smoothing": cfg.train.label_smoothing, "run_dir": str(run_dir),
         "seconds": time.perf_counter() - t0,
@@ -153,27 +183,59 @@ def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] =
     return result
 
 
+def training_mean(rows: list[dict[str, Any]], key: str = "gns/b_simple") -> float | None:
+    """The online estimate averaged over training, each logged value weighted by the steps since
+    the previous one (McCandlish et al. 2018's "appropriately averaged" noise scale: B_simple
+    grows as the loss falls, so the value at the end overstates the batch that was useful on
+    the way). None when the run logged none."""
+    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and r.get("step") is not None]
+    total = weight = 0.0
+    previous = 0
+    for step, value in points:
+        total += (step - previous) * value
+        weight += step - previous
+        previous = step
+    return total / weight if weight > 0 else None
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
-        return "nan" if not math.isfinite(v) else f"{v:.4g}"
+        return f"{v:.4g}" if math.isfinite(v) or math.isinf(v) else "nan"
     return "-" if v is None else str(v)
 
 
 def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     run_dir = Path(args.run_dir)
-    check_args(run_dir, args.samples, args.hessian_examples)
+    check_args(run_dir, args.samples, args.hessian_examples, args.max_samples, args.micro_batch)
     if "OMP_NUM_THREADS" not in os.environ:
         # many small backward passes: on shared cores a second intra-op thread mostly spins
         torch.set_num_threads(1)
     cfg = config_mod.load(folders.RunFolder(run_dir).config)
-    result = measure_checkpoint(cfg, run_dir, args.samples, args.hessian_examples, args.seed)
+    result = measure_checkpoint(cfg, run_dir, args.samples, args.hessian_examples, args.seed,
+                                max_samples=args.max_samples, micro_batch=args.micro_batch)
     result["seconds"] = time.perf_counter() - t0  # the whole command, loading included
     print(f"bigbatch measure {run_dir}: step {result['step']}, micro-batch b = {result['micro_batch']} "
-          f"(global {result['global_batch']} on {result['world_size']} rank(s)), BatchNorm mode: {result['bn_mode']}, "
-          f"K = {result['samples']} gradients, Hessian on {result['hessian_examples']} independent examples")
-    for key in ("b_simple", "b_noise", "grad_sq", "trace_sigma", "g_h_g", "trace_h_sigma", "sharpness_top",
-                "tail_alpha", "b_simple_online", "seconds"):
+          f"(trained at {result['train_micro_batch']}; global {result['global_batch']} on {result['world_size']} rank(s)), "
+          f"BatchNorm mode: {result['bn_mode']}, K = {result['samples']} gradients ({result['stopped']}), "
+          f"Hessian on {result['hessian_examples']} independent examples")
+    for key in ("b_simple", "b_noise", "grad_sq", "trace_sigma", "g_h_g", "trace_h_sigma"):
+        se = result.get(f"{key}_se")
+        line = f"  {key:<16} {_fmt(result[key])}" + (f" +- {_fmt(se)} (SE)" if se is not None else "")
+        if result.get(f"{key}_interval"):
+            line += f", 95 % [{_fmt(result[f'{key}_interval'][0])}, {_fmt(result[f'{key}_interval'][1] or math.inf)}]"
+        if result.get(f"{key}_reason") not in (None, "resolved"):
+            line += f"; {result[f'{key}_reason']}"
+        print(line)
+    tail = result["tail_alpha_interval"]
+    print(f"  {'sharpness_top':<16} {_fmt(result['sharpness_top'])}")
+    print(f"  {'tail_alpha':<16} {_fmt(result['tail_alpha'])}"
+          + (f", 95 % [{_fmt(tail[0])}, {_fmt(tail[1] if tail[1] is not None else math.inf)}]" if tail else ""))
+    for key in ("b_simple_online", "b_simple_online_mean", "seconds"):
         print(f"  {key:<16} {_fmt(result[key])}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -7,8 +7,11 @@ spent most of the measurement on trials that are not read (other learning rates,
 and a measurement at a large batch costs as much as a large part of its trial (K >= 32 micro-batch
 gradients of b examples each). So the sweep measures after its last trial: per batch size, the
 best learning rate's lowest seed that reached the target, one `bigbatch measure` each (BatchNorm in
-train mode with the trial's micro-batch b, at the final checkpoint, which is the state at the
-target since trials stop there), in parallel worker processes, largest batch first. The values go
+train mode at one fixed micro-batch for every batch size, the smallest batch measured, so the
+values compared across batches are of one loss; B_simple at the trial's own micro-batch b is kept
+as a second column, own_b), at the final checkpoint, which is the state at the target since
+trials stop there, in parallel worker processes, largest batch first. Each value carries its
+standard error and interval; a failed estimate is a lower bound with its reason (measure.train_mode). The values go
 into the trial's trial.json, so trials.jsonl and a refit (`bigbatch report`) see them; a resumed
 sweep measures only what is still missing.
 """
@@ -46,16 +49,22 @@ def chosen_trials(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return chosen
 
 
-def _measure(run_dir: str, samples: int, threads: int) -> dict[str, Any] | None:
+def _measure(run_dir: str, samples: int, threads: int, micro_batch: int | None = None) -> dict[str, Any] | None:
     """In a worker process: `bigbatch measure` of one trial's final checkpoint (None when its data
-    is not held in memory)."""
+    is not held in memory), at BatchNorm micro-batch `micro_batch` (one value for every batch
+    size of the sweep, so the values compared across batches are of one loss) and, as a second
+    column, B_simple at the trial's own micro-batch b (`own_b`)."""
     torch.set_num_threads(threads)
     cfg = config_mod.load(folders.RunFolder(run_dir).config)
     try:
-        return measure_checkpoint(cfg, Path(run_dir), samples=lambda b: max(32, min(256, samples // b)),
-                                  hessian_examples=lambda b: max(512, b), sharpness=False)
+        fixed = measure_checkpoint(cfg, Path(run_dir), samples=lambda b: max(32, min(256, samples // b)),
+                                   hessian_examples=lambda b: max(512, b), sharpness=False, micro_batch=micro_batch)
+        own = fixed if micro_batch is None or micro_batch == fixed["train_micro_batch"] else measure_checkpoint(
+            cfg, Path(run_dir), samples=lambda b: max(32, min(256, samples // b)), hessian_examples=0, sharpness=False)
     except UsageError:
         return None
+    fixed["own_b"] = {k: own.get(k) for k in ("micro_batch", "b_simple", "b_simple_interval", "b_simple_lower_bound")}
+    return fixed
 
 
 def measure_at_target(records: list[dict[str, Any]], samples: int, threads: int = 1,
@@ -67,7 +76,9 @@ def measure_at_target(records: list[dict[str, Any]], samples: int, threads: int 
         return 0
     workers = max(1, min(len(chosen), workers or usable_cpus() // max(1, threads)))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [(t, pool.submit(_measure, t["run_dir"], samples, threads)) for t in chosen]
+        # the fixed BatchNorm micro-batch: the smallest batch measured (every trial can be measured at it)
+        micro_batch = min(t["batch"] for t in chosen)
+        futures = [(t, pool.submit(_measure, t["run_dir"], samples, threads, micro_batch)) for t in chosen]
         measured = 0
         for trial, future in futures:
             m = future.result()

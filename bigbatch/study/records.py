@@ -92,10 +92,17 @@ def set_measured(rec: dict[str, Any], measured: dict[str, Any] | None) -> dict[s
     reference at the target weights (`bigbatch.study.at_target`), else the online EMA stands in."""
     m = measured or {}
     online = rec.get("b_simple_online_at_target")
-    rec["b_simple_at_target"] = m["b_simple"] if m.get("b_simple") is not None else online
-    rec["b_simple_source"] = "train_mode" if m.get("b_simple") is not None else ("online" if online is not None else None)
+    # a measurement whose |G|^2 was not resolved is a lower bound (b_simple_lower_bound_at_target,
+    # with its reason), never replaced by the online EMA; the EMA stands in only where nothing was measured
+    rec["b_simple_at_target"] = m["b_simple"] if m.get("b_simple") is not None else (None if m else online)
+    rec["b_simple_source"] = "train_mode" if m else ("online" if online is not None else None)
     rec["b_noise_at_target"] = m.get("b_noise")
     rec["micro_batch"] = m.get("micro_batch")
+    for name in ("b_simple", "b_noise"):
+        for part in ("se", "interval", "lower_bound", "reason"):
+            rec[f"{name}_{part}_at_target"] = m.get(f"{name}_{part}")
+    rec["b_simple_own_b_at_target"] = (m.get("own_b") or {}).get("b_simple")
+    rec["own_micro_batch"] = (m.get("own_b") or {}).get("micro_batch")
     return rec
 
 

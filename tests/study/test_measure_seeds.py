@@ -81,3 +81,32 @@ def test_sharpness_agrees_with_a_4096_example_reference_for_every_seed(checkpoin
     print(f"reference {want:.3f}; bigbatch measure --seed {SEEDS}: {[round(g, 3) for g in got]}")
     for g in got:
         assert g == pytest.approx(want, rel=0.25)
+
+
+def test_noise_scales_carry_standard_errors_whose_intervals_overlap_across_seeds_within_30_s(checkpoint, tmp_path):
+    """The issue's B_noise read 24-91 over six seeds with no error bar. Each seed's 95 % interval
+    (jackknife, measure.train_mode) must overlap every other's, and the command must stay within
+    its 30 s budget on a CPU core."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    results = []
+    for seed in (0, 1, 2):
+        out = tmp_path / f"m{seed}.json"
+        proc = subprocess.run([sys.executable, "-m", "bigbatch", "measure", str(checkpoint), "--seed", str(seed),
+                               "--json", str(out)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr
+        print(proc.stdout)
+        results.append(json.loads(out.read_text()))
+    for r in results:
+        assert r["seconds"] <= 30
+        assert r["b_simple_se"] > 0 and r["b_noise_interval"] is not None and r["b_noise_reason"]
+    for key in ("b_simple_interval", "b_noise_interval"):
+        for a in results:
+            for b in results:
+                lo = max(a[key][0], b[key][0])
+                hi = min(x for x in (a[key][1], b[key][1], float("inf")) if x is not None)
+                assert lo <= hi, (key, a[key], b[key])
