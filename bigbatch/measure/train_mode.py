@@ -37,7 +37,7 @@ class NoiseMeasurement:
     trace_sigma: float  # tr(Sigma), per-example units: b x tr Cov(G_b)
     g_h_g: float | None = None  # G^T H G, unbiased given H
     trace_h_sigma: float | None = None  # tr(H Sigma), per-example units
-    hessian_examples: int = 0  # examples in the independent Hessian batch (0: B_noise not measured)
+    hessian_examples: int = 0  # examples in the independent Hessian batch(es) (0: B_noise not measured)
     hessian_samples: int = 0  # M: gradients that got an HVP
     bn_mode: str = "train"  # "train": batch statistics of each micro-batch; "none": no BatchNorm
     se: dict = field(default_factory=dict)  # jackknife standard errors, keyed like the values
@@ -124,6 +124,7 @@ def train_mode_noise(
     max_samples: int | None = None,
     budget_s: float | None = None,
     groups: int = GROUPS,
+    hessian_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> NoiseMeasurement:
     """B_simple (and with `hessian`, B_noise) of the training loss from K independent
     micro-batch gradients, with jackknife standard errors.
@@ -150,6 +151,14 @@ def train_mode_noise(
 
     and B_noise = tr(H Sigma)/(G^T H G) (at M = K the same pair as for tr(Sigma) and |G|^2).
 
+    `hessian_batches` instead of `hessian`: each HVP gradient G_a gets its own Hessian H_a, of one
+    micro-batch drawn independently of everything else (`HessianOperator` on the next batch).
+    E[H_a] = H, the Hessian of the training loss, and H_a is independent of every G_l, so the
+    formulas above stay unbiased with H_a in place of H. An HVP on one micro-batch costs a few
+    passes instead of a few per micro-batch of a large fixed Hessian batch, so many more
+    gradients get one for the same time, and the Hessian's own sampling noise is averaged over
+    them instead of frozen into one draw (the jackknife sees it: (G_a, H_a) is one unit).
+
     Growth: with `max_samples`, at least `min_samples` gradients are taken (default: `groups`),
     then after every `groups` more the estimate is checked and K stops growing once b K >= 10
     B_simple or B_simple's standard error is below 20 % of it (`stopped` says which), or at
@@ -164,6 +173,8 @@ def train_mode_noise(
     floor = groups if min_samples is None else max(2, min_samples)
     stopped = "all batches"
     start = time.perf_counter()
+    h_iter = iter(hessian_batches) if hessian_batches is not None else None
+    h_examples = 0
     with measuring(model, "train"):
         for x, y in batches:
             if sums is None:
@@ -176,8 +187,14 @@ def train_mode_noise(
             if len(kept) < keep:
                 kept.append(g.detach().float())
             g = g.detach().double()
-            with_hvp = hessian is not None and (hessian_samples is None or sums.hessian_samples < hessian_samples)
-            sums.add(g, hessian.hvp(g) if with_hvp else None)
+            with_hvp = (hessian is not None or h_iter is not None) and (
+                hessian_samples is None or sums.hessian_samples < hessian_samples)
+            op = hessian
+            if with_hvp and h_iter is not None:
+                hx, hy = next(h_iter)
+                op = HessianOperator(model, loss_fn, hx, hy)
+                h_examples += op.examples
+            sums.add(g, op.hvp(g) if with_hvp else None)
             if max_samples is not None and sums.count >= floor and sums.count % groups == 0:
                 stopped = _stop_reason(sums, max_samples, budget_s, time.perf_counter() - start)
                 if stopped:
@@ -190,8 +207,8 @@ def train_mode_noise(
                            trace_h_sigma=values["trace_h_sigma"], bn_mode=bn_mode, groups=groups,
                            se={k: v for k, v in se.items() if v is not None and values[k] is not None},
                            stopped=stopped or "all batches", gradients=torch.stack(kept) if kept else None)
-    if hessian is not None:
-        out.hessian_examples = hessian.examples
+    if hessian is not None or h_iter is not None:
+        out.hessian_examples = hessian.examples if hessian is not None else h_examples
         out.hessian_samples = sums.hessian_samples
     return out
 

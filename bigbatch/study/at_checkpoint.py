@@ -12,9 +12,11 @@ of b (augmentation and label smoothing as trained):
   b K >= 10 B_simple or B_simple's relative standard error is <= 20 %. A ratio whose denominator
   is not positive or not resolved is reported as a lower bound with its reason (*_lower_bound,
   *_reason), never as a value.
-- B_noise = tr(H Sigma)/(G^T H G): the same gradients with Hessian-vector products on an
-  independent Hessian batch (`--hessian-examples`, split into micro-batches of b): HVPs of the
-  first 16 gradients, each dotted with all K.
+- B_noise = tr(H Sigma)/(G^T H G): the same gradients, each with a Hessian-vector product on
+  its own fresh micro-batch of b (independent of the gradients, so E[H_a] is the training loss's
+  Hessian), dotted with all K (measure.train_mode, `hessian_batches`). On a batch-256 MNIST-1D
+  CNN this gave SEs of 26-40 (~10 %) in 7 s where HVPs of 32 gradients on one 2,048-example
+  Hessian gave 34-87 in about as long: many cheap Hessians average their noise away.
 - sharpness_top: the top eigenvalue of that Hessian, the training loss's Hessian averaged over
   --hessian-examples (default 2,048) examples in micro-batches of b (Lanczos on the same HVPs,
   stopped on the Ritz residual).
@@ -60,8 +62,6 @@ DEFAULT_SAMPLES = 256  # K micro-batch gradients: |G|^2's relative error ~ B_sim
 # draw (it is convex in the matrix): at one micro-batch of 256 examples a batch-256 MNIST-1D CNN
 # read 10.4-20.6 over six seeds against ~11 at 2,048 (issue 32). 2,048 examples, in micro-batches of b.
 DEFAULT_HESSIAN_EXAMPLES = 2048
-HESSIAN_SAMPLES = 32  # M gradients get an HVP (each dotted with all K; 2 in each jackknife group): an HVP costs
-# ~2.5 passes per Hessian micro-batch, so 32 of them on 2,048 examples cost about as much as 1,000 gradients
 TAIL_SAMPLES = 64
 SHARPNESS_ITERS = 30  # a cap: the residual stop below ends the top eigenvalue after 4-6 steps here
 GROWTH = 4  # K may grow to 4 x --samples (default 1,024) until B_simple is resolved (measure.train_mode)
@@ -74,8 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
                    help=f"independent micro-batch gradients K (default {DEFAULT_SAMPLES})")
     p.add_argument("--hessian-examples", type=int, default=DEFAULT_HESSIAN_EXAMPLES,
-                   help=f"examples in the independent Hessian batch for B_noise and sharpness (default "
-                        f"{DEFAULT_HESSIAN_EXAMPLES}; 0 = skip both)")
+                   help=f"examples the sharpness Hessian averages over, in micro-batches of b (default "
+                        f"{DEFAULT_HESSIAN_EXAMPLES}; 0 = skip sharpness and B_noise)")
     p.add_argument("--max-samples", type=int, default=None,
                    help=f"K may grow up to this many gradients until B_simple is resolved (b K >= 10 B_simple or a "
                         f"standard error below 20 %%; default {GROWTH} x --samples, and at most {BUDGET_S:g} s)")
@@ -147,21 +147,27 @@ def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] =
         for _ in range(max(samples, max_samples)):
             yield tensor_batch(bundle.train, torch.randperm(n, generator=gen)[:b], cpu, train=True)
 
+    def hessian_batches():  # one fresh micro-batch per HVP, independent of the K gradients (E[H_a] = H)
+        h_gen = torch.Generator().manual_seed(seed + 2)
+        while True:
+            yield tensor_batch(bundle.train, torch.randperm(n, generator=h_gen)[:b], cpu, train=True)
+
     result: dict[str, Any] = {}
     with measuring(model, "train"):
-        hessian = None
-        if hessian_examples:
-            # an independent draw: E[H] is the Hessian and H does not correlate with the K gradients
-            count = min(n, max(b, (hessian_examples // b) * b))  # whole micro-batches of distinct examples
+        noise = train_mode_noise(model, loss_fn, micro_batches(), keep=TAIL_SAMPLES, min_samples=samples,
+                                 max_samples=max_samples, budget_s=budget_s,
+                                 hessian_batches=hessian_batches() if hessian_examples else None)
+        result.update(noise.to_dict())
+        top, examples = None, 0
+        if hessian_examples and sharpness:
+            # the Hessian averaged over hessian_examples distinct examples (an independent draw), in
+            # micro-batches of b: a fixed operator for Lanczos
+            count = min(n, max(b, (hessian_examples // b) * b))  # whole micro-batches
             h_idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))[:count]
             hx, hy = tensor_batch(bundle.train, h_idx, cpu, train=True)
             hessian = HessianOperator(model, loss_fn, hx, hy, micro_batch=b)
-        noise = train_mode_noise(model, loss_fn, micro_batches(), hessian=hessian, keep=TAIL_SAMPLES,
-                                 hessian_samples=HESSIAN_SAMPLES, min_samples=samples, max_samples=max_samples,
-                                 budget_s=budget_s)
-        result.update(noise.to_dict())
-        top = hessian.top_eigs(k=1, iters=SHARPNESS_ITERS, tol=SHARPNESS_TOL)[0] if hessian and sharpness else None
-        result["sharpness_top"] = top
+            top, examples = hessian.top_eigs(k=1, iters=SHARPNESS_ITERS, tol=SHARPNESS_TOL)[0], hessian.examples
+        result["sharpness_top"], result["sharpness_examples"] = top, examples
     result["sharpness_mode"] = "train"
     tail = probe_tail_interval(noise.gradients) if noise.gradients is not None and len(noise.gradients) >= 8 else None
     result["tail_alpha"] = tail.alpha if tail else None
@@ -222,7 +228,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"bigbatch measure {run_dir}: step {result['step']}, micro-batch b = {result['micro_batch']} "
           f"(trained at {result['train_micro_batch']}; global {result['global_batch']} on {result['world_size']} rank(s)), "
           f"BatchNorm mode: {result['bn_mode']}, K = {result['samples']} gradients ({result['stopped']}), "
-          f"Hessian on {result['hessian_examples']} independent examples")
+          f"HVPs on {result['hessian_samples']} fresh micro-batches, sharpness on {result['sharpness_examples']} examples")
     for key in ("b_simple", "b_noise", "grad_sq", "trace_sigma", "g_h_g", "trace_h_sigma"):
         se = result.get(f"{key}_se")
         line = f"  {key:<16} {_fmt(result[key])}" + (f" +- {_fmt(se)} (SE)" if se is not None else "")

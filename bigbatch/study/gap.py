@@ -39,7 +39,8 @@ def trend_per_doubling(points: Sequence[tuple[float, float]], level: float = 0.9
     return out
 
 
-GAP_KEYS = ("train_acc", "test_acc", "train_loss", "test_loss", "gap", "loss_gap", "sharpness", "epochs", "steps")
+GAP_KEYS = ("train_acc", "test_acc", "train_loss", "test_loss", "gap", "loss_gap", "sharpness", "sharpness_own_b",
+            "epochs", "steps")
 
 
 def gap_rows(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -50,7 +51,8 @@ def gap_rows(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     criterion enter a row (so every row's train accuracy is at the criterion and test accuracy is
     free to differ); `n_not_met` counts the others. gap = train_acc - test_acc, loss_gap =
     test_loss - train_loss, sharpness = top Hessian eigenvalue of the training loss (train-mode
-    BatchNorm) at the end. Rows: batch, lr, n_seeds, n_not_met, <key> (mean), <key>_sd.
+    BatchNorm at one micro-batch for every batch size) at the end, sharpness_own_b the same at
+    each trial's own micro-batch. Rows: batch, lr, n_seeds, n_not_met, <key> (mean), <key>_sd.
     """
     by_batch: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for t in trials:

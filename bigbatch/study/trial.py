@@ -53,23 +53,25 @@ def _tune_reporter(row: dict[str, Any]) -> None:
         tune.report({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
-def train_mode_sharpness(cfg, run_dir: Path, samples: int) -> float | None:
+def train_mode_sharpness(cfg, run_dir: Path, samples: int, micro_batch: int | None = None) -> float | None:
     """Top Hessian eigenvalue of the training loss at the run's final weights: BatchNorm in train
-    mode with the trial's micro-batch b (the loss is the mean over micro-batches of b examples,
-    each normalised by its own statistics, as SGD saw it), Lanczos on HVPs (`measure.sharpness`);
-    the first max(`samples`, b) training examples, no augmentation."""
+    mode with micro-batch `micro_batch` (default the trial's own b; the loss is the mean over
+    micro-batches of that many examples, each normalised by its own statistics), Lanczos on HVPs
+    (`measure.sharpness`); the first max(`samples`, b) training examples, no augmentation. The gap
+    phase passes one micro-batch for every batch size, so the sharpness it compares across
+    batches is of one loss (with each trial's own b, the trend would mix eight losses)."""
     bundle = build_data(cfg.data)
     if not bundle.in_memory or not samples:
         return None
     model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
     state = ckpt.load(folders.RunFolder(run_dir).checkpoint)
     model.load_state_dict(state["model"])
-    b, _, _ = training_micro_batch(cfg, state, len(bundle.train))
+    b = micro_batch or training_micro_batch(cfg, state, len(bundle.train))[0]
     n = min(max(samples, b), len(bundle.train))
     x, y = tensor_batch(bundle.train, torch.arange(n), torch.device("cpu"), train=False)
     loss_fn = TrainingLoss(cfg.train.label_smoothing, cfg.train.ignore_index)
     with measuring(model, "train"):
-        return HessianOperator(model, loss_fn, x, y, micro_batch=min(b, n)).top_eigs(k=1, iters=30)[0]
+        return HessianOperator(model, loss_fn, x, y, micro_batch=min(b, n)).top_eigs(k=1, iters=30, tol=1e-2)[0]
 
 
 def _ddp_worker(loop_config: dict[str, Any]) -> None:
@@ -148,7 +150,10 @@ def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str
         extra |= {"steps_lower_bound": stop.get("steps_lower_bound"), "raced_against": stop.get("raced_against")}
     # B_simple / B_noise at the target: measured after the sweep, on the trials read (at_target)
     if gap and status not in ("diverged", "slower"):
-        extra |= {"sharpness": train_mode_sharpness(cfg, run.path, spec.gap.sharpness_samples), "sharpness_mode": "train"}
+        fixed = min(spec.gap.batch_sizes)  # one BatchNorm micro-batch for every gap batch: one loss
+        extra |= {"sharpness": train_mode_sharpness(cfg, run.path, spec.gap.sharpness_samples, micro_batch=fixed),
+                  "sharpness_micro_batch": fixed, "sharpness_mode": "train",
+                  "sharpness_own_b": train_mode_sharpness(cfg, run.path, spec.gap.sharpness_samples)}
     rec = record_trial(run.path, point, spec.trial.gap_epochs, summary, status, target=target, extra=extra)
     if spec.search.adaptive and rec["status"] == "ok" and not gap:
         search.record_finish(Path(out_dir), point, rec["steps_to_target"])

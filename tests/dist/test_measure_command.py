@@ -73,7 +73,7 @@ def test_online_b_simple_agrees_with_bigbatch_measure_within_20_percent(runs, na
 def test_the_command_prints_and_writes_every_field(runs, tmp_path):
     out = tmp_path / "m.json"
     proc = subprocess.run([sys.executable, "-m", "bigbatch", "measure", str(runs / "ddp"), "--samples", "64",
-                           "--hessian-examples", "256", "--json", str(out)],
+                           "--max-samples", "64", "--hessian-examples", "256", "--json", str(out)],
                           capture_output=True, text=True, timeout=200, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert "BatchNorm mode: train" in proc.stdout
@@ -81,7 +81,8 @@ def test_the_command_prints_and_writes_every_field(runs, tmp_path):
     for key in ("b_simple", "b_noise", "grad_sq", "trace_sigma", "sharpness_top", "tail_alpha", "bn_mode",
                 "micro_batch", "samples", "seconds"):
         assert key in res, key
-    assert res["samples"] == 64 and res["hessian_examples"] == 256 and res["sharpness_mode"] == "train"
+    assert res["samples"] == 64 and res["sharpness_examples"] == 256 and res["sharpness_mode"] == "train"
+    assert res["hessian_samples"] == 64 and res["b_simple_se"] > 0  # an HVP per gradient, each on a fresh micro-batch
     assert res["sharpness_top"] > 0 and 0.5 < res["tail_alpha"] < 4
 
 

@@ -186,3 +186,32 @@ def test_micro_batches_must_share_one_size_and_be_at_least_two():
         train_mode_noise(model, nn.functional.cross_entropy, [(x[:4], y[:4]), (x[:3], y[:3])])
     with pytest.raises(ValueError, match="at least 2"):
         train_mode_noise(model, nn.functional.cross_entropy, [(x[:4], y[:4])])
+
+
+def test_b_noise_with_one_fresh_hessian_micro_batch_per_hvp_equals_the_dense_ratio():
+    """H_a on one independent micro-batch per HVP: E[H_a] = H, independent of the gradients, so
+    the same estimators stay unbiased (measure.train_mode, `hessian_batches`)."""
+    gen = torch.Generator().manual_seed(5)
+    n, b = 512, 4
+    x = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    y = (x[:, 0] + 0.5 * x[:, 1] ** 2 + 0.8 * torch.randn(n, generator=gen, dtype=torch.float64) > 0.5).long()
+    y = y + (x[:, 2] > 1.0).long()
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    loss_fn = nn.functional.cross_entropy
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    H = torch.autograd.functional.hessian(flat_loss(model, loss_fn, x, y), flat)
+    per_example = torch.func.vmap(torch.func.grad(lambda f, xi, yi: flat_loss(model, loss_fn, xi[None], yi[None])(f)),
+                                  in_dims=(None, 0, 0))(flat, x, y)
+    G = per_example.mean(0)
+    Sigma = (per_example - G).T @ (per_example - G) / n
+    exact_b_noise = float(torch.trace(H @ Sigma) / (G @ H @ G))
+    batches = [torch.randint(0, n, (b,), generator=gen) for _ in range(4000)]
+    h_batches = [torch.randint(0, n, (b,), generator=gen) for _ in range(4000)]
+    got = train_mode_noise(model, loss_fn, ((x[i], y[i]) for i in batches),
+                           hessian_batches=((x[i], y[i]) for i in h_batches))
+    print(f"B_noise {got.b_noise:.2f} +- {got.se['b_noise']:.2f} (dense {exact_b_noise:.2f})")
+    assert got.hessian_samples == 4000 and got.hessian_examples == 4000 * b
+    assert got.b_noise == pytest.approx(exact_b_noise, rel=0.10)
+    low, high = got.interval("b_noise")
+    assert low <= exact_b_noise <= high
