@@ -144,12 +144,11 @@ def flat_loss(model, loss_fn, x, y):
     return f
 
 
-def test_b_noise_equals_the_dense_hessian_ratio():
-    """B_noise = tr(H Sigma)/(G^T H G) with H the dense Hessian of the loss over the data set and
-    Sigma the dense per-example covariance; the estimator only sees K micro-batch gradients of
-    b examples (drawn with replacement) and HVPs."""
+def dense_mlp_problem():
+    """A 38-parameter MLP on 512 examples: (model, loss_fn, x, y, dense Hessian H, dense
+    per-example covariance Sigma, mean gradient G, generator for the draws)."""
     gen = torch.Generator().manual_seed(5)
-    n, b = 512, 4
+    n = 512
     x = torch.randn(n, 3, generator=gen, dtype=torch.float64)
     y = (x[:, 0] + 0.5 * x[:, 1] ** 2 + 0.8 * torch.randn(n, generator=gen, dtype=torch.float64) > 0.5).long()
     y = y + (x[:, 2] > 1.0).long()  # three classes
@@ -162,6 +161,15 @@ def test_b_noise_equals_the_dense_hessian_ratio():
                                   in_dims=(None, 0, 0))(flat, x, y)
     G = per_example.mean(0)
     Sigma = (per_example - G).T @ (per_example - G) / n  # the population covariance of one draw
+    return model, loss_fn, x, y, H, Sigma, G, gen
+
+
+def test_b_noise_equals_the_dense_hessian_ratio():
+    """B_noise = tr(H Sigma)/(G^T H G) with H the dense Hessian of the loss over the data set and
+    Sigma the dense per-example covariance; the estimator only sees K micro-batch gradients of
+    b examples (drawn with replacement) and HVPs."""
+    model, loss_fn, x, y, H, Sigma, G, gen = dense_mlp_problem()
+    n, b = len(x), 4
     exact_b_noise = float(torch.trace(H @ Sigma) / (G @ H @ G))
     exact_b_simple = float(torch.trace(Sigma) / (G @ G))
 
@@ -191,20 +199,8 @@ def test_micro_batches_must_share_one_size_and_be_at_least_two():
 def test_b_noise_with_one_fresh_hessian_micro_batch_per_hvp_equals_the_dense_ratio():
     """H_a on one independent micro-batch per HVP: E[H_a] = H, independent of the gradients, so
     the same estimators stay unbiased (measure.train_mode, `hessian_batches`)."""
-    gen = torch.Generator().manual_seed(5)
-    n, b = 512, 4
-    x = torch.randn(n, 3, generator=gen, dtype=torch.float64)
-    y = (x[:, 0] + 0.5 * x[:, 1] ** 2 + 0.8 * torch.randn(n, generator=gen, dtype=torch.float64) > 0.5).long()
-    y = y + (x[:, 2] > 1.0).long()
-    torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
-    loss_fn = nn.functional.cross_entropy
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    H = torch.autograd.functional.hessian(flat_loss(model, loss_fn, x, y), flat)
-    per_example = torch.func.vmap(torch.func.grad(lambda f, xi, yi: flat_loss(model, loss_fn, xi[None], yi[None])(f)),
-                                  in_dims=(None, 0, 0))(flat, x, y)
-    G = per_example.mean(0)
-    Sigma = (per_example - G).T @ (per_example - G) / n
+    model, loss_fn, x, y, H, Sigma, G, gen = dense_mlp_problem()
+    n, b = len(x), 4
     exact_b_noise = float(torch.trace(H @ Sigma) / (G @ H @ G))
     batches = [torch.randint(0, n, (b,), generator=gen) for _ in range(4000)]
     h_batches = [torch.randint(0, n, (b,), generator=gen) for _ in range(4000)]
