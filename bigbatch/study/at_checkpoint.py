@@ -48,9 +48,10 @@ from bigbatch.config import derive_batch
 from bigbatch.errors import UsageError
 from bigbatch.measure.modes import measuring
 from bigbatch.measure.noise import GNSEstimator
-from bigbatch.measure.train_mode import train_mode_noise
 from bigbatch.measure.sharpness import HessianOperator
 from bigbatch.measure.tails import probe_tail_interval
+from bigbatch.measure.train_mode import train_mode_noise
+from bigbatch.study.records import training_mean
 from bigbatch.trainer import checkpoint as ckpt
 from bigbatch.trainer.data import build_data, tensor_batch
 from bigbatch.trainer.models import build_model
@@ -187,21 +188,6 @@ def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] =
         "seconds": time.perf_counter() - t0,
     })
     return result
-
-
-def training_mean(rows: list[dict[str, Any]], key: str = "gns/b_simple") -> float | None:
-    """The online estimate averaged over training, each logged value weighted by the steps since
-    the previous one (McCandlish et al. 2018's "appropriately averaged" noise scale: B_simple
-    grows as the loss falls, so the value at the end overstates the batch that was useful on
-    the way). None when the run logged none."""
-    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and r.get("step") is not None]
-    total = weight = 0.0
-    previous = 0
-    for step, value in points:
-        total += (step - previous) * value
-        weight += step - previous
-        previous = step
-    return total / weight if weight > 0 else None
 
 
 def _finite(v: float) -> float | None:

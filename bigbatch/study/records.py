@@ -80,11 +80,29 @@ def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: li
     # The per-example value at the target weights is exact; the online EMA (measure.gns) lags and
     # is noisy, so it is the fallback and is kept beside it.
     rec["b_simple_online_at_target"] = b_simple[-1] if b_simple and rec["steps_to_target"] is not None else None
+    # ... and averaged over training up to the target, step-weighted (McCandlish et al.'s "appropriately averaged")
+    rec["b_simple_online_mean_to_target"] = (training_mean([r for r in rows if r.get("step", 0) <= upto])
+                                             if rec["steps_to_target"] is not None else None)
     set_measured(rec, measured)
     sharp = [r["sharpness/top"] for r in rows if r.get("sharpness/top") is not None]
     rec["sharpness"] = sharp[-1] if sharp else None
     rec.update(extra or {})
     return rec
+
+
+def training_mean(rows: list[dict[str, Any]], key: str = "gns/b_simple") -> float | None:
+    """The online estimate averaged over training, each logged value weighted by the steps since
+    the previous one (McCandlish et al. 2018's "appropriately averaged" noise scale: B_simple
+    grows as the loss falls, so the value at the end overstates the batch that was useful on
+    the way). None when the run logged none."""
+    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None and r.get("step") is not None]
+    total = weight = 0.0
+    previous = 0
+    for step, value in points:
+        total += (step - previous) * value
+        weight += step - previous
+        previous = step
+    return total / weight if weight > 0 else None
 
 
 def set_measured(rec: dict[str, Any], measured: dict[str, Any] | None) -> dict[str, Any]:

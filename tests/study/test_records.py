@@ -39,6 +39,8 @@ def test_record_reads_target_gap_budget_and_measurements():
     # online B_simple: the last value up to steps_to_target (30), not the one after it
     assert rec["b_simple_online_at_target"] == 200.0 and rec["b_simple_at_target"] == 200.0
     assert rec["b_simple_source"] == "online"
+    # averaged over training up to the target, each value weighted by the steps it covers
+    assert rec["b_simple_online_mean_to_target"] == pytest.approx((10 * 100 + 10 * 150 + 10 * 200) / 30)
     assert rec["sharpness"] == 400.0
 
 
@@ -48,6 +50,16 @@ def test_the_train_mode_measurement_wins_and_budget_beyond_the_run_is_not_invent
     assert rec["b_noise_at_target"] == 150.0 and rec["micro_batch"] == 32
     assert rec["b_simple_at_target"] == 321.0 and rec["b_simple_source"] == "train_mode"
     assert rec["gap_at_budget"] is None  # the run stopped at 1 epoch, before the 2-epoch budget
+
+
+def test_a_measured_bound_is_kept_with_its_reason_and_not_replaced_by_the_online_ema():
+    bound = {"b_simple": None, "b_simple_lower_bound": 900.0, "b_simple_interval": [900.0, None],
+             "b_simple_reason": "grad_sq estimate -0.01 <= 0 at b K = 8192 examples: ...", "micro_batch": 32,
+             "own_b": {"micro_batch": 64, "b_simple": 1200.0}}
+    rec = trial_record(POINT, SUMMARY, rows(), gap_epochs=None, status="ok", measured=bound)
+    assert rec["b_simple_at_target"] is None and rec["b_simple_source"] == "train_mode"
+    assert rec["b_simple_lower_bound_at_target"] == 900.0 and "<= 0" in rec["b_simple_reason_at_target"]
+    assert rec["b_simple_own_b_at_target"] == 1200.0 and rec["own_micro_batch"] == 64
 
 
 def test_failed_trial_without_summary():
