@@ -15,11 +15,11 @@ of b (augmentation and label smoothing as trained):
 - B_noise = tr(H Sigma)/(G^T H G): the same gradients, each with a Hessian-vector product on
   its own fresh micro-batch of b (independent of the gradients, so E[H_a] is the training loss's
   Hessian), dotted with all K (measure.train_mode, `hessian_batches`). On a batch-256 MNIST-1D
-  CNN this gave SEs of 26-40 (~10 %) in 7 s where HVPs of 32 gradients on one 2,048-example
+  CNN this gave SEs of 25-41 (~10 %) in 7 s where HVPs of 32 gradients on one 2,048-example
   Hessian gave 34-87 in about as long: many cheap Hessians average their noise away.
-- sharpness_top: the top eigenvalue of that Hessian, the training loss's Hessian averaged over
-  --hessian-examples (default 2,048) examples in micro-batches of b (Lanczos on the same HVPs,
-  stopped on the Ritz residual).
+- sharpness_top: the top eigenvalue of the training loss's Hessian averaged over
+  --hessian-examples (default 2,048) distinct examples in micro-batches of b (a separate, fixed
+  operator: Lanczos, stopped on the Ritz residual).
 - tail_alpha, tail_alpha_interval: `measure.tails.probe_tail_interval` on the first 64 gradients
   (a 95 % jackknife interval over their 32 independent differences).
 - b_simple_online: the run's own online EMA (measure.gns) as saved in the checkpoint, if any;
@@ -118,12 +118,14 @@ def training_micro_batch(cfg, state: dict[str, Any], num_train: int) -> tuple[in
 def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] = DEFAULT_SAMPLES,
                        hessian_examples: int | Callable[[int], int] = DEFAULT_HESSIAN_EXAMPLES,
                        seed: int = 0, sharpness: bool = True, *, max_samples: int | Callable[[int], int] | None = None,
-                       micro_batch: int | None = None, budget_s: float | None = BUDGET_S) -> dict[str, Any]:
+                       micro_batch: int | None = None, budget_s: float | None = BUDGET_S,
+                       hessian_samples: int | None = None) -> dict[str, Any]:
     """The measurement as a dict (see the module docstring); raises UsageError for data that is
     not held in memory. `samples` (the K to start from), `max_samples` (how far K may grow;
     default 4 x samples) and `hessian_examples` may be functions of the micro-batch b (a sweep
     sizes them per trial). `micro_batch`: the BatchNorm micro-batch to measure at (default the
     training one; a fixed value makes runs at different batch sizes comparable: one loss).
+    `hessian_samples`: how many of the gradients get an HVP for B_noise (default all).
     `sharpness=False` skips the Lanczos run."""
     t0 = time.perf_counter()
     bundle = build_data(cfg.data)
@@ -156,7 +158,7 @@ def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] =
     result: dict[str, Any] = {}
     with measuring(model, "train"):
         noise = train_mode_noise(model, loss_fn, micro_batches(), keep=TAIL_SAMPLES, min_samples=samples,
-                                 max_samples=max_samples, budget_s=budget_s,
+                                 max_samples=max_samples, budget_s=budget_s, hessian_samples=hessian_samples,
                                  hessian_batches=hessian_batches() if hessian_examples else None)
         result.update(noise.to_dict())
         top, examples = None, 0

@@ -34,6 +34,9 @@ from bigbatch.study.at_checkpoint import measure_checkpoint
 from bigbatch.study.records import set_measured
 
 
+HESSIAN_SAMPLES = 64  # HVPs for B_noise per trial (4 per jackknife group), each ~3 gradients' cost
+
+
 def chosen_trials(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per batch size, the best lr's lowest seed that reached the target (critical phase only),
     skipping trials already measured; largest batch first (the slowest measurement starts first)."""
@@ -58,7 +61,8 @@ def _measure(run_dir: str, samples: int, threads: int, micro_batch: int | None =
     cfg = config_mod.load(folders.RunFolder(run_dir).config)
     try:
         fixed = measure_checkpoint(cfg, Path(run_dir), samples=lambda b: max(32, min(256, samples // b)),
-                                   hessian_examples=lambda b: max(512, b), sharpness=False, micro_batch=micro_batch)
+                                   hessian_examples=lambda b: max(512, b), sharpness=False, micro_batch=micro_batch,
+                                   hessian_samples=HESSIAN_SAMPLES)
         own = fixed if micro_batch is None or micro_batch == fixed["train_micro_batch"] else measure_checkpoint(
             cfg, Path(run_dir), samples=lambda b: max(32, min(256, samples // b)), hessian_examples=0, sharpness=False)
     except UsageError:
