@@ -35,6 +35,7 @@ from bigbatch.study.records import set_measured
 
 
 HESSIAN_SAMPLES = 64  # HVPs for B_noise per trial (4 per jackknife group), each ~3 gradients' cost
+BUDGET_S = 10.0  # seconds of gradients per measurement (K stops growing there): the study's default stays in budget
 
 
 def chosen_trials(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -62,9 +63,10 @@ def _measure(run_dir: str, samples: int, threads: int, micro_batch: int | None =
     try:
         fixed = measure_checkpoint(cfg, Path(run_dir), samples=lambda b: max(32, min(256, samples // b)),
                                    hessian_examples=lambda b: max(512, b), sharpness=False, micro_batch=micro_batch,
-                                   hessian_samples=HESSIAN_SAMPLES)
+                                   hessian_samples=HESSIAN_SAMPLES, budget_s=BUDGET_S)
         own = fixed if micro_batch is None or micro_batch == fixed["train_micro_batch"] else measure_checkpoint(
-            cfg, Path(run_dir), samples=lambda b: max(32, min(256, samples // b)), hessian_examples=0, sharpness=False)
+            cfg, Path(run_dir), samples=lambda b: max(32, min(256, samples // b)), hessian_examples=0, sharpness=False,
+            budget_s=BUDGET_S / 2)
     except UsageError:
         return None
     fixed["own_b"] = {k: own.get(k) for k in ("micro_batch", "b_simple", "b_simple_interval", "b_simple_lower_bound")}

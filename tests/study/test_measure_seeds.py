@@ -110,3 +110,14 @@ def test_noise_scales_carry_standard_errors_whose_intervals_overlap_across_seeds
                 lo = max(a[key][0], b[key][0])
                 hi = min(x for x in (a[key][1], b[key][1], float("inf")) if x is not None)
                 assert lo <= hi, (key, a[key], b[key])
+
+
+def test_the_sweep_measures_at_one_fixed_micro_batch_and_keeps_the_trials_own_b(checkpoint):
+    """study.at_target: the values compared across batch sizes are of one loss (BatchNorm over a
+    fixed micro-batch); B_simple at the trial's own b is the second column."""
+    from bigbatch.study.at_target import _measure
+
+    got = _measure(str(checkpoint), samples=2048, threads=1, micro_batch=64)
+    assert got["micro_batch"] == 64 and got["train_micro_batch"] == 128
+    assert got["own_b"]["micro_batch"] == 128 and got["own_b"]["b_simple"] > 0
+    assert got["b_simple_se"] > 0 and got["hessian_samples"] == min(64, got["samples"])
