@@ -88,12 +88,23 @@ def _lr_key(t: dict[str, Any]) -> float | None:
     return None if v is None else float(v)
 
 
+def censored_median(reached_steps: Sequence[float], n: int) -> float | None:
+    """The median steps over `n` seeds of which those in `reached_steps` reached the target and
+    the other n - len(reached_steps) did not (diverged, not reached, raced): each of those is
+    +inf steps, the least it is known to be. None when the median is infinite (no majority reached).
+    """
+    m = statistics.median(sorted(float(v) for v in reached_steps) + [math.inf] * (n - len(reached_steps))) if n else math.inf
+    return m if math.isfinite(m) else None
+
+
 def lr_groups(trials: Iterable[dict[str, Any]]) -> dict[int, dict[float, dict[str, Any]]]:
     """Per batch and lr: the seeds that ran (any outcome but a crash), those that reached, the median.
 
-    {batch: {lr multiplier: {"n", "reached" (trials), "steps_to_target" (median over reached, or
-    None), "counts" (majority), "lr"}}}. A seed stopped by racing (`slower`), diverged or that did
-    not reach the target counts in n, not in reached.
+    {batch: {lr multiplier: {"n", "reached" (trials), "steps_to_target" (censored median, or None),
+    "counts" (majority), "lr"}}}. A seed stopped by racing (`slower`), diverged or that did not
+    reach the target counts in n, not in reached, and is +inf steps in the median (`censored_median`):
+    80, 90 and a diverged seed give 90, not the 85 of the two that reached. The median is finite
+    exactly when a majority reached (`counts`); otherwise steps_to_target is None.
     """
     groups: dict[int, dict[float, dict[str, Any]]] = defaultdict(dict)
     for t in trials:
@@ -108,7 +119,7 @@ def lr_groups(trials: Iterable[dict[str, Any]]) -> dict[int, dict[float, dict[st
     for by_lr in groups.values():
         for g in by_lr.values():
             g["counts"] = len(g["reached"]) > g["n"] / 2
-            g["steps_to_target"] = statistics.median(t["steps_to_target"] for t in g["reached"]) if g["reached"] else None
+            g["steps_to_target"] = censored_median([t["steps_to_target"] for t in g["reached"]], g["n"])
     return {b: dict(sorted(v.items())) for b, v in sorted(groups.items())}
 
 
@@ -117,8 +128,9 @@ def best_per_batch(trials: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]
 
     An lr counts for a batch only if it reached the target on more than half of the seeds it ran
     (a crashed trial is no seed; a seed stopped as `slower` by racing, diverged or not reached is
-    one that did not reach); its steps are the median over the seeds that reached. So one lucky
-    seed out of three cannot make an lr the best.
+    one that did not reach); its steps are the censored median over all its seeds, a seed that did
+    not reach being +inf (`censored_median`). So one lucky seed out of three cannot make an lr the
+    best, and failures count against the lr instead of leaving only its fast seeds.
 
     Returns {batch: {"lr", "lr_multiplier", "steps_to_target", "examples_to_target", "seeds",
     "n_seeds", "n_reached", "trials", "edge"}}, the trials being that (batch, lr)'s reached

@@ -11,6 +11,7 @@ from bigbatch.study.critical import (
     analyse,
     best_per_batch,
     bootstrap_fit,
+    censored_median,
     crossing,
     fit_critical_batch,
     fit_points,
@@ -95,10 +96,23 @@ def test_best_lr_needs_a_majority_of_its_seeds():
               trial(64, 0.2, 80, seed=0), trial(64, 0.2, 90, seed=1), trial(64, 0.2, None, seed=2, status="diverged"),
               trial(64, 0.1, 95, seed=0)]
     best = best_per_batch(trials)[64]
-    assert best["lr"] == 0.2 and best["steps_to_target"] == pytest.approx(85.0)  # 2 of 3: median of the 2
+    assert best["lr"] == 0.2 and best["steps_to_target"] == pytest.approx(90.0)  # 80, 90, diverged = inf: 90
     assert best["n_seeds"] == 3 and best["n_reached"] == 2
     # The best at the top of the lr grid is flagged as an edge.
     assert best_per_batch([trial(8, 0.1, 90), trial(8, 0.2, 80)])[8]["edge"] == "high"
+
+
+def test_censored_median_counts_a_seed_that_did_not_reach_as_infinite_steps():
+    # The recorded case of issue 32: 80, 90 and a diverged seed. The median over the seeds that
+    # reached (the old rule) was 85; with the diverged seed as +inf it is 90.
+    assert censored_median([80.0, 90.0], 3) == 90.0
+    assert censored_median([80.0, 90.0, 100.0], 4) == 95.0  # 3 of 4: (90 + 100) / 2
+    assert censored_median([80.0, 90.0], 4) is None and censored_median([50.0], 3) is None  # no majority: inf
+    trials = [trial(64, 0.2, 80, seed=0), trial(64, 0.2, 90, seed=1), trial(64, 0.2, None, seed=2, status="diverged"),
+              trial(64, 0.1, 86, seed=0), trial(64, 0.1, 88, seed=1), trial(64, 0.1, 89, seed=2)]
+    best = best_per_batch(trials)[64]
+    # Median over reached seeds would pick 0.2 (85 < 88); censored, 0.1 (88 < 90) is the best.
+    assert best["lr"] == 0.1 and best["steps_to_target"] == 88.0
 
 
 def test_raced_and_diverged_trials_without_an_lr_still_bound_the_grid():
