@@ -154,6 +154,8 @@ def fmt(v: Any, digits: int = 4) -> str:
 
 def _ci(analysis: dict[str, Any], key: str) -> str:
     ci = analysis.get(f"{key}_ci")
+    if analysis.get("ci_unavailable"):
+        return f" [{analysis['ci_unavailable']}]"
     if not ci:
         return ""
     return f" [{fmt(ci[0])}, {fmt(ci[1]) if ci[1] is not None else 'inf'}]"
@@ -169,8 +171,11 @@ def headline(analysis: dict[str, Any]) -> list[str]:
     lines = [
         f"B_crit = {fmt(analysis['b_crit'])}{_ci(analysis, 'b_crit')}   S_min = {fmt(analysis['s_min'])}{_ci(analysis, 's_min')} steps   "
         f"E_min = {fmt(analysis['e_min'])}{_ci(analysis, 'e_min')} examples",
-        f"(95 % intervals: bootstrap over seeds; >= {analysis.get('n_seeds', 1)} seeds per batch at its best lr; "
-        f"fit r2 = {fmt(analysis['r2'], 3)}"
+        (f"(no interval: {analysis['ci_unavailable']} at a batch's best lr; an interval needs >= 3; "
+         if analysis.get("ci_unavailable") else
+         f"(95 % intervals: bootstrap over seed ids, lr selection inside; >= {analysis.get('n_seeds', 1)} seeds "
+         "per batch at its best lr; ")
+        + f"fit r2 = {fmt(analysis['r2'], 3)}"
         + (f"; crossings resolved to <= {100 * analysis['crossing_resolution_max']:.1f} %"
            if analysis.get("crossing_resolution_max") is not None else "") + ")",
         f"B_simple at target = {fmt(analysis['b_simple_at_target'])}"

@@ -85,7 +85,7 @@ def plot_steps_vs_batch(analysis: dict[str, Any], path: Path) -> bool:
     if excluded:
         ax.plot([r["batch"] for r in best if r["batch"] in excluded],
                 [r["steps_to_target"] for r in best if r["batch"] in excluded], "x", color="C3", ms=8, zorder=4,
-                label="steps rise again (left out of the fit)")
+                label="rise beyond the seed spread (left out of the fit)")
     edge = [(r["batch"], r["steps_to_target"]) for r in best if r.get("edge")]
     if edge:
         ax.plot(*zip(*edge), "^", mfc="none", color="k", ms=10, zorder=5, label="best lr at the grid's edge")
@@ -99,7 +99,7 @@ def plot_steps_vs_batch(analysis: dict[str, Any], path: Path) -> bool:
         ax.plot(grid, fit["s_min"] + fit["e_min"] / grid, "-", color="C1", label=label)
         band = analysis.get("fit_band")
         if band:
-            ax.fill_between(band["batch"], band["lo"], band["hi"], color="C1", alpha=0.25, lw=0, label="95 % band (bootstrap)")
+            ax.fill_between(band["batch"], band["lo"], band["hi"], color="C1", alpha=0.25, lw=0, label="95 % band (bootstrap over seed ids)")
         ax.axhline(fit["s_min"], color="C1", ls=":", lw=1)
         if analysis.get("b_crit"):
             ax.axvline(analysis["b_crit"], color="C1", ls="--", lw=1)
@@ -262,7 +262,8 @@ def _summary_lines(analysis: dict[str, Any]) -> list[str]:
     lines = [f"Sweep `{analysis.get('sweep', '?')}`, target {target or 'n/a'}; trials: {counts}."]
     lines += headline(analysis)
     if analysis.get("excluded_batches"):
-        lines.append(f"left out of the fit (steps rise again past the fastest batch): {analysis['excluded_batches']}")
+        lines.append(f"left out of the fit (steps rise past the fastest batch by more than the seed spread): "
+                     f"{analysis['excluded_batches']}")
     return lines
 
 
