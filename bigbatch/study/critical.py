@@ -98,6 +98,16 @@ def censored_median(reached_steps: Sequence[float], n: int) -> float | None:
     return m if math.isfinite(m) else None
 
 
+def unsuperseded(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials without a raced (`slower`) one that a later run of the same batch, lr and seed
+    to its end replaced (`adaptive.unsettled_races`: a race that could have changed the answer is
+    rerun unraced, and the rerun's outcome is the seed's)."""
+    trials = list(trials)
+    full = {(t.get("batch"), _lr_key(t), t.get("seed", 0)) for t in trials
+            if t.get("status") in OUTCOMES and t.get("status") != "slower"}
+    return [t for t in trials if not (t.get("status") == "slower" and (t.get("batch"), _lr_key(t), t.get("seed", 0)) in full)]
+
+
 def lr_groups(trials: Iterable[dict[str, Any]]) -> dict[int, dict[float, dict[str, Any]]]:
     """Per batch and lr: the seeds that ran (any outcome but a crash), those that reached, the median.
 
@@ -108,7 +118,7 @@ def lr_groups(trials: Iterable[dict[str, Any]]) -> dict[int, dict[float, dict[st
     exactly when a majority reached (`counts`); otherwise steps_to_target is None.
     """
     groups: dict[int, dict[float, dict[str, Any]]] = defaultdict(dict)
-    for t in trials:
+    for t in unsuperseded(trials):
         key = _lr_key(t)
         if t.get("status") not in OUTCOMES or key is None:
             continue

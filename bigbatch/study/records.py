@@ -54,6 +54,8 @@ def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: li
         "world_size": s.get("world_size"), "wall_s": s.get("wall_s"), "error": error,
         "phase": point.get("phase") or "critical",
     }
+    if point.get("race") is False:  # the unraced rerun of a raced seed (adaptive.unsettled_races)
+        rec["race"] = False
     if target and rec["steps_to_target"] is not None:
         (key, value), = target.items()
         during = [(r["step"], r[key]) for r in evals if r.get(key) is not None and r.get("eval_set") != "full"]
