@@ -17,6 +17,11 @@ Per batch size (Shallue et al. 2018: re-tune the lr at every batch before compar
    best (the majority and the median move), and then 2-3 repeat for the new best;
 4. when nothing is left for the batch and it is one of `gap.batch_sizes`: the gap phase, the
    best lr trained to the training criterion, `gap.seeds` seeds.
+
+Across batch sizes, once every critical trial finished: when the fit does not bracket B_crit
+(B_crit or its interval's upper end above the largest batch, or the smallest batch not in
+perfect scaling), one more batch size, twice the largest or half the smallest, runs 1-3 (up to
+`search.add_batches`; `batch_extension`) before the study concludes.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from bigbatch.errors import ConfigError
 from bigbatch.study import critical
 
 
@@ -139,6 +145,41 @@ def gap_points(spec, batch: int, records: list[dict[str, Any]]) -> list[dict[str
             for s in spec.gap.seeds]
 
 
+def batch_extension(spec, batches: list[int], records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The batch size to add before concluding, once every critical trial finished, or None.
+
+    The fit (`critical.analyse` on the critical records) must bracket B_crit: when B_crit, or the
+    upper end of its interval, lies above the largest batch run (or there is no saturation), add
+    twice the largest; else when the smallest batch is not in perfect scaling (B_min > B_crit /
+    4), add half the smallest. At most `search.add_batches` batches beyond `spec.batch_sizes`; a
+    batch whose trial config does not validate (does not split over the workers, say) is not
+    added. Returns {"batch", "reason"}.
+    """
+    added = len(set(batches) - set(spec.batch_sizes))
+    if added >= spec.search.add_batches:
+        return None
+    a = critical.analyse([r for r in records if critical.phase_of(r) == "critical"], reps=500)
+    if a["fit"] is None:
+        return None
+    b_crit, hi = a["b_crit"], (a["b_crit_ci"] or [None, a["b_crit"]])[1]
+    largest, smallest = max(batches), min(batches)
+    if b_crit is None or hi is None or hi > largest:
+        new, reason = 2 * largest, f"B_crit {_num(b_crit)} (upper end {_num(hi)}) above the largest batch {largest}"
+    elif smallest > b_crit / critical.REGIME_FACTOR and smallest % 2 == 0:
+        new, reason = smallest // 2, f"the smallest batch {smallest} is not in perfect scaling (B_crit {b_crit:.4g})"
+    else:
+        return None
+    try:
+        spec.trial_config({"batch": new, "lr_multiplier": spec.lr_multipliers[0], "seed": spec.seeds[0]})
+    except ConfigError:  # not a batch this task can run (does not split over the workers, say)
+        return None
+    return {"batch": new, "reason": reason}
+
+
+def _num(v: float | None) -> str:
+    return "inf" if v is None else f"{v:.4g}"
+
+
 class TrialQueue:
     """The study's queue of trials: what to run next given what has finished.
 
@@ -153,6 +194,8 @@ class TrialQueue:
         self.issued: dict[str, dict[str, Any]] = {}
         self.records: dict[str, dict[str, Any]] = {}
         self.queue: list[dict[str, Any]] = []
+        self.batches = list(spec.batch_sizes)
+        self.added: list[dict[str, Any]] = []  # batch sizes added by `batch_extension`, with the reason
         for b in spec.batch_sizes:
             self._enqueue(initial_points(spec, b))
 
@@ -163,7 +206,7 @@ class TrialQueue:
         self.queue = new + self.queue if first else self.queue + new
 
     def _propose(self) -> None:
-        for b in self.spec.batch_sizes:
+        for b in self.batches:
             pts = [p for n, p in self.issued.items() if p["batch"] == b and p.get("phase") != "gap"]
             if any(point_name(p) not in self.records for p in pts):
                 continue  # wait until every critical trial of this batch finished
@@ -173,6 +216,14 @@ class TrialQueue:
                 self._enqueue(new)
             elif b in self.spec.gap.batch_sizes:  # ahead of the queue: the last link of the batch's chain
                 self._enqueue(gap_points(self.spec, b, recs), first=True)
+        critical_points = [n for n, p in self.issued.items() if p.get("phase") != "gap"]
+        if any(n not in self.records for n in critical_points) or any(p.get("phase") != "gap" for p in self.queue):
+            return
+        ext = batch_extension(self.spec, self.batches, [self.records[n] for n in critical_points])
+        if ext is not None:  # the range does not bracket B_crit yet: one more batch before concluding
+            self.batches.append(ext["batch"])
+            self.added.append(ext)
+            self._enqueue(initial_points(self.spec, ext["batch"]))
 
     def finished(self, point: dict[str, Any], record: dict[str, Any]) -> None:
         self.records[point_name(point)] = record

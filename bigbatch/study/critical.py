@@ -324,6 +324,14 @@ def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: in
     else:
         note = f"only {len(batches)} batch size(s) reached the target: no fit"
     b_crit = _finite_or_none(fit["b_crit"]) if fit else None
+    swept = [min(best), max(best)] if best else None
+    outside = None
+    if fit is not None and (b_crit is None or b_crit > swept[1]):
+        outside = f"B_crit lies above the swept range {swept[0]}-{swept[1]}: an extrapolation of the fit"
+    elif fit is not None and b_crit < swept[0]:
+        outside = f"B_crit lies below the swept range {swept[0]}-{swept[1]}: an extrapolation of the fit"
+    elif fit is not None and ci.get("b_crit_ci") and (ci["b_crit_ci"][1] is None or ci["b_crit_ci"][1] > swept[1]):
+        outside = f"the interval of B_crit reaches above the swept range {swept[0]}-{swept[1]}"
     b_simple = b_simple_at_target(best)
     b_noise = b_noise_at_target(best)
     counts: dict[str, int] = defaultdict(int)
@@ -338,6 +346,8 @@ def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: in
         "r2": fit["r2"] if fit else None,
         **ci,
         "n_seeds": n_seeds,
+        "swept_batches": swept,
+        "outside_swept_range": outside,
         "note": note,
         "rule": "best lr per batch: reached the target on more than half of its seeds, fewest median steps "
                 "over those seeds; steps = interpolated crossing of the target",
@@ -368,6 +378,11 @@ def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: in
         "gap_trend": gap_trends(gap_trials),
         "trials": dict(counts),
     }
+
+
+def added_batches(trials: Iterable[dict[str, Any]], configured: Sequence[int]) -> list[int]:
+    """Batch sizes the study ran beyond the configured ones (`adaptive.batch_extension`)."""
+    return sorted({int(t["batch"]) for t in trials if phase_of(t) == "critical"} - {int(b) for b in configured})
 
 
 def _finite_or_none(v: float) -> float | None:

@@ -137,6 +137,7 @@ def load_sweep(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     analysis = critical.analyse(trials)
     if (spec := sweep.read_spec()) is not None:
         analysis["sweep"] = spec.get("name")
+        analysis["added_batches"] = critical.added_batches(trials, spec.get("batch_sizes") or [])
         analysis["target"] = spec.get("target") or (spec.get("base") or {}).get("target") or {}
     elif (old := sweep.read_critical()) is not None:  # keep the names a sweep folder without its spec had
         analysis["sweep"], analysis["target"] = old.get("sweep"), old.get("target", {})
@@ -203,6 +204,10 @@ def headline(analysis: dict[str, Any]) -> list[str]:
         ci = sharp.get("ci")
         lines.append(f"sharpness (train-mode top Hessian eigenvalue) x {2 ** sharp['slope']:.2f} per doubling"
                      + (f" [{2 ** ci[0]:.2f}, {2 ** ci[1]:.2f}]" if ci else ""))
+    if analysis.get("added_batches"):
+        lines.append(f"batch sizes added to bracket B_crit (search.add_batches): {analysis['added_batches']}")
+    if analysis.get("outside_swept_range"):
+        lines.append(f"outside the swept range: {analysis['outside_swept_range']}")
     if analysis.get("edge_batches"):
         lines.append(f"best lr still at an edge of the lr grid (S there is an upper bound): {analysis['edge_batches']}")
     if analysis.get("note"):
