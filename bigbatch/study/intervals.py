@@ -61,7 +61,7 @@ def rising(steps: np.ndarray, spread: np.ndarray) -> np.ndarray:
 
     steps: (R, n) median steps per batch in batch order (+inf: no lr counts there, absent);
     spread: (R, n) the seed range (max - min over the seeds that reached) at each batch's best
-    lr, NaN when fewer than two distinct seeds reached. A batch j after the fastest batch i is
+    lr, NaN when fewer than two seeds reached. A batch j after the fastest batch i is
     excluded when S_j - S_i > max(range_j, range_i): the rise exceeds the larger of the two
     batches' seed ranges, so seed-to-seed scatter alone does not produce it. With an unknown
     spread (one seed) the rise is not shown to exceed the noise and the batch stays.

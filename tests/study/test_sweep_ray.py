@@ -153,7 +153,7 @@ def test_adaptive_study_seeds_the_best_lr_races_the_slow_one_and_refits_to_its_c
     # lr 0.05x is hopeless next to 1x: once a 1x trial finished it is raced (stopped as slower).
     d = sweep_dict("adaptive", batch_sizes=[16, 64], lr_multipliers=[1.0, 0.05], seeds=[0, 1, 2],
                    trial={"max_steps": 400, "eval_every_examples": 256, "gap_epochs": None, "b_simple_samples": 0},
-                   search={"adaptive": True, "race": 1.5, "extend": 0},
+                   search={"adaptive": True, "race": 1.5, "extend": 0, "add_batches": 0},  # the range as given
                    gap={"batch_sizes": [16, 64], "seeds": [0, 1], "train_acc": 0.9, "train_samples": 0,
                         "max_epochs": 30, "eval_every_epochs": 1, "sharpness_samples": 128})
     d["base"] = {**BASE, "train": {**BASE["train"], "eval_fine": 0.03, "eval_fine_within": 0.1}}
