@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from bigbatch.study import intervals
 from bigbatch.study.gap import gap_rows, gap_trends
 
 
@@ -88,27 +89,49 @@ def _lr_key(t: dict[str, Any]) -> float | None:
     return None if v is None else float(v)
 
 
+def censored_median(reached_steps: Sequence[float], n: int) -> float | None:
+    """The median steps over `n` seeds of which those in `reached_steps` reached the target and
+    the other n - len(reached_steps) did not (diverged, not reached, raced): each of those is
+    +inf steps, the least it is known to be. None when the median is infinite (no majority reached).
+    """
+    m = statistics.median(sorted(float(v) for v in reached_steps) + [math.inf] * (n - len(reached_steps))) if n else math.inf
+    return m if math.isfinite(m) else None
+
+
+def unsuperseded(trials: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials without a raced (`slower`) one that a later run of the same batch, lr and seed
+    to its end replaced (`adaptive.unsettled_races`: a race that could have changed the answer is
+    rerun unraced, and the rerun's outcome is the seed's)."""
+    trials = list(trials)
+    full = {(t.get("batch"), _lr_key(t), t.get("seed", 0)) for t in trials
+            if t.get("status") in OUTCOMES and t.get("status") != "slower"}
+    return [t for t in trials if not (t.get("status") == "slower" and (t.get("batch"), _lr_key(t), t.get("seed", 0)) in full)]
+
+
 def lr_groups(trials: Iterable[dict[str, Any]]) -> dict[int, dict[float, dict[str, Any]]]:
     """Per batch and lr: the seeds that ran (any outcome but a crash), those that reached, the median.
 
-    {batch: {lr multiplier: {"n", "reached" (trials), "steps_to_target" (median over reached, or
-    None), "counts" (majority), "lr"}}}. A seed stopped by racing (`slower`), diverged or that did
-    not reach the target counts in n, not in reached.
+    {batch: {lr multiplier: {"n", "reached" (trials), "all" (trials), "steps_to_target" (censored median, or None),
+    "counts" (majority), "lr"}}}. A seed stopped by racing (`slower`), diverged or that did not
+    reach the target counts in n, not in reached, and is +inf steps in the median (`censored_median`):
+    80, 90 and a diverged seed give 90, not the 85 of the two that reached. The median is finite
+    exactly when a majority reached (`counts`); otherwise steps_to_target is None.
     """
     groups: dict[int, dict[float, dict[str, Any]]] = defaultdict(dict)
-    for t in trials:
+    for t in unsuperseded(trials):
         key = _lr_key(t)
         if t.get("status") not in OUTCOMES or key is None:
             continue
-        g = groups[int(t["batch"])].setdefault(key, {"n": 0, "reached": [], "lr": None})
+        g = groups[int(t["batch"])].setdefault(key, {"n": 0, "reached": [], "all": [], "lr": None})
         g["n"] += 1
+        g["all"].append(t)
         g["lr"] = g["lr"] if g["lr"] is not None else t.get("lr")
         if t.get("status") == "ok" and t.get("steps_to_target") is not None:
             g["reached"].append(t)
     for by_lr in groups.values():
         for g in by_lr.values():
             g["counts"] = len(g["reached"]) > g["n"] / 2
-            g["steps_to_target"] = statistics.median(t["steps_to_target"] for t in g["reached"]) if g["reached"] else None
+            g["steps_to_target"] = censored_median([t["steps_to_target"] for t in g["reached"]], g["n"])
     return {b: dict(sorted(v.items())) for b, v in sorted(groups.items())}
 
 
@@ -117,8 +140,9 @@ def best_per_batch(trials: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]
 
     An lr counts for a batch only if it reached the target on more than half of the seeds it ran
     (a crashed trial is no seed; a seed stopped as `slower` by racing, diverged or not reached is
-    one that did not reach); its steps are the median over the seeds that reached. So one lucky
-    seed out of three cannot make an lr the best.
+    one that did not reach); its steps are the censored median over all its seeds, a seed that did
+    not reach being +inf (`censored_median`). So one lucky seed out of three cannot make an lr the
+    best, and failures count against the lr instead of leaving only its fast seeds.
 
     Returns {batch: {"lr", "lr_multiplier", "steps_to_target", "examples_to_target", "seeds",
     "n_seeds", "n_reached", "trials", "edge"}}, the trials being that (batch, lr)'s reached
@@ -177,81 +201,54 @@ def crossing(evals: Sequence[tuple[float, float]], target: float, higher_is_bett
 def fit_points(best: dict[int, dict[str, Any]], drop_rising: bool = True) -> tuple[list[int], list[float], list[int]]:
     """(batches, steps, excluded batches) to fit from `best_per_batch`.
 
-    S(B) falls monotonically in the model. Past the largest useful batch, measured steps often
+    S(B) falls monotonically in the model. Past the largest useful batch, measured steps may
     rise again (Shallue et al.'s maximal-data-parallelism regime, or an lr grid that no longer
-    reaches the optimum there); with drop_rising those batches, beyond the batch with the fewest
-    steps, are left out of the fit and reported as excluded.
+    reaches the optimum there); with drop_rising a batch past the one with the fewest steps is
+    left out of the fit, and reported as excluded, only when its rise exceeds the seed spread:
+    S_j - S_min > max(range_j, range_min), the seed ranges at the two batches' best lrs
+    (`intervals.rising`, the test every bootstrap resample repeats). A rise within the seeds'
+    scatter keeps the batch; with one seed (no spread known) every batch stays.
     """
     batches = sorted(best)
     steps = [best[b]["steps_to_target"] for b in batches]
     excluded: list[int] = []
     if drop_rising and batches:
-        i_min = int(np.argmin(steps))
-        excluded = [b for b in batches[i_min + 1 :] if best[b]["steps_to_target"] > steps[i_min]]
+        spread = [_seed_range(best[b]) for b in batches]
+        mask = intervals.rising(np.asarray([steps], float), np.asarray([spread], float))[0]
+        excluded = [b for b, m in zip(batches, mask) if m]
     keep = [(b, s) for b, s in zip(batches, steps) if b not in excluded]
     return [b for b, _ in keep], [s for _, s in keep], excluded
+
+
+def _seed_range(entry: dict[str, Any]) -> float:
+    """Max - min steps over the seeds that reached at a batch's best lr (NaN with fewer than two)."""
+    v = [t["steps_to_target"] for t in entry["trials"]]
+    return float(max(v) - min(v)) if len(v) >= 2 else math.nan
+
+
+def seed_cube(trials: Iterable[dict[str, Any]]) -> tuple[list[int], list[Any], np.ndarray]:
+    """(batches, seed ids, values[batch, lr, seed id]) for `intervals.joint_bootstrap`.
+
+    values: steps to target of the seed at that batch and lr (lrs in ascending order per batch,
+    padded), +inf where it ran and did not reach (diverged, not reached, raced), NaN where it did
+    not run; crashed trials are no seed (as in `lr_groups`).
+    """
+    groups = lr_groups(trials)
+    batches = sorted(groups)
+    ids = sorted({t.get("seed", 0) for by_lr in groups.values() for g in by_lr.values() for t in g["all"]})
+    col = {s: i for i, s in enumerate(ids)}
+    values = np.full((len(batches), max((len(v) for v in groups.values()), default=0), len(ids)), np.nan)
+    for i, b in enumerate(batches):
+        for j, g in enumerate(groups[b].values()):
+            for t in g["all"]:
+                ok = t.get("status") == "ok" and t.get("steps_to_target") is not None
+                values[i, j, col[t.get("seed", 0)]] = float(t["steps_to_target"]) if ok else math.inf
+    return batches, ids, values
 
 
 def _median_of(values: Iterable[Any]) -> float | None:
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return statistics.median(vals) if vals else None
-
-
-# --- intervals -------------------------------------------------------------------------------
-
-
-def _wls_rows(x: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`fit_critical_batch`'s relative least squares (weights 1/S) for many S rows at once.
-
-    x: (n,) = 1/B; s: (R, n). Returns (S_min, E_min), each (R,): the 2x2 normal equations of
-    S = a + b x with weights 1/S^2, solved in closed form (the same numbers as the lstsq fit).
-    """
-    w = 1.0 / s**2
-    sw, sx, sxx = w.sum(1), (w * x).sum(1), (w * x * x).sum(1)
-    sy, sxy = (w * s).sum(1), (w * x * s).sum(1)
-    det = sw * sxx - sx * sx
-    return (sxx * sy - sx * sxy) / det, (sw * sxy - sx * sy) / det
-
-
-def _interval(values: np.ndarray, level: float) -> list[float | None]:
-    """Percentile interval [lo, hi]; an infinite end (no saturation in some resamples) is None."""
-    lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2], method="inverted_cdf")
-    return [float(v) if math.isfinite(v) else None for v in (lo, hi)]
-
-
-def bootstrap_fit(samples: dict[int, Sequence[float]], reps: int = 2000, level: float = 0.95,
-                  seed: int = 0, band_batches: Sequence[float] = ()) -> dict[str, Any]:
-    """95 % intervals for B_crit, S_min, E_min: a percentile bootstrap over seeds.
-
-    `samples` maps each fitted batch to the steps-to-target of its seeds at its best lr. Each
-    resample draws, per batch, as many seeds as it has, with replacement, takes their median
-    (the rule the point estimate uses) and refits S(B) = S_min + E_min / B. The batches and their
-    best lrs are held fixed (chosen once, on all seeds). A resample without saturation (S_min <= 0)
-    has B_crit = inf, so the upper end may be None (unbounded). A batch with one seed contributes
-    no spread. Seeded: the same records give the same interval. With `band_batches`, also the
-    pointwise interval of the fitted S(B) there (`fit_band`: the band on the steps-vs-batch plot).
-    """
-    batches = sorted(samples)
-    if len(batches) < 2:
-        raise ValueError("need at least two batch sizes to bootstrap the fit")
-    rng = np.random.default_rng(seed)
-    x = 1.0 / np.asarray(batches, dtype=float)
-    medians = np.empty((reps, len(batches)))
-    for j, b in enumerate(batches):
-        v = np.asarray(samples[b], dtype=float)
-        medians[:, j] = np.median(v[rng.integers(0, len(v), (reps, len(v)))], axis=1)
-    s_min, e_min = _wls_rows(x, medians)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        b_crit = np.where(s_min > 0, np.where(e_min > 0, e_min / s_min, 0.0), np.inf)
-    out: dict[str, Any] = {
-        "b_crit_ci": _interval(b_crit, level), "s_min_ci": _interval(s_min, level), "e_min_ci": _interval(e_min, level),
-        "ci_level": level, "ci_method": f"percentile bootstrap over seeds ({reps} resamples, median per batch, refit)",
-    }
-    if len(band_batches):
-        curves = s_min[:, None] + e_min[:, None] / np.asarray(band_batches, dtype=float)[None, :]
-        lo, hi = np.quantile(curves, [(1 - level) / 2, (1 + level) / 2], axis=0)
-        out["fit_band"] = {"batch": [float(b) for b in band_batches], "lo": lo.tolist(), "hi": hi.tolist()}
-    return out
 
 
 # --- regimes (Shallue et al. 2018) -----------------------------------------------------------
@@ -298,10 +295,12 @@ def phase_of(trial: dict[str, Any]) -> str:
 def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: int = 2000) -> dict[str, Any]:
     """Everything critical.json holds, from trials.jsonl's records alone.
 
-    The rule: per batch the best lr by majority (`best_per_batch`), its median steps over the
-    seeds that reached; batches past the fastest with rising steps left out (`fit_points`); the
-    relative least-squares fit of S(B); a seeded bootstrap over seeds for the intervals; the gap
-    table and trends from the gap phase. Refitting a sweep's trials.jsonl gives its critical.json.
+    The rule: per batch the best lr by majority (`best_per_batch`), its censored median steps;
+    batches past the fastest whose rise exceeds the seed spread left out (`fit_points`); the
+    relative least-squares fit of S(B); the intervals from a seeded bootstrap over seed ids with
+    that whole rule redone in every resample (`intervals.joint_bootstrap`), or none (ci_unavailable
+    "n/a (k seeds)") when a fitted batch's best lr ran fewer than 3 seeds; the gap table and
+    trends from the gap phase. Refitting a sweep's trials.jsonl gives its critical.json.
     """
     critical_trials = [t for t in trials if phase_of(t) == "critical"]
     gap_trials = [t for t in trials if phase_of(t) == "gap"]
@@ -309,17 +308,30 @@ def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: in
     batches, steps, excluded = fit_points(best, drop_rising)
     fit = None
     note = None
-    ci: dict[str, Any] = {"b_crit_ci": None, "s_min_ci": None, "e_min_ci": None, "fit_band": None}
+    n_seeds = min((best[b]["n_seeds"] for b in batches), default=0)
+    ci: dict[str, Any] = {"b_crit_ci": None, "s_min_ci": None, "e_min_ci": None, "fit_band": None,
+                          "ci_unavailable": None}
     if len(batches) >= 2:
         fit = fit_critical_batch(batches, steps)
-        band = np.geomspace(min(best), max(best), 40)
-        ci = bootstrap_fit({b: [t["steps_to_target"] for t in best[b]["trials"]] for b in batches}, reps=reps,
-                           band_batches=band)
+        if n_seeds >= intervals.MIN_SEEDS_FOR_INTERVAL:
+            cube_batches, _, values = seed_cube(critical_trials)
+            ci.update(intervals.joint_bootstrap(values, cube_batches, reps=reps, drop_rising=drop_rising,
+                                                band_batches=np.geomspace(min(best), max(best), 40)))
+        else:  # a percentile bootstrap over 1-2 seeds does not cover 95 %: no interval rather than a false one
+            ci["ci_unavailable"] = f"n/a ({n_seeds} seed{'s' if n_seeds != 1 else ''})"
         if math.isinf(fit["b_crit"]):
             note = "no saturation: steps keep falling as 1/B up to the largest batch; B_crit is beyond it"
     else:
         note = f"only {len(batches)} batch size(s) reached the target: no fit"
     b_crit = _finite_or_none(fit["b_crit"]) if fit else None
+    swept = [min(best), max(best)] if best else None
+    outside = None
+    if fit is not None and (b_crit is None or b_crit > swept[1]):
+        outside = f"B_crit lies above the swept range {swept[0]}-{swept[1]}: an extrapolation of the fit"
+    elif fit is not None and b_crit < swept[0]:
+        outside = f"B_crit lies below the swept range {swept[0]}-{swept[1]}: an extrapolation of the fit"
+    elif fit is not None and ci.get("b_crit_ci") and (ci["b_crit_ci"][1] is None or ci["b_crit_ci"][1] > swept[1]):
+        outside = f"the interval of B_crit reaches above the swept range {swept[0]}-{swept[1]}"
     b_simple = b_simple_at_target(best)
     b_noise = b_noise_at_target(best)
     counts: dict[str, int] = defaultdict(int)
@@ -333,7 +345,9 @@ def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: in
         "b_crit": b_crit,
         "r2": fit["r2"] if fit else None,
         **ci,
-        "n_seeds": min((best[b]["n_reached"] for b in batches), default=0),
+        "n_seeds": n_seeds,
+        "swept_batches": swept,
+        "outside_swept_range": outside,
         "note": note,
         "rule": "best lr per batch: reached the target on more than half of its seeds, fewest median steps "
                 "over those seeds; steps = interpolated crossing of the target",
@@ -364,6 +378,11 @@ def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: in
         "gap_trend": gap_trends(gap_trials),
         "trials": dict(counts),
     }
+
+
+def added_batches(trials: Iterable[dict[str, Any]], configured: Sequence[int]) -> list[int]:
+    """Batch sizes the study ran beyond the configured ones (`adaptive.batch_extension`)."""
+    return sorted({int(t["batch"]) for t in trials if phase_of(t) == "critical"} - {int(b) for b in configured})
 
 
 def _finite_or_none(v: float) -> float | None:

@@ -54,6 +54,8 @@ def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: li
         "world_size": s.get("world_size"), "wall_s": s.get("wall_s"), "error": error,
         "phase": point.get("phase") or "critical",
     }
+    if point.get("race") is False:  # the unraced rerun of a raced seed (adaptive.unsettled_races)
+        rec["race"] = False
     if target and rec["steps_to_target"] is not None:
         (key, value), = target.items()
         during = [(r["step"], r[key]) for r in evals if r.get(key) is not None and r.get("eval_set") != "full"]
@@ -160,6 +162,7 @@ def load_sweep(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     analysis = critical.analyse(trials)
     if (spec := sweep.read_spec()) is not None:
         analysis["sweep"] = spec.get("name")
+        analysis["added_batches"] = critical.added_batches(trials, spec.get("batch_sizes") or [])
         analysis["target"] = spec.get("target") or (spec.get("base") or {}).get("target") or {}
     elif (old := sweep.read_critical()) is not None:  # keep the names a sweep folder without its spec had
         analysis["sweep"], analysis["target"] = old.get("sweep"), old.get("target", {})
@@ -179,6 +182,8 @@ def fmt(v: Any, digits: int = 4) -> str:
 
 def _ci(analysis: dict[str, Any], key: str) -> str:
     ci = analysis.get(f"{key}_ci")
+    if analysis.get("ci_unavailable"):
+        return f" [{analysis['ci_unavailable']}]"
     if not ci:
         return ""
     return f" [{fmt(ci[0])}, {fmt(ci[1]) if ci[1] is not None else 'inf'}]"
@@ -194,8 +199,11 @@ def headline(analysis: dict[str, Any]) -> list[str]:
     lines = [
         f"B_crit = {fmt(analysis['b_crit'])}{_ci(analysis, 'b_crit')}   S_min = {fmt(analysis['s_min'])}{_ci(analysis, 's_min')} steps   "
         f"E_min = {fmt(analysis['e_min'])}{_ci(analysis, 'e_min')} examples",
-        f"(95 % intervals: bootstrap over seeds; >= {analysis.get('n_seeds', 1)} seeds per batch at its best lr; "
-        f"fit r2 = {fmt(analysis['r2'], 3)}"
+        (f"(no interval: {analysis['ci_unavailable']} at a batch's best lr; an interval needs >= 3; "
+         if analysis.get("ci_unavailable") else
+         f"(95 % intervals: bootstrap over seed ids, lr selection inside; >= {analysis.get('n_seeds', 1)} seeds "
+         "per batch at its best lr; ")
+        + f"fit r2 = {fmt(analysis['r2'], 3)}"
         + (f"; crossings resolved to <= {100 * analysis['crossing_resolution_max']:.1f} %"
            if analysis.get("crossing_resolution_max") is not None else "") + ")",
         f"B_simple at target = {fmt(analysis['b_simple_at_target'])}"
@@ -221,6 +229,10 @@ def headline(analysis: dict[str, Any]) -> list[str]:
         ci = sharp.get("ci")
         lines.append(f"sharpness (train-mode top Hessian eigenvalue) x {2 ** sharp['slope']:.2f} per doubling"
                      + (f" [{2 ** ci[0]:.2f}, {2 ** ci[1]:.2f}]" if ci else ""))
+    if analysis.get("added_batches"):
+        lines.append(f"batch sizes added to bracket B_crit (search.add_batches): {analysis['added_batches']}")
+    if analysis.get("outside_swept_range"):
+        lines.append(f"outside the swept range: {analysis['outside_swept_range']}")
     if analysis.get("edge_batches"):
         lines.append(f"best lr still at an edge of the lr grid (S there is an upper bound): {analysis['edge_batches']}")
     if analysis.get("note"):

@@ -85,7 +85,7 @@ def plot_steps_vs_batch(analysis: dict[str, Any], path: Path) -> bool:
     if excluded:
         ax.plot([r["batch"] for r in best if r["batch"] in excluded],
                 [r["steps_to_target"] for r in best if r["batch"] in excluded], "x", color="C3", ms=8, zorder=4,
-                label="steps rise again (left out of the fit)")
+                label="rise beyond the seed spread (left out of the fit)")
     edge = [(r["batch"], r["steps_to_target"]) for r in best if r.get("edge")]
     if edge:
         ax.plot(*zip(*edge), "^", mfc="none", color="k", ms=10, zorder=5, label="best lr at the grid's edge")
@@ -99,7 +99,7 @@ def plot_steps_vs_batch(analysis: dict[str, Any], path: Path) -> bool:
         ax.plot(grid, fit["s_min"] + fit["e_min"] / grid, "-", color="C1", label=label)
         band = analysis.get("fit_band")
         if band:
-            ax.fill_between(band["batch"], band["lo"], band["hi"], color="C1", alpha=0.25, lw=0, label="95 % band (bootstrap)")
+            ax.fill_between(band["batch"], band["lo"], band["hi"], color="C1", alpha=0.25, lw=0, label="95 % band (bootstrap over seed ids)")
         ax.axhline(fit["s_min"], color="C1", ls=":", lw=1)
         if analysis.get("b_crit"):
             ax.axvline(analysis["b_crit"], color="C1", ls="--", lw=1)
@@ -145,17 +145,17 @@ def plot_lr_sensitivity(trials: list[dict[str, Any]], path: Path) -> bool:
         return False
     grid = np.full((len(mults), len(batches)), np.nan)
     label = [["-"] * len(batches) for _ in mults]
-    cells: dict[tuple[int, int], list[dict[str, Any]]] = {}
-    for t in crit:
-        cells.setdefault((mults.index(t["lr_multiplier"]), batches.index(t["batch"])), []).append(t)
-    for (i, j), ts in cells.items():
-        ok = sorted(t["steps_to_target"] for t in ts if t.get("status") == "ok" and t.get("steps_to_target"))
-        raced = [t["steps_lower_bound"] for t in ts if t.get("status") == "slower" and t.get("steps_lower_bound")]
-        if len(ok) > len(ts) / 2:
-            grid[i, j] = float(np.median(ok))
-            label[i][j] = fmt(grid[i, j], 3) + (f" ({len(ok)}/{len(ts)})" if len(ts) > 1 else "")
-        elif raced:
-            label[i][j] = f">{fmt(float(min(raced)), 3)}"
+    for b, by_lr in critical.lr_groups(crit).items():  # censored medians, majority rule, reruns superseding races
+        for m, g in by_lr.items():
+            if m not in mults:
+                continue
+            i, j = mults.index(m), batches.index(b)
+            raced = [t["steps_lower_bound"] for t in g["all"] if t.get("status") == "slower" and t.get("steps_lower_bound")]
+            if g["steps_to_target"] is not None:
+                grid[i, j] = float(g["steps_to_target"])
+                label[i][j] = fmt(grid[i, j], 3) + (f" ({len(g['reached'])}/{g['n']})" if g["n"] > 1 else "")
+            elif raced:
+                label[i][j] = f">{fmt(float(min(raced)), 3)}"
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(batches) + 2), max(3, 0.5 * len(mults) + 1.8)))
     im = ax.imshow(np.log10(grid), aspect="auto", origin="lower", cmap="viridis_r")
@@ -170,7 +170,7 @@ def plot_lr_sensitivity(trials: list[dict[str, Any]], path: Path) -> bool:
     ax.set_yticks(range(len(mults)), [f"{m:g}x" for m in mults])
     fig.colorbar(im, ax=ax, label="log10 median steps")
     return _save(fig, ax, path, "global batch", "lr multiplier (of the scaled lr)",
-                 "Median steps to target (seeds reached/run; >N raced; - not reached)", legend=False, grid=False)
+                 "Censored median steps to target (seeds reached/run; >N raced; - no majority)", legend=False, grid=False)
 
 
 def plot_gap(analysis: dict[str, Any], path: Path) -> bool:
@@ -262,7 +262,8 @@ def _summary_lines(analysis: dict[str, Any]) -> list[str]:
     lines = [f"Sweep `{analysis.get('sweep', '?')}`, target {target or 'n/a'}; trials: {counts}."]
     lines += headline(analysis)
     if analysis.get("excluded_batches"):
-        lines.append(f"left out of the fit (steps rise again past the fastest batch): {analysis['excluded_batches']}")
+        lines.append(f"left out of the fit (steps rise past the fastest batch by more than the seed spread): "
+                     f"{analysis['excluded_batches']}")
     return lines
 
 

@@ -1,11 +1,13 @@
 """The adaptive study under Ray Tune: a searcher that asks `adaptive.TrialQueue`, and racing.
 
-Racing: a finished trial that reached the target leaves its steps in SWEEP/race/; a running
-trial at the same batch but another lr stops once its steps exceed `search.race` x the fewest
-steps there (a file read per logged row, so it works on any cluster with a shared folder) and is
-recorded as `slower`, its steps a lower bound. The racer is a stop rule the training loop
-consults (`bigbatch.trainer.stopper`): the run ends with status "slower" in its summary. Trials at the best lr itself are never raced, so
-seed-to-seed scatter cannot take the majority away from the best lr.
+Racing: a finished critical trial leaves its outcome in SWEEP/race/; a running trial at the same
+batch stops once its steps exceed `search.race` x the censored median of the batch's best lr so
+far by the majority rule (`adaptive.race_check`; a file read per logged row, so it works on any
+cluster with a shared folder) and is recorded as `slower`, its steps a lower bound. Trials at
+that best lr are never raced. The racer is a stop rule the training loop consults
+(`bigbatch.trainer.stopper`): the run ends with status "slower" in its summary. A race that
+could still change the answer once the batch's trials finished is rerun unraced
+(`adaptive.unsettled_races`), so the study's result does not depend on the order trials finish.
 """
 
 from __future__ import annotations
@@ -18,43 +20,44 @@ from typing import Any, Callable
 from bigbatch import folders
 from bigbatch.study import adaptive
 
-def record_finish(out_dir: Path, point: dict[str, Any], steps_to_target: float) -> None:
-    """Leave a finished trial's steps where the racing trials of its batch read them."""
+def record_finish(out_dir: Path, point: dict[str, Any], record: dict[str, Any]) -> None:
+    """Leave a finished critical trial's outcome where the racing trials of its batch read it
+    (every outcome: a seed that failed counts against its lr in the majority rule)."""
     race = folders.SweepFolder(out_dir).race
     race.mkdir(exist_ok=True)
     path = race / f"{adaptive.point_name(point)}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"batch": point["batch"], "lr_multiplier": point["lr_multiplier"], "steps": steps_to_target}))
+    keep = ("status", "steps_to_target", "steps_lower_bound")
+    tmp.write_text(json.dumps({"batch": point["batch"], "lr_multiplier": point["lr_multiplier"], "seed": point["seed"],
+                               **{k: record.get(k) for k in keep}}))
     os.replace(tmp, path)
 
 
-def best_finished(out_dir: Path, batch: int, exclude_multiplier: float) -> float | None:
-    """The fewest steps to target among finished trials at `batch` with another lr multiplier."""
-    best = None
+def finished_at(out_dir: Path, batch: int) -> list[dict[str, Any]]:
+    """The outcomes of the finished critical trials at `batch` (race/ files)."""
+    out = []
     for path in folders.SweepFolder(out_dir).race.glob(f"b{batch}-*.json"):
         try:
             r = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if r["batch"] == batch and r["lr_multiplier"] != exclude_multiplier:
-            best = r["steps"] if best is None else min(best, r["steps"])
-    return best
+        if r.get("batch") == batch:
+            out.append(r)
+    return out
 
 
 def racer(out_dir: Path, point: dict[str, Any], factor: float) -> Callable[[dict[str, Any]], dict[str, Any] | None] | None:
     """A stop rule for the training loop: given a metrics row, {"status": "slower", ...} once the
-    trial is clearly behind (None: go on; racer None: no racing)."""
-    if not factor or point.get("phase") == "gap":
+    trial is clearly behind its batch's best lr so far (`adaptive.race_check`; None: go on;
+    racer None: no racing)."""
+    if not factor or point.get("phase") == "gap" or point.get("race") is False:
         return None
 
     def check(row: dict[str, Any]) -> dict[str, Any] | None:
         step = row.get("step")
         if step is None:
             return None
-        best = best_finished(out_dir, point["batch"], point["lr_multiplier"])
-        if best is not None and step > factor * best:
-            return {"status": "slower", "steps_lower_bound": int(step), "raced_against": best}
-        return None
+        return adaptive.race_check(finished_at(out_dir, point["batch"]), point, step, factor)
 
     return check
 

@@ -161,6 +161,10 @@ class SearchSpec:
     close: float = 1.25
     """A neighbour of the best lr gets every seed only if its steps so far are within this factor
     of the best's (a clearly slower lr does not decide the answer)."""
+    add_batches: int = 2
+    """Batch sizes the study may add beyond `batch_sizes` (`adaptive.batch_extension`): twice the
+    largest while the fitted B_crit or its interval's upper end lies above it, half the smallest
+    while that one is not in perfect scaling (B > B_crit / 4); 0 = the configured range only."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.adaptive, bool), "search.adaptive", "expected true or false")
@@ -170,6 +174,8 @@ class SearchSpec:
         _check(_is_number(self.race) and (self.race == 0 or self.race > 1), "search.race",
                f"expected 0 (off) or a factor > 1, got {self.race!r}")
         _check(_is_number(self.close) and self.close >= 1, "search.close", f"expected a factor >= 1, got {self.close!r}")
+        _check(_is_int(self.add_batches) and 0 <= self.add_batches <= 8, "search.add_batches",
+               f"expected an integer from 0 to 8, got {self.add_batches!r}")
 
 
 @dataclass

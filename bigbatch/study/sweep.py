@@ -256,6 +256,7 @@ def collect(spec: SweepSpec, out_dir: Path, errors: dict[str, BaseException] | N
 def analyse_records(records: list[dict[str, Any]], spec: SweepSpec) -> dict[str, Any]:
     """critical.json's content from trials.jsonl's records (what `bigbatch report` refits too)."""
     analysis = critical.analyse(records)
+    analysis["added_batches"] = critical.added_batches(records, spec.batch_sizes)
     analysis["sweep"] = spec.name
     analysis["target"] = {k: v for k, v in vars(spec.target).items() if v is not None}
     return analysis

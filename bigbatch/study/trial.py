@@ -7,7 +7,7 @@ gloo or NCCL process group Ray Train created. A trial whose folder holds a check
 from it. However a trial ends, it ends through its run's summary.json: a diverged trial (non-finite
 loss) with status "diverged"; in an adaptive study (`search.adaptive`) a trial races
 (`bigbatch.study.search`: a stop rule the loop consults) and ends as "slower" once clearly behind
-its batch's best. Nothing is raised through Ray. A gap-phase trial trains to the training
+its batch's best lr so far; a rerun of a raced seed (point "race": false) is never raced. Nothing is raised through Ray. A gap-phase trial trains to the training
 criterion and ends with the train-mode sharpness.
 """
 
@@ -136,7 +136,7 @@ def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str
     resume, summary = _prepare_run_dir(run)
     if summary is None:
         cfg_dict = config_mod.to_dict(cfg)
-        races = spec.search.adaptive and bool(spec.search.race) and not gap
+        races = spec.search.adaptive and bool(spec.search.race) and not gap and point.get("race") is not False
         race = {"out_dir": out_dir, "point": point, "factor": spec.search.race} if races else None
         if spec.trial.workers_per_trial > 1:
             summary = _ddp_trial(cfg_dict, run, resume, spec.trial, Path(out_dir) / "train", race)
@@ -147,7 +147,8 @@ def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str
     status = trial_status(summary)
     if status == "slower":  # raced: its steps are a lower bound on the steps to target
         stop = summary.get("stopped_by") or {}
-        extra |= {"steps_lower_bound": stop.get("steps_lower_bound"), "raced_against": stop.get("raced_against")}
+        extra |= {"steps_lower_bound": stop.get("steps_lower_bound"), "raced_against": stop.get("raced_against"),
+                  "raced_against_lr": stop.get("raced_against_lr")}
     # B_simple / B_noise at the target: measured after the sweep, on the trials read (at_target)
     if gap and status not in ("diverged", "slower"):
         fixed = min(spec.gap.batch_sizes)  # one BatchNorm micro-batch for every gap batch: one loss
@@ -155,8 +156,8 @@ def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str
                   "sharpness_micro_batch": fixed, "sharpness_mode": "train",
                   "sharpness_own_b": train_mode_sharpness(cfg, run.path, spec.gap.sharpness_samples)}
     rec = record_trial(run.path, point, spec.trial.gap_epochs, summary, status, target=target, extra=extra)
-    if spec.search.adaptive and rec["status"] == "ok" and not gap:
-        search.record_finish(Path(out_dir), point, rec["steps_to_target"])
+    if spec.search.adaptive and not gap:
+        search.record_finish(Path(out_dir), point, rec)
     tune.report(_numeric(rec) | {"done": True})
 
 

@@ -3,7 +3,8 @@
 - a trial that raises is recorded as failed and the others complete; with W&B offline every
   trial's run is in the sweep's group;
 - a sweep interrupted mid-way (SIGINT, as Ctrl-C) resumes without re-running finished trials;
-- a trial with workers_per_trial = 2 trains as 2 gloo processes inside Ray (Ray Train).
+- a trial with workers_per_trial = 2 trains as 2 gloo processes inside Ray (Ray Train);
+- an adaptive sweep races, seeds the best lr, and adds a batch size when its range cannot bracket B_crit.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def test_adaptive_study_seeds_the_best_lr_races_the_slow_one_and_refits_to_its_c
     # lr 0.05x is hopeless next to 1x: once a 1x trial finished it is raced (stopped as slower).
     d = sweep_dict("adaptive", batch_sizes=[16, 64], lr_multipliers=[1.0, 0.05], seeds=[0, 1, 2],
                    trial={"max_steps": 400, "eval_every_examples": 256, "gap_epochs": None, "b_simple_samples": 0},
-                   search={"adaptive": True, "race": 1.5, "extend": 0},
+                   search={"adaptive": True, "race": 1.5, "extend": 0, "add_batches": 0},  # the range as given
                    gap={"batch_sizes": [16, 64], "seeds": [0, 1], "train_acc": 0.9, "train_samples": 0,
                         "max_epochs": 30, "eval_every_epochs": 1, "sharpness_samples": 128})
     d["base"] = {**BASE, "train": {**BASE["train"], "eval_fine": 0.03, "eval_fine_within": 0.1}}
@@ -190,3 +191,18 @@ def test_adaptive_study_seeds_the_best_lr_races_the_slow_one_and_refits_to_its_c
     refit = critical.analyse(trials)
     assert refit["b_crit"] == critical_json["b_crit"] and refit["b_crit_ci"] == critical_json["b_crit_ci"]
     assert (out / "gap_vs_batch.png").is_file()
+
+
+def test_adaptive_sweep_adds_a_batch_size_when_its_range_cannot_bracket_b_crit(tmp_path, local_ray):
+    # Two batch sizes cannot bracket B_crit: either B_crit (the fit through both points) lies
+    # above 64 or 16 is past perfect scaling (16 > B_crit / 4). The queue adds 128 or 8 (up to
+    # search.add_batches = 1), Ray runs it, and critical.json says so.
+    d = sweep_dict("range", batch_sizes=[16, 64], trial={"max_steps": 400, "gap_epochs": None, "b_simple_samples": 0},
+                   search={"adaptive": True, "race": 0, "extend": 0, "add_batches": 1})
+    out = tmp_path / "sweep"
+    analysis = run_sweep(spec_mod.from_dict(d), d, out, num_cpus=2, quiet=True)
+    trials = read_trials(out)
+    assert analysis["added_batches"] in ([128], [8]), analysis["added_batches"]
+    added = analysis["added_batches"][0]
+    assert trials[f"b{added}-lr1-s0"]["status"] == "ok" and added in [r["batch"] for r in analysis["best"]]
+    assert analysis["ci_unavailable"] == "n/a (1 seed)" and "95 %" not in (out / "report.md").read_text()

@@ -11,8 +11,9 @@ BASE = {"data": {"name": "synthetic", "num_samples": 2000}, "model": {"name": "m
 
 
 def spec(**kw):
+    # steps here do not fall with the batch (no S(B) to fit): the batch range stays as configured
     raw = {"name": "t", "base": BASE, "batch_sizes": [16, 256], "lr_multipliers": [0.5, 1.0, 2.0], "seeds": [0, 1, 2],
-           "target": {"test_acc": 0.9}, "trial": {"max_steps": 100}, "search": {"adaptive": True},
+           "target": {"test_acc": 0.9}, "trial": {"max_steps": 100}, "search": {"adaptive": True, "add_batches": 0},
            "gap": {"batch_sizes": [256], "seeds": [0, 1], "train_samples": 1000}}
     raw.update(kw)
     return from_dict(raw)
@@ -67,7 +68,7 @@ def test_best_lr_at_the_edge_extends_the_grid_then_seeds_go_to_the_deciding_lrs(
 
 
 def test_extension_budget_is_respected_and_the_edge_is_reported():
-    order = run_plan(TrialQueue(spec(search={"adaptive": True, "extend": 1})), {16: 1.0, 256: 16.0})
+    order = run_plan(TrialQueue(spec(search={"adaptive": True, "extend": 1, "add_batches": 0})), {16: 1.0, 256: 16.0})
     recs = [outcome(p, {16: 1.0, 256: 16.0}) for p in order if p.get("phase") != "gap"]
     assert max(p["lr_multiplier"] for p in order if p["batch"] == 256) == 4.0
     assert critical.best_per_batch(recs)[256]["edge"] == "high"
