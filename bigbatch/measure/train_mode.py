@@ -78,8 +78,8 @@ class NoiseMeasurement:
     def bound(self, name: str) -> dict | None:
         """A one-sided `LEVEL` lower bound of "b_simple" or "b_noise" with the reason it is needed:
         the numerator's lower confidence limit over the denominator's upper one (each one-sided
-        at `LEVEL`; e.g. (tr(Sigma) - t SE) / (|G|^2 + t SE)). A ratio of
-        noisy estimates is most unreliable where the denominator nears zero, and a non-positive
+        at `LEVEL`; e.g. (tr(Sigma) - t SE) / (|G|^2 + t SE)). A ratio of noisy estimates is most
+        unreliable where the denominator nears zero, and a non-positive
         |G|^2 or G^T H G estimate says the gradient is below the noise floor of b K examples:
         B is then large, and only a lower bound is known. None when not measured."""
         den, num = ("grad_sq", "trace_sigma") if name == "b_simple" else ("g_h_g", "trace_h_sigma")
@@ -93,7 +93,8 @@ class NoiseMeasurement:
         value = low_n / upper if upper is not None and upper > 0 and low_n > 0 else 0.0
         if d > 0:
             resolved = se_d is not None and d - t_quantile((1 + LEVEL) / 2, self.groups - 1) * se_d > 0
-            reason = "resolved" if resolved else (f"{den} {d:.3g} is within its noise (SE {se_d:.3g}): "
+            se_text = f"SE {se_d:.3g}" if se_d is not None else "no SE: a leave-one-group-out estimate was not positive"
+            reason = "resolved" if resolved else (f"{den} {d:.3g} is within its noise ({se_text}): "
                                                   f"{name} > {value:.4g}, upper end unbounded")
         else:
             reason = (f"{den} estimate {d:.3g} <= 0 at b K = {self.micro_batch * self.samples} examples: "

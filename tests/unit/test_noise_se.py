@@ -123,3 +123,11 @@ def test_b_noise_intervals_with_a_fresh_hessian_micro_batch_per_hvp_cover_the_tr
         widths.append(high is not None)
     print(f"coverage {hits / 200:.3f}; two-sided in {sum(widths) / 200:.3f} of draws")
     assert 0.90 <= hits / 200 <= 1.0
+
+
+def test_a_positive_denominator_without_a_standard_error_is_still_a_bound_with_a_reason():
+    from bigbatch.measure.train_mode import NoiseMeasurement
+
+    m = NoiseMeasurement(micro_batch=4, samples=32, grad_sq=0.01, trace_sigma=5.0, se={"trace_sigma": 0.5})
+    assert m.interval("b_simple") == [pytest.approx((5.0 - t_quantile(0.95, 15) * 0.5) / 0.01), None]
+    assert "no SE" in m.bound("b_simple")["reason"]
