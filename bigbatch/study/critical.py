@@ -272,19 +272,46 @@ def regime(batch: float, b_crit: float | None) -> str | None:
     return "diminishing returns"
 
 
-def b_simple_at_target(best: dict[int, dict[str, Any]]) -> float | None:
-    """B_simple measured at the target, median over the best trials of every batch size.
+def noise_at_target(best: dict[int, dict[str, Any]], name: str) -> dict[str, Any]:
+    """`name` ("b_simple" or "b_noise") at the target: the median over the best trials of every
+    batch size, with an interval and the failed estimates counted.
 
-    The noise scale depends on where the optimizer is in the landscape, not on the batch used
-    to get there (McCandlish et al. 2018, section 2.2), so all batches contribute.
+    The noise scale depends on where the optimizer is in the landscape, not on the batch used to
+    get there (McCandlish et al. 2018, section 2.2), so all batches contribute; B_noise =
+    tr(H Sigma)/(G^T H G) is the quantity they predict B_crit from. A failed estimate is a lower
+    bound (`*_lower_bound_at_target`) and enters the median as its bound, so the median is then a
+    lower bound too (`lower_bound`). The interval is [median of the per-batch lower ends, median of
+    the upper ends]: the median is monotone in each value, so it holds whenever every per-batch 95 %
+    interval holds (conservative, not a joint 95 %); an unmeasured end is 0 / unbounded (None).
     """
-    return _median_of(t.get("b_simple_at_target") for e in best.values() for t in e["trials"])
+    vals, los, his, bounds = [], [], [], 0
+    for e in best.values():
+        for t in e["trials"]:
+            value, bound = t.get(f"{name}_at_target"), t.get(f"{name}_lower_bound_at_target")
+            lo, hi = t.get(f"{name}_interval_at_target") or (None, None)
+            if value is not None and math.isfinite(float(value)):
+                vals.append(float(value))
+            elif bound is not None:
+                vals.append(float(bound))
+                lo, hi, bounds = bound, None, bounds + 1
+            else:
+                continue
+            los.append(float(lo) if lo is not None else 0.0)
+            his.append(float(hi) if hi is not None else math.inf)
+    if not vals:
+        return {"value": None, "interval": None, "lower_bounds": 0, "n": 0}
+    hi = statistics.median(his)
+    return {"value": statistics.median(vals), "interval": [statistics.median(los), hi if math.isfinite(hi) else None],
+            "lower_bounds": bounds, "lower_bound": bounds > 0, "n": len(vals)}
 
 
-def b_noise_at_target(best: dict[int, dict[str, Any]]) -> float | None:
-    """B_noise = tr(H Sigma)/(G^T H G) at the target (train mode), median as for B_simple: the
-    quantity McCandlish et al. 2018 predict B_crit from."""
-    return _median_of(t.get("b_noise_at_target") for e in best.values() for t in e["trials"])
+def ratio_interval(b_crit_ci: list | None, noise_ci: list | None) -> list[float | None] | None:
+    """B_crit / noise scale: [B_crit lower / noise upper, B_crit upper / noise lower] (None: unbounded)."""
+    if not b_crit_ci or not noise_ci:
+        return None
+    lo = b_crit_ci[0] / noise_ci[1] if b_crit_ci[0] is not None and noise_ci[1] else 0.0
+    hi = b_crit_ci[1] / noise_ci[0] if b_crit_ci[1] is not None and noise_ci[0] else None
+    return [lo, hi]
 
 
 def phase_of(trial: dict[str, Any]) -> str:
@@ -332,8 +359,8 @@ def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: in
         outside = f"B_crit lies below the swept range {swept[0]}-{swept[1]}: an extrapolation of the fit"
     elif fit is not None and ci.get("b_crit_ci") and (ci["b_crit_ci"][1] is None or ci["b_crit_ci"][1] > swept[1]):
         outside = f"the interval of B_crit reaches above the swept range {swept[0]}-{swept[1]}"
-    b_simple = b_simple_at_target(best)
-    b_noise = b_noise_at_target(best)
+    noise = {name: noise_at_target(best, name) for name in ("b_simple", "b_noise")}
+    b_simple, b_noise = noise["b_simple"]["value"], noise["b_noise"]["value"]
     counts: dict[str, int] = defaultdict(int)
     for t in trials:
         counts[t.get("status", "unknown")] += 1
@@ -364,6 +391,11 @@ def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: in
         "b_crit_over_b_simple": (b_crit / b_simple) if b_crit and b_simple else None,
         "b_noise_at_target": b_noise,
         "b_crit_over_b_noise": (b_crit / b_noise) if b_crit and b_noise else None,
+        **{f"{name}_at_target_{part}": noise[name][key] for name in noise
+           for part, key in (("interval", "interval"), ("lower_bounds", "lower_bounds"))},
+        "noise_micro_batches": sorted({t["micro_batch"] for e in best.values() for t in e["trials"]
+                                       if t.get("micro_batch") is not None}),
+        **{f"b_crit_over_{name}_interval": ratio_interval(ci.get("b_crit_ci"), noise[name]["interval"]) for name in noise},
         "best": [
             {"batch": b, "lr": e["lr"], "lr_multiplier": e["lr_multiplier"], "steps_to_target": e["steps_to_target"],
              "examples_to_target": e["examples_to_target"], "seeds": e["seeds"], "n_seeds": e["n_seeds"],

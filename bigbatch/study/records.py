@@ -194,6 +194,36 @@ MCCANDLISH_TABLE_1 = ("McCandlish et al. 2018 Table 1: B_crit / B_simple = 0.22 
                       "0.5 ImageNet; their model predicts B_crit ~ B_noise, i.e. B_crit / B_noise ~ 1")
 
 
+def _range(ci: list | None, digits: int = 0) -> str:
+    if not ci:
+        return ""
+    return f" [{fmt(ci[0], digits) if digits else fmt(ci[0])}, {'unbounded' if ci[1] is None else (fmt(ci[1], digits) if digits else fmt(ci[1]))}]"
+
+
+def _noise_line(analysis: dict[str, Any], name: str, label: str) -> str:
+    """B_simple / B_noise at the target, its interval, the failed estimates and B_crit over it."""
+    bounds = analysis.get(f"{name}_at_target_lower_bounds") or 0
+    ratio = analysis.get(f"b_crit_over_{name}")
+    return (f"{label} at target = {'>= ' if bounds else ''}{fmt(analysis[f'{name}_at_target'])}"
+            + _range(analysis.get(f"{name}_at_target_interval"))
+            + (f" ({bounds} batch(es) only a lower bound)" if bounds else "")
+            + (f"   B_crit / {label} = {fmt(ratio, 2)}{_range(analysis.get(f'b_crit_over_{name}_interval'), 2)}"
+               if ratio is not None else ""))
+
+
+def _agreement(analysis: dict[str, Any]) -> str:
+    """What the intervals say about McCandlish et al.'s B_crit ~ B_noise: stated only when they support it."""
+    ci = analysis.get("b_crit_over_b_noise_interval")
+    if not ci or ci[0] is None:
+        return "B_crit vs B_noise: no interval (no B_noise or B_crit interval), no agreement claimed"
+    if ci[1] is None:
+        return "B_crit vs B_noise: the interval of their ratio is unbounded above: neither agreement nor disagreement shown"
+    if ci[0] <= 1 <= ci[1]:
+        return "B_crit vs B_noise: the ratio's interval contains 1, consistent with B_crit ~ B_noise (McCandlish et al.)"
+    return (f"B_crit vs B_noise: the ratio's interval excludes 1 (B_crit is {'smaller' if ci[1] < 1 else 'larger'}): "
+            "McCandlish et al.'s B_crit ~ B_noise is not supported here")
+
+
 def headline(analysis: dict[str, Any]) -> list[str]:
     """The numbers a study ends with, one per line."""
     lines = [
@@ -206,18 +236,18 @@ def headline(analysis: dict[str, Any]) -> list[str]:
         + f"fit r2 = {fmt(analysis['r2'], 3)}"
         + (f"; crossings resolved to <= {100 * analysis['crossing_resolution_max']:.1f} %"
            if analysis.get("crossing_resolution_max") is not None else "") + ")",
-        f"B_simple at target = {fmt(analysis['b_simple_at_target'])}"
-        + (f"   B_crit / B_simple = {fmt(analysis['b_crit_over_b_simple'], 2)}"
-           if analysis.get("b_crit_over_b_simple") is not None else "")
+        _noise_line(analysis, "b_simple", "B_simple")
         + (f"   (online EMA at target: {fmt(analysis['b_simple_online_at_target'])})"
            if analysis.get("b_simple_online_at_target") is not None else ""),
     ]
     if analysis.get("b_noise_at_target") is not None:
-        ratio = analysis.get("b_crit_over_b_noise")
-        lines.append(f"B_noise at target = {fmt(analysis['b_noise_at_target'])}"
-                     + (f"   B_crit / B_noise = {fmt(ratio, 2)}" if ratio is not None else ""))
+        lines.append(_noise_line(analysis, "b_noise", "B_noise"))
     if analysis.get("b_crit_over_b_simple") is not None or analysis.get("b_crit_over_b_noise") is not None:
-        lines.append(f"(noise scales on the trained loss: BatchNorm with each micro-batch's statistics. {MCCANDLISH_TABLE_1})")
+        mb = analysis.get("noise_micro_batches")
+        lines.append("(noise scales on the trained loss, BatchNorm in train mode"
+                     + (f" at one micro-batch of {', '.join(str(b) for b in mb)} for every batch size" if mb else "")
+                     + "; intervals: median of the per-batch jackknife intervals. " + MCCANDLISH_TABLE_1 + ")")
+        lines.append(_agreement(analysis))
     trend = (analysis.get("gap_trend") or {}).get("gap")
     if trend is not None:
         ci = trend.get("ci")

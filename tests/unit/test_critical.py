@@ -236,3 +236,28 @@ def test_analyse_is_json_and_compares_b_crit_with_b_simple():
 def test_analyse_with_too_few_batches_says_so():
     out = analyse([trial(8, 0.1, 100)])
     assert out["fit"] is None and out["b_crit"] is None and "no fit" in out["note"]
+
+
+def test_noise_at_target_counts_a_failed_estimate_as_its_bound_and_the_headline_claims_only_what_intervals_show():
+    """Issue 32: a failed B_noise is a lower bound in the median (never dropped); the interval is the
+    median of the per-batch intervals; agreement with B_crit ~ B_noise is stated only when the
+    ratio's interval contains 1."""
+    from bigbatch.study.critical import noise_at_target, ratio_interval
+    from bigbatch.study.records import _agreement
+
+    def trial(value, lo, hi, bound=None):
+        return {"b_noise_at_target": value, "b_noise_interval_at_target": [lo, hi] if lo else None,
+                "b_noise_lower_bound_at_target": bound}
+
+    best = {64: {"trials": [trial(300.0, 250.0, 360.0)]}, 128: {"trials": [trial(None, None, None, bound=500.0)]},
+            256: {"trials": [trial(200.0, 150.0, 270.0)]}}
+    got = noise_at_target(best, "b_noise")
+    assert got["value"] == 300.0 and got["lower_bounds"] == 1 and got["lower_bound"]
+    assert got["interval"] == [250.0, 360.0]  # medians of [250, 500, 150] and [360, inf, 270]
+    assert noise_at_target({64: {"trials": [trial(None, None, None)]}}, "b_noise")["value"] is None
+    assert ratio_interval([400.0, 600.0], [250.0, 360.0]) == [400 / 360, 600 / 250]
+    assert ratio_interval([400.0, None], [250.0, 360.0]) == [400 / 360, None]
+    assert "contains 1" in _agreement({"b_crit_over_b_noise_interval": [0.8, 1.4]})
+    assert "not supported" in _agreement({"b_crit_over_b_noise_interval": [1.2, 2.4]})
+    assert "neither" in _agreement({"b_crit_over_b_noise_interval": [0.5, None]})
+    assert "no agreement claimed" in _agreement({})
