@@ -216,8 +216,9 @@ def _agreement(analysis: dict[str, Any]) -> str:
     ci = analysis.get("b_crit_over_b_noise_interval")
     if not ci or ci[0] is None:
         return "B_crit vs B_noise: no interval (no B_noise or B_crit interval), no agreement claimed"
-    if ci[1] is None:
-        return "B_crit vs B_noise: the interval of their ratio is unbounded above: neither agreement nor disagreement shown"
+    if ci[1] is None or ci[0] <= 0:
+        return ("B_crit vs B_noise: the interval of their ratio is unbounded (a B_noise interval without an end): "
+                "neither agreement nor disagreement shown")
     if ci[0] <= 1 <= ci[1]:
         return "B_crit vs B_noise: the ratio's interval contains 1, consistent with B_crit ~ B_noise (McCandlish et al.)"
     return (f"B_crit vs B_noise: the ratio's interval excludes 1 (B_crit is {'smaller' if ci[1] < 1 else 'larger'}): "

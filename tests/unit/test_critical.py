@@ -260,4 +260,5 @@ def test_noise_at_target_counts_a_failed_estimate_as_its_bound_and_the_headline_
     assert "contains 1" in _agreement({"b_crit_over_b_noise_interval": [0.8, 1.4]})
     assert "not supported" in _agreement({"b_crit_over_b_noise_interval": [1.2, 2.4]})
     assert "neither" in _agreement({"b_crit_over_b_noise_interval": [0.5, None]})
+    assert "neither" in _agreement({"b_crit_over_b_noise_interval": [0.0, 3.6]})  # the default study's, B_noise unbounded above
     assert "no agreement claimed" in _agreement({})
