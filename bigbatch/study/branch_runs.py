@@ -208,8 +208,10 @@ def measure(cfg, run_dir: str | Path, s0: int, *, points: int = DEFAULT_POINTS, 
             "lr_factors": list(lr_factors)}
 
 
-def report_lines(m: dict[str, Any], b_simple: dict[int, float] | None = None) -> list[str]:
-    """What `bigbatch plan` prints about the branching measurement."""
+def report_lines(m: dict[str, Any], b_simple: list[tuple[int, float]] | None = None) -> list[str]:
+    """What `bigbatch plan` prints about the branching measurement; with the base run's online
+    B_simple history, its reading at each branch point beside B_crit(t)."""
+    b_simple = dict(b_simple or [])
     lines = [f"critical batch along training (branches from {len(m['points'])} checkpoints, test loss on "
              f"{m['eval_examples']} test examples, 95 % bootstrap over them):"]
     for p in m["points"]:

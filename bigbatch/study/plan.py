@@ -51,6 +51,7 @@ from bigbatch.distributed.env import resolve_backend, spawn_local
 from bigbatch.errors import UsageError
 from bigbatch.study import branch_runs as bx
 from bigbatch.study import plan_model as pm
+from bigbatch.study import plan_noise as pn
 from bigbatch.study import plan_ramp
 from bigbatch.study.plan_output import describe, format_table, plot_plan
 from bigbatch.study.scaling import measure_step_times, read_bench, short_ring_bench
@@ -85,10 +86,6 @@ def parse_algos(text: str) -> list[str]:
     return algos
 
 
-def noise_history(metrics: list[dict], key: str = "gns/b_simple") -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r[key])) for r in metrics if r.get(key) is not None and "step" in r]
-
-
 def read_run(run_dir: str, noise: bool = True) -> dict:
     """(config, steps to target, batch, noise history) of an existing run folder; UsageError naming
     what is missing (the noise history only when `noise`)."""
@@ -104,7 +101,7 @@ def read_run(run_dir: str, noise: bool = True) -> dict:
         raise UsageError("--from", f"the run in {run_dir!r} did not reach its target (summary.json steps_to_target is null)")
     if cfg.batch.adaptive != "none" or cfg.batch.phases:
         raise UsageError("--from", "the run changed its batch during training; the plan needs one fixed batch")
-    history = noise_history(d.read_metrics())
+    history = pn.noise_history(d.read_metrics())
     if noise and not history:
         raise UsageError("--from", f"{run_dir!r}/metrics.jsonl has no gns/b_simple rows (train with measure.gns = true)")
     return {"cfg": cfg, "run_dir": str(d), "steps": int(summary["steps_to_target"]), "wall_s": summary.get("wall_s"),
@@ -200,28 +197,6 @@ def local_alpha_beta(cfg) -> dict:
                       "this machine's links, not a cluster's"}
 
 
-def read_measured_noise(path: str, key: str) -> dict:
-    """The noise scale `key` (b_noise or b_simple) from a `bigbatch measure RUN_DIR --json` file."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError("--noise-from", f"file {path!r} not found")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        raise UsageError("--noise-from", f"{path!r} is not the JSON of `bigbatch measure RUN_DIR --json`") from None
-    value = data.get(key) if isinstance(data, dict) else None
-    if not isinstance(value, (int, float)) or not value > 0:
-        raise UsageError("--noise-from", f"{path!r} has no positive {key!r} (got {value!r}); "
-                         f"`bigbatch measure` leaves b_noise null with --hessian-examples 0")
-    return {"value": float(value), "key": key, "file": path, "step": data.get("step")}
-
-
-def noise_estimate(history: list[tuple[int, float]], target_step: int) -> dict:
-    n = pm.noise_near_target(history, target_step)
-    return {**n, "source": "online B_simple (two-batch EMA, McCandlish et al. 2018 app. A.1), median over the last quarter "
-                         "of the run to the target"}
-
-
 # --- the command ------------------------------------------------------------------------------
 
 
@@ -269,7 +244,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
                            "batches": parse_int_list(args.batches, "--batches") if args.batches else None,
                            "comm": comm_source(args),
                            "scaling": read_scaling(args.scaling) if args.scaling else None,
-                           "measured_noise": read_measured_noise(args.noise_from, args.noise) if args.noise_from else None}
+                           "measured_noise": pn.read_measured_noise(args.noise_from, args.noise) if args.noise_from else None}
     for name in ("intra_alpha_us", "intra_beta_gbps"):
         v = getattr(args, name)
         if v is not None and v <= 0:
@@ -327,13 +302,13 @@ def main(args: argparse.Namespace) -> int:
                   f"(test_acc {summary.get('test_acc')}); give it more (train.epochs) or an easier target", file=sys.stderr)
             return 1
         run = {"cfg": run_cfg, "run_dir": str(run_dir), "steps": int(summary["steps_to_target"]), "wall_s": summary["wall_s"],
-               "batch": run_cfg.batch.global_batch, "history": noise_history(folders.RunFolder(run_dir).read_metrics())}
+               "batch": run_cfg.batch.global_batch, "history": pn.noise_history(folders.RunFolder(run_dir).read_metrics())}
         if run_cfg.batch.accum_steps != cfg.batch.accum_steps:
             notes.append(f"short run used batch.accum_steps = {run_cfg.batch.accum_steps} for the noise scale: "
                          f"micro-batches of {run_cfg.batch.global_batch // run_cfg.batch.accum_steps} (BatchNorm, where the "
                          "model has it, normalised over these ghost batches)")
     s0, b0 = run["steps"], run["batch"]
-    noise = noise_estimate(run["history"], s0) if use_noise else None
+    noise = pn.noise_estimate(run["history"], s0) if use_noise else None
     # McCandlish et al. 2018: B_crit ~ B_noise; the online B_simple is its Hessian-free proxy
     measured = v["measured_noise"]
     b_crit_noise = (measured["value"] if measured else noise["value"]) if use_noise else None
@@ -395,18 +370,10 @@ def main(args: argparse.Namespace) -> int:
     }
     print(f"{cfg.name}: {s0} steps to target at batch {b0}")
     if noise:
-        print(f"noise scale near the target {noise['value']:.0f} (median of the last quarter of the run, {noise['window_points']} "
-              f"readings {noise['min']:.0f}-{noise['max']:.0f}; x{noise['moved_ratio']:.2f} since step {noise['window_start_step']}; "
-              f"{noise['last']:.0f} at step {noise['step']})" + (f"; {measured['key']} from {measured['file']}: "
-                                                               f"{b_crit_noise:.0f}" if measured else ""))
-        if branches:
-            noise_b = pm.Tradeoff.from_run(s0, b0, b_crit_noise)
-            print(f"noise-scale answer: B_crit ~ {b_crit_noise:.0f}, S_min {noise_b.s_min:.1f}; branching answer: "
-                  f"B_crit {b_crit:.0f}, S_min {tradeoff.s_min:.1f} (x{b_crit / b_crit_noise:.2f} the noise scale's)")
+        print(pn.noise_line(noise, measured, b_crit_noise, s0, b0, branches))
     if branches:
-        steps_at = {int(r["step"]): float(r["gns/b_simple"]) for r in folders.RunFolder(run["run_dir"]).read_metrics()
-                    if r.get("gns/b_simple") is not None and "step" in r} if use_noise else None
-        print("\n".join(bx.report_lines(branches, steps_at)))
+        print("\n".join(bx.report_lines(branches, pn.noise_history(folders.RunFolder(run["run_dir"]).read_metrics())
+                                         if use_noise else None)))
     print(f"B_crit ~ {b_crit:.0f} ({args.method})   S_min = {tradeoff.s_min:.1f} steps   E_min = {tradeoff.e_min:.3g} examples")
     print(f"compute: {1e3 * compute.overhead_s:.2f} ms + {1e6 * compute.per_example_s:.1f} us/example per step; "
           f"all-reduce of {grad_bytes / 2 ** 20:.2f} MiB: alpha {1e6 * comm.alpha_s:.1f} us, beta {comm.beta_bytes_per_s / 1e9:.3g} GB/s "
