@@ -56,22 +56,24 @@ def test_a_config_without_target_exits_2(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_run_folder_without_noise_scale_rows_exits_2(tmp_path, capsys):
+def _bare_run_folder(tmp_path) -> Path:
+    """A run folder that reached its target, with neither noise-scale rows nor step checkpoints."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.toml").write_text(Path(MLP).read_text())
     (run / "summary.json").write_text(json.dumps({"steps_to_target": 40}))
     (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 1.0}) + "\n")
+    return run
+
+
+def test_a_run_folder_without_noise_scale_rows_exits_2(tmp_path, capsys):
+    run = _bare_run_folder(tmp_path)
     _exit_2(capsys, ["plan", "--from", str(run), "--method", "noise"], "no gns/b_simple rows")
 
 
 def test_a_base_run_without_checkpoints_exits_2_naming_it(tmp_path, capsys):
     """Branching (the default) starts from the base run's step checkpoints: none -> exit 2 before any branch."""
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(Path(MLP).read_text())
-    (run / "summary.json").write_text(json.dumps({"steps_to_target": 40}))
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 1.0}) + "\n")
+    run = _bare_run_folder(tmp_path)
     _exit_2(capsys, ["plan", "--from", str(run)], f"--from: the run in {str(run)!r} has no step checkpoints")
     assert sorted(p.name for p in run.iterdir()) == ["config.toml", "metrics.jsonl", "summary.json"]
 
