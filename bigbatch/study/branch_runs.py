@@ -5,14 +5,15 @@ default statistical side. The arithmetic is `bigbatch.study.branching`.
    steps (`bigbatch plan` runs it; `--from RUN_DIR` reuses one that has checkpoints).
 2. At `points` checkpoints spread over its examples to the target (the ones nearest (i + 1/2) / n
    of them), short branches at k x B0, k = 1, 2, 4, ..., each over the *same* window of W examples
-   (W = window_steps x B0, by default a power of 2 near half a segment: the branch at k x B0
+   (W = window_steps x B0, by default the largest power of 2 within a segment: the branch at k x B0
    takes window_steps / k steps and sees the very examples the base run saw next). Doubling stops after the first k whose loss decrease per
    example fell below half of k = 1's (efficiency has clearly dropped), or when a branch would get
    fewer than MIN_BRANCH_STEPS steps.
 3. lr: the base run's lr at the branch point, scaled from B0 to k x B0 by the config's rule
    (optim.scaling), times each of `lr_factors` (default x0.5, x1, x2), held constant over the
-   window; the factor with the largest decrease is kept (a best-of-3 on a noisy decrease: a small
-   upward bias, the same at every k).
+   window; when the best is at the edge of those, one more factor of 2 beyond it, until it is not
+   (within 1/16-16); the factor with the largest decrease is kept (a best-of-several on a noisy
+   decrease: a small upward bias, the same at every k).
 4. Momentum: a branch starts from the checkpoint's optimizer state (`Checkpointer.branch_from`):
    SGD's momentum buffer (Adam's moments) as the base run left it, i.e. the velocity of steps at
    B0 and the base lr. At k > 1 the first few steps still carry it (a decay of 1 / (1 - momentum)
@@ -139,8 +140,9 @@ def measure_point(cfg, step: int, path: Path, b0: int, lr0: float, window_steps:
     while k == 1 or (window_steps % k == 0 and window_steps // k >= MIN_BRANCH_STEPS):
         batch, steps = k * b0, window_steps // k
         rule_lr = lr0 * scaled_lr(1.0, batch, b0, cfg.optim.scaling)
-        best = None
-        for f in lr_factors:
+        tried: dict[float, np.ndarray | None] = {}
+
+        def branch(f: float) -> None:
             run_dir = out / f"step{step}-k{k}-lr{f:g}"
             t = time.perf_counter()
             summary = loop.run(branch_config(cfg, batch, rule_lr * f, steps), run_dir, init_from=path)
@@ -148,8 +150,21 @@ def measure_point(cfg, step: int, path: Path, b0: int, lr0: float, window_steps:
             budget["branch_examples"] += steps * batch
             budget["branches"] += 1
             d = before - losses(run_dir / ckpt.FILENAME) if summary["status"] == "completed" else None
-            if d is not None and np.isfinite(d).all() and (best is None or d.mean() > best[1].mean()):
-                best = (f, d)
+            tried[f] = d if d is not None and np.isfinite(d).all() else None
+
+        for f in lr_factors:
+            branch(f)
+        while True:  # the best at the edge of the grid: one more factor of 2 beyond it (to 1/16 or 16)
+            ok = {f: d.mean() for f, d in tried.items() if d is not None}
+            if not ok:
+                break
+            top = max(ok, key=ok.get)
+            nxt = top / 2 if top == min(tried) else (top * 2 if top == max(tried) else None)
+            if nxt is None or not 1 / 16 <= nxt <= 16:
+                break
+            branch(nxt)
+        ok = {f: d for f, d in tried.items() if d is not None}
+        best = max(ok.items(), key=lambda fd: fd[1].mean()) if ok else None
         if best is None:
             break  # every lr diverged at this batch: efficiency has dropped
         batches.append(batch)
@@ -171,8 +186,8 @@ def measure_point(cfg, step: int, path: Path, b0: int, lr0: float, window_steps:
 
 def default_window(s0: int, points: int) -> int:
     """Steps at B0 of a branch window: a power of 2 (every k = 2^j divides it, so every branch sees
-    exactly the same examples) near half a segment, at least MIN_WINDOW_STEPS."""
-    return 2 ** int(math.log2(max(MIN_WINDOW_STEPS, s0 / (2 * points))))
+    exactly the same examples) at most a segment (s0 / points), at least MIN_WINDOW_STEPS."""
+    return 2 ** int(math.log2(max(MIN_WINDOW_STEPS, s0 / points)))
 
 
 def measure(cfg, run_dir: str | Path, s0: int, *, points: int = DEFAULT_POINTS, window_steps: int | None = None,

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--points", type=int, default=bx.DEFAULT_POINTS,
                         help=f"branching: checkpoints branched from, spread over the run (default {bx.DEFAULT_POINTS})")
     parser.add_argument("--window-steps", type=int, default=None,
-                        help="branching: a branch window in steps at B0, a power of 2 (default: near half a segment, >= "
+                        help="branching: a branch window in steps at B0, a power of 2 (default: the largest within a segment, >= "
                              f"{bx.MIN_WINDOW_STEPS})")
     parser.add_argument("--eval-examples", type=int, default=bx.DEFAULT_EVAL_EXAMPLES,
                         help=f"branching: test examples the loss decrease is measured on (default {bx.DEFAULT_EVAL_EXAMPLES})")

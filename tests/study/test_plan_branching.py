@@ -56,10 +56,11 @@ def test_the_plan_follows_from_its_branches(planned):
     window = m["window_steps"] * 128
     for p in m["points"]:
         assert [b["batch"] for b in p["branches"]] == [128 * 2 ** i for i in range(len(p["branches"]))]
-        assert all(b["steps"] * b["batch"] == window and b["lr_factor"] in (0.5, 1.0, 2.0) for b in p["branches"])
+        assert all(b["steps"] * b["batch"] == window and b["lr_factor"] in [2.0 ** i for i in range(-4, 5)]
+                   for b in p["branches"])
         assert p["interval"][0] <= p["b_crit"] <= p["interval"][1]
     b = m["budget"]
-    assert b["branches"] == 3 * sum(len(p["branches"]) for p in m["points"])
+    assert b["branches"] >= 3 * sum(len(p["branches"]) for p in m["points"])  # x0.5, x1, x2 and beyond an edge
     assert b["branch_examples"] == b["branches"] * window and b["examples"] == b["base_examples"] + b["branch_examples"]
     branch_dirs = list((tmp / "run" / "branches").iterdir())
     assert len(branch_dirs) == b["branches"]
