@@ -104,7 +104,7 @@ def read_run(run_dir: str, noise: bool = True) -> dict:
     history = pn.noise_history(d.read_metrics())
     if noise and not history:
         raise UsageError("--from", f"{run_dir!r}/metrics.jsonl has no gns/b_simple rows (train with measure.gns = true)")
-    return {"cfg": cfg, "run_dir": str(d), "steps": int(summary["steps_to_target"]), "wall_s": summary.get("wall_s"),
+    return {"cfg": cfg, "run_dir": str(d.path), "steps": int(summary["steps_to_target"]), "wall_s": summary.get("wall_s"),
             "batch": int(cfg.batch.global_batch), "history": history}
 
 
