@@ -1,8 +1,14 @@
 """`bigbatch plan`: global batch, GPU count and time to target from one short run.
 
-McCandlish et al. 2018 say one run is enough to predict the steps/examples trade-off: the
-gradient noise scale measured near the target predicts B_crit, and S(B) = S_min (1 + B_crit / B)
-through the run's own (B0, S0). Timed steps of the same model at 2-3 per-device batch sizes give
+The statistical side, S(B) = S_min + E_min / B through the run's own (B0, S0), comes from one of:
+- --method branching (default): the critical batch along training, measured by short branches at
+  k x B0 from the run's checkpoints (Merrill et al. 2025) and integrated over training
+  (`bigbatch.study.branch_runs`, `bigbatch.study.branching`); it also predicts batch ramps and
+  writes one as batch.phases (--write-ramp, `bigbatch.study.plan_ramp`);
+- --method noise: McCandlish et al. 2018's one-run answer, the gradient noise scale measured near
+  the target as B_crit;
+- --method both: both, printed side by side (the table uses branching).
+ Timed steps of the same model at 2-3 per-device batch sizes give
 the compute time per step, the alpha-beta model the all-reduce per world size; together they give
 time to target over global batch x world size, and the fastest choice overall and at >= 80 %
 scaling efficiency. The arithmetic is `bigbatch.study.plan_model`; this module measures its inputs.
@@ -10,11 +16,13 @@ scaling efficiency. The arithmetic is `bigbatch.study.plan_model`; this module m
     bigbatch plan CONFIG [--set K=V]... [--bench BENCH.jsonl | --alpha-us A --beta-gbps B]
                   [--gpus 1,8,64,512,4096] [--algo ring,torus2d,hierarchical] [--scaling SCALING.json]
                   [--json FILE] [--plot FILE] [--out RUN_DIR]
-    bigbatch plan --from RUN_DIR ...      (an existing run with measure.gns rows and a steps_to_target)
+    bigbatch plan --from RUN_DIR ...      (an existing run that reached its target, with step checkpoints
+                                           for branching, measure.gns rows for noise)
 
 What the short run changes in CONFIG, and why:
 - train.stop_at_target = true (it is a run *to* the target);
-- measure.gns = true, and in one process batch.accum_steps = 2 when unset: the two-batch noise-scale
+- branching: checkpoint.every = train.eval_every, every checkpoint kept (the branch points);
+- noise / both: measure.gns = true, and in one process batch.accum_steps = 2 when unset: the two-batch noise-scale
   estimator needs a small batch (the micro-batch) beside the big one. BatchNorm then normalises over
   B0/2 examples (ghost batches), as in `bigbatch study`; measure.gns_every = 1: this run is the
   measurement, so every step feeds the EMA (train's default of 4 trades that for speed);
@@ -41,7 +49,10 @@ from bigbatch import folders
 from bigbatch.distributed.alphabeta import fit_alpha_beta
 from bigbatch.distributed.env import resolve_backend, spawn_local
 from bigbatch.errors import UsageError
+from bigbatch.study import branch_runs as bx
 from bigbatch.study import plan_model as pm
+from bigbatch.study import plan_noise as pn
+from bigbatch.study import plan_ramp
 from bigbatch.study.plan_output import describe, format_table, plot_plan
 from bigbatch.study.scaling import measure_step_times, read_bench, short_ring_bench
 from bigbatch.trainer import loop, preflight
@@ -75,13 +86,9 @@ def parse_algos(text: str) -> list[str]:
     return algos
 
 
-def noise_history(metrics: list[dict], key: str = "gns/b_simple") -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r[key])) for r in metrics if r.get(key) is not None and "step" in r]
-
-
-def read_run(run_dir: str) -> dict:
+def read_run(run_dir: str, noise: bool = True) -> dict:
     """(config, steps to target, batch, noise history) of an existing run folder; UsageError naming
-    what is missing."""
+    what is missing (the noise history only when `noise`)."""
     d = folders.RunFolder(run_dir)
     if not d.path.is_dir():
         raise UsageError("--from", f"{run_dir!r} is not a folder")
@@ -94,18 +101,18 @@ def read_run(run_dir: str) -> dict:
         raise UsageError("--from", f"the run in {run_dir!r} did not reach its target (summary.json steps_to_target is null)")
     if cfg.batch.adaptive != "none" or cfg.batch.phases:
         raise UsageError("--from", "the run changed its batch during training; the plan needs one fixed batch")
-    history = noise_history(d.read_metrics())
-    if not history:
+    history = pn.noise_history(d.read_metrics())
+    if noise and not history:
         raise UsageError("--from", f"{run_dir!r}/metrics.jsonl has no gns/b_simple rows (train with measure.gns = true)")
-    return {"cfg": cfg, "run_dir": str(d), "steps": int(summary["steps_to_target"]),
+    return {"cfg": cfg, "run_dir": str(d.path), "steps": int(summary["steps_to_target"]), "wall_s": summary.get("wall_s"),
             "batch": int(cfg.batch.global_batch), "history": history}
 
 
-def short_run_config(cfg, eval_every: int | None):
+def short_run_config(cfg, eval_every: int | None, noise: bool = True, branching: bool = False):
     """The config of the short run (see the module docstring)."""
     b0 = cfg.batch.global_batch
     accum = cfg.batch.accum_steps
-    if accum in (None, 1):
+    if noise and accum in (None, 1):
         if b0 % 2:
             raise UsageError("batch.global_batch", f"the noise scale needs two micro-batches per step; {b0} is odd "
                              "(set an even batch, or batch.accum_steps)")
@@ -115,8 +122,10 @@ def short_run_config(cfg, eval_every: int | None):
     # the target is on the test set; the train-subset evaluation only reports, so keep it small
     data = dataclasses.replace(cfg.data, train_eval_samples=min(cfg.data.train_eval_samples or TRAIN_EVAL_SAMPLES,
                                                                 TRAIN_EVAL_SAMPLES))
-    return dataclasses.replace(cfg, train=train, data=data, batch=dataclasses.replace(cfg.batch, accum_steps=accum),
-                               measure=dataclasses.replace(cfg.measure, gns=True, gns_every=1))
+    out = dataclasses.replace(cfg, train=train, data=data, batch=dataclasses.replace(cfg.batch, accum_steps=accum))
+    if noise:
+        out = dataclasses.replace(out, measure=dataclasses.replace(cfg.measure, gns=True, gns_every=1))
+    return bx.base_run_config(out, every) if branching else out
 
 
 def comm_source(args) -> dict | None:
@@ -188,28 +197,6 @@ def local_alpha_beta(cfg) -> dict:
                       "this machine's links, not a cluster's"}
 
 
-def read_measured_noise(path: str, key: str) -> dict:
-    """The noise scale `key` (b_noise or b_simple) from a `bigbatch measure RUN_DIR --json` file."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError("--noise-from", f"file {path!r} not found")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        raise UsageError("--noise-from", f"{path!r} is not the JSON of `bigbatch measure RUN_DIR --json`") from None
-    value = data.get(key) if isinstance(data, dict) else None
-    if not isinstance(value, (int, float)) or not value > 0:
-        raise UsageError("--noise-from", f"{path!r} has no positive {key!r} (got {value!r}); "
-                         f"`bigbatch measure` leaves b_noise null with --hessian-examples 0")
-    return {"value": float(value), "key": key, "file": path, "step": data.get("step")}
-
-
-def noise_estimate(history: list[tuple[int, float]], target_step: int) -> dict:
-    n = pm.noise_near_target(history, target_step)
-    return {**n, "source": "online B_simple (two-batch EMA, McCandlish et al. 2018 app. A.1), median over the last quarter "
-                         "of the run to the target"}
-
-
 # --- the command ------------------------------------------------------------------------------
 
 
@@ -242,6 +229,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU only: torch threads of the short run (default 1, as the study's trials: two OpenMP "
                              "threads on a shared 2-core machine were 20-30x slower per step here)")
     parser.add_argument("--out", default=None, help="run folder of the short run (default runs/plan-<name>-<time>)")
+    plan_ramp.add_arguments(parser)
     parser.add_argument("--json", default=None, help="write the plan as JSON to this file")
     parser.add_argument("--plot", default=None, help="write a plot of time to target vs GPUs per batch (PNG)")
 
@@ -256,7 +244,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
                            "batches": parse_int_list(args.batches, "--batches") if args.batches else None,
                            "comm": comm_source(args),
                            "scaling": read_scaling(args.scaling) if args.scaling else None,
-                           "measured_noise": read_measured_noise(args.noise_from, args.noise) if args.noise_from else None}
+                           "measured_noise": pn.read_measured_noise(args.noise_from, args.noise) if args.noise_from else None}
     for name in ("intra_alpha_us", "intra_beta_gbps"):
         v = getattr(args, name)
         if v is not None and v <= 0:
@@ -267,8 +255,12 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--torch-threads", f"must be >= 1, got {args.torch_threads}")
     if args.eval_every is not None and args.eval_every < 1:
         raise UsageError("--eval-every", f"must be >= 1, got {args.eval_every}")
+    plan_ramp.validate(args)
+    noise, branching = args.method in ("noise", "both"), args.method in ("branching", "both")
     if args.from_run:
-        out["run"] = read_run(args.from_run)
+        out["run"] = read_run(args.from_run, noise)
+        if branching:
+            bx.base_checkpoints(args.from_run)
         cfg = out["run"]["cfg"]
     else:
         cfg = config_mod.load(args.config, args.set)
@@ -276,7 +268,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError("target", f"{args.config} has no [target] (test_acc or test_loss): the plan needs a target to run to")
         if cfg.batch.adaptive != "none" or cfg.batch.phases:
             raise UsageError("batch.adaptive", "the short run needs one fixed batch (no adaptive batch or phases)")
-        out["run_cfg"] = short_run_config(cfg, args.eval_every)
+        out["run_cfg"] = short_run_config(cfg, args.eval_every, noise, branching)
         preflight.check(out["run_cfg"], 1)
         if args.out and Path(args.out).exists():
             raise UsageError("--out", f"{args.out!r} exists; the short run needs a new folder")
@@ -293,8 +285,9 @@ def main(args: argparse.Namespace) -> int:
     v = validate(args)
     cfg = v["cfg"]
     notes: list[str] = []
+    use_noise, use_branching = args.method in ("noise", "both"), args.method in ("branching", "both")
 
-    # 1. the short run (or the given one): S0 at B0, and the noise scale along the way
+    # 1. the short run (or the given one): S0 at B0, its checkpoints and/or the noise scale along the way
     if "run" in v:
         run = v["run"]
     else:
@@ -308,20 +301,29 @@ def main(args: argparse.Namespace) -> int:
             print(f"bigbatch plan: the short run did not reach the target in {summary['steps']} steps "
                   f"(test_acc {summary.get('test_acc')}); give it more (train.epochs) or an easier target", file=sys.stderr)
             return 1
-        run = {"run_dir": str(run_dir), "steps": int(summary["steps_to_target"]), "batch": run_cfg.batch.global_batch,
-               "history": noise_history(folders.RunFolder(run_dir).read_metrics())}
+        run = {"cfg": run_cfg, "run_dir": str(run_dir), "steps": int(summary["steps_to_target"]), "wall_s": summary["wall_s"],
+               "batch": run_cfg.batch.global_batch, "history": pn.noise_history(folders.RunFolder(run_dir).read_metrics())}
         if run_cfg.batch.accum_steps != cfg.batch.accum_steps:
             notes.append(f"short run used batch.accum_steps = {run_cfg.batch.accum_steps} for the noise scale: "
                          f"micro-batches of {run_cfg.batch.global_batch // run_cfg.batch.accum_steps} (BatchNorm, where the "
                          "model has it, normalised over these ghost batches)")
     s0, b0 = run["steps"], run["batch"]
-    noise = noise_estimate(run["history"], s0)
+    noise = pn.noise_estimate(run["history"], s0) if use_noise else None
     # McCandlish et al. 2018: B_crit ~ B_noise; the online B_simple is its Hessian-free proxy
     measured = v["measured_noise"]
-    b_crit = measured["value"] if measured else noise["value"]
-    b_crit_source = (f"{measured['key']} from {measured['file']} (bigbatch measure at the run's checkpoint)" if measured
-                     else "online B_simple near the target")
-    tradeoff = pm.Tradeoff.from_run(s0, b0, b_crit)
+    b_crit_noise = (measured["value"] if measured else noise["value"]) if use_noise else None
+    branches = None
+    if use_branching:
+        with torch_threads(args.torch_threads):
+            branches = bx.measure(run["cfg"], run["run_dir"], s0, points=args.points, window_steps=args.window_steps,
+                                  eval_examples=args.eval_examples, base_s=run.get("wall_s") or 0.0)
+        tradeoff, b_crit = plan_ramp.tradeoff(branches), branches["b_crit"]
+        b_crit_source = "branching: B_crit(t) from branches at k x B0, integrated over training (Merrill et al. 2025)"
+    else:
+        b_crit = b_crit_noise
+        b_crit_source = (f"{measured['key']} from {measured['file']} (bigbatch measure at the run's checkpoint)" if measured
+                         else "online B_simple near the target") + " (McCandlish et al. 2018: B_crit ~ B_noise)"
+        tradeoff = pm.Tradeoff.from_run(s0, b0, b_crit)
 
     # 2. compute per step at 2-3 per-device batch sizes
     print(f"timing steps at per-device batches {v['time_batches']} ...", file=sys.stderr, flush=True)
@@ -340,14 +342,20 @@ def main(args: argparse.Namespace) -> int:
     else:
         overlap, overlap_source = 0.0, "assumed none (no --scaling given): the whole all-reduce is added to each step"
 
-    # 4. the table and the answer
+    # 4. the table and the answer; with branching, the ramps and the GPU count per ramp stage
     batches = v["batches"] or pm.default_batches(b0, b_crit, max(v["worlds"]))
     rows = pm.plan_rows(tradeoff, compute, comm, batches, v["worlds"], v["algos"], overlap)
+    ramps = None
+    if branches is not None:
+        ramps = plan_ramp.ramps(branches, args, cfg.batch.accum_steps or 1)
+        ramps["gpus"] = plan_ramp.gpus_per_stage(ramps[args.ramp], lambda b: pm.plan_rows(
+            tradeoff, compute, comm, [b], v["worlds"], v["algos"], overlap))
     plan = {
-        "config_name": cfg.name, "run_dir": run["run_dir"], "b0": b0, "s0": s0,
+        "config_name": cfg.name, "run_dir": run["run_dir"], "b0": b0, "s0": s0, "method": args.method,
         "target": {k: val for k, val in (("test_acc", cfg.target.test_acc), ("test_loss", cfg.target.test_loss)) if val is not None},
-        "noise_scale_at_target": b_crit, "noise_scale": noise, "noise_scale_measured": measured,
-        "b_crit": b_crit, "b_crit_source": b_crit_source + " (McCandlish et al. 2018: B_crit ~ B_noise)",
+        "noise_scale_at_target": b_crit_noise, "noise_scale": noise, "noise_scale_measured": measured,
+        "branching": bx.json_ready(branches) if branches else None, "ramps": ramps,
+        "b_crit": b_crit, "b_crit_source": b_crit_source,
         "s_min": tradeoff.s_min, "e_min": tradeoff.e_min,
         "compute": {"overhead_s": compute.overhead_s, "per_example_s": compute.per_example_s,
                     "timed": [{"per_device_batch": t["per_device_batch"], "step_s": t["compute_s"]} for t in timed],
@@ -360,12 +368,13 @@ def main(args: argparse.Namespace) -> int:
         "best_efficient": pm.choose_best(rows, pm.BEST_EFFICIENCY),
         "notes": notes,
     }
-    print(f"{cfg.name}: {s0} steps to target at batch {b0}; noise scale near the target {noise['value']:.0f} "
-          f"(median of the last quarter of the run, {noise['window_points']} readings {noise['min']:.0f}-{noise['max']:.0f}; "
-          f"x{noise['moved_ratio']:.2f} since step {noise['window_start_step']}; {noise['last']:.0f} at step {noise['step']})")
-    if measured:
-        print(f"B_crit from {measured['key']} in {measured['file']}: {b_crit:.0f} (online B_simple near the target: {noise['value']:.0f})")
-    print(f"B_crit ~ {b_crit:.0f}   S_min = {tradeoff.s_min:.1f} steps   E_min = {tradeoff.e_min:.3g} examples")
+    print(f"{cfg.name}: {s0} steps to target at batch {b0}")
+    if noise:
+        print(pn.noise_line(noise, measured, b_crit_noise, s0, b0, branches))
+    if branches:
+        print("\n".join(bx.report_lines(branches, pn.noise_history(folders.RunFolder(run["run_dir"]).read_metrics())
+                                         if use_noise else None)))
+    print(f"B_crit ~ {b_crit:.0f} ({args.method})   S_min = {tradeoff.s_min:.1f} steps   E_min = {tradeoff.e_min:.3g} examples")
     print(f"compute: {1e3 * compute.overhead_s:.2f} ms + {1e6 * compute.per_example_s:.1f} us/example per step; "
           f"all-reduce of {grad_bytes / 2 ** 20:.2f} MiB: alpha {1e6 * comm.alpha_s:.1f} us, beta {comm.beta_bytes_per_s / 1e9:.3g} GB/s "
           f"({comm_in['source']}); overlap {overlap:.2f} ({overlap_source})")
@@ -374,6 +383,13 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(rows, v["worlds"]))
     print(f"best:           {describe(plan['best'])}")
     print(f"best_efficient: {describe(plan['best_efficient'])}")
+    if ramps:
+        print("\n".join(plan_ramp.ramp_lines(ramps, branches)))
+        print(f"{args.ramp} ramp per stage: " + ", ".join(f"batch {g['global_batch']} on {g['world_size']} GPU(s)"
+                                                      for g in ramps["gpus"]))
+        if args.write_ramp:
+            phases = plan_ramp.write_ramp(cfg, branches, ramps[args.ramp], args.write_ramp, args.ramp_world)
+            print(f"wrote {args.write_ramp}: batch.phases = {phases} (the {args.ramp} ramp)", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(plan, indent=1) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)

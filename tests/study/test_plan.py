@@ -27,7 +27,11 @@ ROW_KEYS = {"global_batch", "world_size", "steps", "examples", "step_s", "time_s
     (["plan", CNN, "--alpha-us", "5"], "--beta-gbps: --alpha-us and --beta-gbps go together"),
     (["plan", CNN, "--bench", "no-such-bench.jsonl"], "--bench: file 'no-such-bench.jsonl' not found"),
     (["plan", CNN, "--scaling", "no-such.json"], "--scaling"),
-    (["plan", CNN, "--set", "batch.global_batch=127"], "batch.global_batch: the noise scale needs two micro-batches"),
+    (["plan", CNN, "--method", "noise", "--set", "batch.global_batch=127"],
+     "batch.global_batch: the noise scale needs two micro-batches"),
+    (["plan", CNN, "--window-steps", "48"], "--window-steps: must be a power of 2"),
+    (["plan", CNN, "--method", "noise", "--write-ramp", "r.toml"], "--write-ramp: the ramp comes from the branching"),
+    (["plan", CNN, "--write-ramp", "{nulls}"], "--write-ramp: "),
     (["plan", "--from", "{empty}"], "has no metrics.jsonl"),
     (["plan", "--from", "{empty}", CNN], "--from: takes the run's own config.toml"),
     (["plan"], "config: a training config is required"),
@@ -52,20 +56,33 @@ def test_a_config_without_target_exits_2(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_run_folder_without_noise_scale_rows_exits_2(tmp_path, capsys):
+def _bare_run_folder(tmp_path) -> Path:
+    """A run folder that reached its target, with neither noise-scale rows nor step checkpoints."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.toml").write_text(Path(MLP).read_text())
     (run / "summary.json").write_text(json.dumps({"steps_to_target": 40}))
     (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 1.0}) + "\n")
-    _exit_2(capsys, ["plan", "--from", str(run)], "no gns/b_simple rows")
+    return run
+
+
+def test_a_run_folder_without_noise_scale_rows_exits_2(tmp_path, capsys):
+    run = _bare_run_folder(tmp_path)
+    _exit_2(capsys, ["plan", "--from", str(run), "--method", "noise"], "no gns/b_simple rows")
+
+
+def test_a_base_run_without_checkpoints_exits_2_naming_it(tmp_path, capsys):
+    """Branching (the default) starts from the base run's step checkpoints: none -> exit 2 before any branch."""
+    run = _bare_run_folder(tmp_path)
+    _exit_2(capsys, ["plan", "--from", str(run)], f"--from: the run in {str(run)!r} has no step checkpoints")
+    assert sorted(p.name for p in run.iterdir()) == ["config.toml", "metrics.jsonl", "summary.json"]
 
 
 @pytest.mark.timeout(900)  # two short runs' worth of spawned process groups: minutes on a loaded 2-core VM
 def test_one_short_run_gives_a_consistent_plan_and_from_reproduces_it(tmp_path, monkeypatch, capsys, mlp_overrides):
     monkeypatch.chdir(tmp_path)
     sets = [a for o in mlp_overrides + ["target.test_acc=0.3"] for a in ("--set", o)]
-    common = ["--alpha-us", "20", "--beta-gbps", "2", "--gpus", "1,2,8", "--batches", "16,64,256,1024",
+    common = ["--method", "noise", "--alpha-us", "20", "--beta-gbps", "2", "--gpus", "1,2,8", "--batches", "16,64,256,1024",
               "--time-batches", "16,64"]
     assert main(["plan", MLP, *sets, *common, "--eval-every", "5", "--out", "run",
                  "--json", "plan.json", "--plot", "plan.png"]) == 0
