@@ -301,7 +301,14 @@ class OptimConfig(Section):
     eps: float = 0.0
     """LARS: added to the denominator of the trust ratio (MLPerf 0); LAMB/AdamW: Adam epsilon (use 1e-6..1e-8)."""
     betas: list = field(default_factory=lambda: [0.9, 0.999])
-    """LAMB/AdamW betas."""
+    """LAMB/AdamW betas (beta2 at optim.base_batch when optim.beta2_scaling = "tokens")."""
+    beta2_scaling: Literal["none", "tokens"] = "none"
+    """adamw: "tokens" keeps beta2's half-life fixed in tokens across batch sizes (Marek et al. 2025):
+    beta2(B) = betas[1] ** (B / base_batch)."""
+    timescale: float | None = None
+    """adamw: weight decay from a fixed AdamW timescale tau, in epochs (Bergsma et al. 2025):
+    weight_decay = B / (peak lr x tau x D), D the training-set size in examples; replaces
+    optim.weight_decay."""
     exclude_bn_bias: bool = True
     """BatchNorm/LayerNorm parameters and biases: no weight decay, no LARS/LAMB adaptation."""
     impl: Literal["torch", "apex"] = "torch"
@@ -318,6 +325,11 @@ class OptimConfig(Section):
             isinstance(self.betas, list) and len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
             "optim.betas", f"expected [beta1, beta2] in [0, 1), got {self.betas!r}")
         self.betas = [float(b) for b in self.betas]
+        if self.timescale is not None:
+            _check(self.timescale > 0 and math.isfinite(self.timescale), "optim.timescale",
+                   f"must be a positive number of epochs, got {self.timescale}")
+        for key, on in (("optim.beta2_scaling", self.beta2_scaling != "none"), ("optim.timescale", self.timescale is not None)):
+            _check(not on or self.name == "adamw", key, f"an AdamW setting: needs optim.name = 'adamw', got {self.name!r}")
 
 
 @dataclass
