@@ -99,3 +99,14 @@ def test_bad_lm_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, cach
     monkeypatch.chdir(tmp_path)
     one_line_error(capsys, ["train", MLP, *[a for s in TINY + sets for a in ("--set", s)]], expect)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_lm_presets_load_and_every_sweep_trial_validates():
+    from bigbatch.study.spec import load
+
+    cfg = config.load(ROOT / "configs" / "pysrc-gpt.toml")
+    cfg.validate(2)
+    assert (cfg.model.name, cfg.data.name, cfg.optim.name, cfg.target.test_loss) == ("gpt", "pysrc", "adamw", 1.65)
+    spec = load(ROOT / "configs" / "sweep-pysrc-gpt.toml")  # builds and validates every trial's config
+    trial = spec.trial_config(spec.points()[0])
+    assert spec.target.test_loss == 2.2 and trial.optim.beta2_scaling == "tokens" and trial.optim.timescale == 5.0
