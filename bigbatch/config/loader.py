@@ -55,6 +55,10 @@ class Config:
             self.train.epochs = 1.0
         _check(not (self.train.steps is not None and self.train.epochs is not None), "train.steps",
                "set either train.steps or train.epochs, not both")
+        for key, on in (("optim.beta2_scaling", self.optim.beta2_scaling != "none"),
+                        ("optim.timescale", self.optim.timescale is not None)):  # bigbatch.trainer.recipe.adamw_settings
+            _check(not on or not (self.batch.phases or self.batch.adaptive != "none"), key,
+                   "set once per run from its global batch: not with batch.phases or batch.adaptive")
 
     def sections(self) -> list[Section]:
         return [getattr(self, name) for name in SECTIONS]

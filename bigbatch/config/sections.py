@@ -55,8 +55,20 @@ def derive_batch(global_batch: int, world_size: int, accum_steps: int | None, ke
     return global_batch // (world_size * accum), accum
 
 
-DATASETS = ("mnist1d", "digits", "synthetic", "fake_images", "imagefolder", "cifar10")
-MODELS = ("mlp", "cnn1d", "resnet18", "resnet34", "resnet50", "resnet101")
+DATASETS = ("mnist1d", "digits", "synthetic", "fake_images", "imagefolder", "cifar10", "pysrc")
+MODELS = ("mlp", "cnn1d", "resnet18", "resnet34", "resnet50", "resnet101", "gpt")
+PYSRC_KWARGS = {"context": 1, "max_bytes": 0}  # data.kwargs of pysrc -> smallest value
+GPT_KWARGS = {"layers": 1, "width": 1, "heads": 1, "context": 1}  # model.kwargs of gpt -> smallest value
+GPT_DEFAULTS = {"layers": 4, "width": 128, "heads": 4}  # context: the data's window
+
+
+def _check_builtin_kwargs(kwargs: dict, allowed: dict[str, int], key: str, owner: str) -> None:
+    """Built-in kwargs (pysrc's, gpt's): known names, integers >= their smallest value."""
+    unknown = sorted(set(kwargs) - set(allowed))
+    _check(not unknown, key, f"{owner} takes {', '.join(allowed)}; unknown: {', '.join(unknown)}")
+    for k, v in kwargs.items():
+        _check(isinstance(v, int) and not isinstance(v, bool) and v >= allowed[k], f"{key}.{k}",
+               f"must be an integer >= {allowed[k]}, got {v!r}")
 
 
 def _check_name(name: str, builtin: tuple[str, ...], key: str, form: str) -> None:
@@ -77,16 +89,19 @@ class DataConfig(Section):
     "package.module:function" (called with data.kwargs, returns (train, test): map-style datasets
     of (x, y) or (x, y) tensor pairs). mnist1d/digits/synthetic are generated locally; fake_images
     are random images for throughput benchmarks (like torchvision's FakeData); imagefolder and
-    cifar10 read `root`."""
+    cifar10 read `root`. pysrc: the standard library's .py sources, byte-level (vocabulary 256),
+    windows of data.kwargs.context tokens with next-byte targets (bigbatch.trainer.corpus)."""
     kwargs: dict = field(default_factory=dict)
-    """"module:function" datasets: keyword arguments passed to the function (a TOML table)."""
+    """"module:function" datasets: keyword arguments passed to the function (a TOML table).
+    pysrc: context (tokens per window, default 64) and max_bytes (corpus cap, default 4000000; 0 = all)."""
     root: str | None = None
     """imagefolder: folder with train/ and val/ (ImageNet layout). cifar10: folder holding
     cifar-10-batches-py/ (or its files). mnist1d: cache folder (default ~/.cache/bigbatch)."""
     num_samples: int = 10000
     """mnist1d/synthetic/fake_images: total examples generated (train + test)."""
     test_fraction: float = 0.2
-    """mnist1d/digits/synthetic: fraction held out as the test set."""
+    """mnist1d/digits/synthetic: fraction held out as the test set; pysrc: the share of files (by a
+    hash of their path) and of max_bytes held out for validation."""
     seed: int = 0
     """Seed of the generated dataset (independent of train.seed)."""
     num_features: int = 32
@@ -116,7 +131,11 @@ class DataConfig(Section):
 
     def __post_init__(self) -> None:
         _check_name(self.name, DATASETS, "data.name", "package.module:function")
-        _check(not self.kwargs or is_entry_point(self.name), "data.kwargs", 'only for data.name = "package.module:function"')
+        if self.name == "pysrc":
+            _check_builtin_kwargs(self.kwargs, PYSRC_KWARGS, "data.kwargs", "pysrc")
+        else:
+            _check(not self.kwargs or is_entry_point(self.name), "data.kwargs",
+                   'only for data.name = "package.module:function" or "pysrc"')
         _check(self.num_samples >= 10, "data.num_samples", f"must be >= 10, got {self.num_samples}")
         _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1), got {self.test_fraction}")
         _check(self.num_features >= 1, "data.num_features", "must be >= 1")
@@ -154,9 +173,11 @@ class ModelConfig(Section):
     name: str = "mlp"
     """Architecture: mlp/cnn1d for vector data (MNIST-1D, digits, synthetic); resnet18/34/50/101 for
     images; "torchvision:NAME" for any torchvision classification model (weights=None); or your own
-    as "package.module:function" (called with input_shape, num_classes, **model.kwargs)."""
+    as "package.module:function" (called with input_shape, num_classes, **model.kwargs); gpt: a tiny
+    decoder-only transformer for token sequences (data.name = "pysrc"; bigbatch.trainer.gpt)."""
     kwargs: dict = field(default_factory=dict)
-    """"torchvision:NAME" and "module:function" models: keyword arguments (a TOML table)."""
+    """"torchvision:NAME" and "module:function" models: keyword arguments (a TOML table). gpt:
+    layers (4), width (128), heads (4, must divide width), context (default: the data's window)."""
     hidden: int = 256
     """mlp: width of each hidden layer."""
     depth: int = 2
@@ -174,8 +195,13 @@ class ModelConfig(Section):
 
     def __post_init__(self) -> None:
         _check_name(self.name, MODELS, "model.name", "torchvision:NAME or package.module:function")
-        _check(not self.kwargs or ":" in self.name, "model.kwargs",
-               'only for model.name = "torchvision:NAME" or "package.module:function"')
+        if self.name == "gpt":
+            _check_builtin_kwargs(self.kwargs, GPT_KWARGS, "model.kwargs", "gpt")
+            width, heads = (self.kwargs.get(k, GPT_DEFAULTS[k]) for k in ("width", "heads"))
+            _check(width % heads == 0, "model.kwargs.heads", f"must divide width {width}, got {heads}")
+        else:
+            _check(not self.kwargs or ":" in self.name, "model.kwargs",
+                   'only for model.name = "torchvision:NAME", "package.module:function" or "gpt"')
         _check(self.hidden >= 1, "model.hidden", "must be >= 1")
         _check(self.depth >= 1, "model.depth", "must be >= 1")
         _check(self.channels >= 1, "model.channels", "must be >= 1")
@@ -275,7 +301,14 @@ class OptimConfig(Section):
     eps: float = 0.0
     """LARS: added to the denominator of the trust ratio (MLPerf 0); LAMB/AdamW: Adam epsilon (use 1e-6..1e-8)."""
     betas: list = field(default_factory=lambda: [0.9, 0.999])
-    """LAMB/AdamW betas."""
+    """LAMB/AdamW betas (beta2 at optim.base_batch when optim.beta2_scaling = "tokens")."""
+    beta2_scaling: Literal["none", "tokens"] = "none"
+    """adamw: "tokens" keeps beta2's half-life fixed in tokens across batch sizes (Marek et al. 2025):
+    beta2(B) = betas[1] ** (B / base_batch)."""
+    timescale: float | None = None
+    """adamw: weight decay from a fixed AdamW timescale tau, in epochs (Bergsma et al. 2025):
+    weight_decay = B / (peak lr x tau x D), D the training-set size in examples; replaces
+    optim.weight_decay."""
     exclude_bn_bias: bool = True
     """BatchNorm/LayerNorm parameters and biases: no weight decay, no LARS/LAMB adaptation."""
     impl: Literal["torch", "apex"] = "torch"
@@ -292,6 +325,11 @@ class OptimConfig(Section):
             isinstance(self.betas, list) and len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
             "optim.betas", f"expected [beta1, beta2] in [0, 1), got {self.betas!r}")
         self.betas = [float(b) for b in self.betas]
+        if self.timescale is not None:
+            _check(self.timescale > 0 and math.isfinite(self.timescale), "optim.timescale",
+                   f"must be a positive number of epochs, got {self.timescale}")
+        for key, on in (("optim.beta2_scaling", self.beta2_scaling != "none"), ("optim.timescale", self.timescale is not None)):
+            _check(not on or self.name == "adamw", key, f"an AdamW setting: needs optim.name = 'adamw', got {self.name!r}")
 
 
 @dataclass

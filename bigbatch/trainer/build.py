@@ -28,6 +28,9 @@ def amp_settings(amp: str, device: torch.device) -> tuple[torch.dtype | None, bo
 
 
 def prepare_model(cfg: Config, bundle: DataBundle, env: DistEnv) -> nn.Module:
+    if cfg.model.name == "gpt" and not (bundle.in_memory and not bundle.train.x.is_floating_point()):
+        raise ConfigError("model.name", f"gpt needs token ids (integer inputs, e.g. data.name = 'pysrc'); "
+                          f"data.name = {cfg.data.name!r} does not give them")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank and world size
     model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
     if cfg.model.sync_bn and env.world_size > 1:

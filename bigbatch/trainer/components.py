@@ -106,6 +106,8 @@ class Components:
             "global_batch": self.batches.at(max(p.step - 1, 0))[0],
             "world_size": self.env.world_size,
             "peak_lr": self.schedule.peak_lr(self.schedule.batch_at(0)),
+            **(dict(zip(("betas", "weight_decay"), self.schedule.adamw_settings())) 
+               if self.schedule.optim.beta2_scaling != "none" or self.schedule.optim.timescale is not None else {}),
             **{k: ev.last.get(k) for k in ("test_acc", "test_loss", "train_acc", "train_loss")},
             "steps_to_target": ev.steps_to_target,
             "examples_to_target": ev.examples_to_target,
@@ -151,7 +153,7 @@ def build(cfg: Config, env: dist_env.DistEnv, prepared: Prepared, run_dir: NullR
     batches = BatchSchedule(cfg.batch, schedule, env.world_size, epochs=cfg.train.epochs)
     amp_dtype, use_scaler = amp_settings(cfg.train.amp, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=use_scaler)
-    optimizer = build_optimizer(cfg.optim, model, schedule.lr_at(0))
+    optimizer = build_optimizer(schedule.optim_config(), model, schedule.lr_at(0))
     ddp_model = wrap_ddp(model, cfg, env)
     loss_fn = TrainingLoss(cfg.train.label_smoothing, cfg.train.ignore_index)
     probe = Probes(cfg.measure, env, model, ddp_model, bundle.train, loss_fn, seed=cfg.train.seed,

@@ -7,7 +7,9 @@ Datasets (no downloads, ever):
 - synthetic: Gaussian inputs labelled by a fixed random teacher network;
 - fake_images: random images and labels (throughput benchmarks only);
 - imagefolder: torchvision ImageFolder, ImageNet layout (root/train/<class>/*, root/val/<class>/*);
-- cifar10: the standard python pickles (cifar-10-batches-py) in a local folder.
+- cifar10: the standard python pickles (cifar-10-batches-py) in a local folder;
+- pysrc: the standard library's .py sources as bytes, windows with next-byte targets
+  (`bigbatch.trainer.corpus`), cached like mnist1d.
 
 Small datasets are held as tensors ("in memory": a batch is one index operation). Image folders go
 through a DataLoader fed by the same stream.
@@ -33,6 +35,7 @@ import torch
 
 from bigbatch.config import DataConfig
 from bigbatch.errors import ConfigError
+from bigbatch.trainer import corpus
 from bigbatch.trainer.stream import ExampleStream, eval_shard, shard
 from bigbatch.trainer.userdata import InMemory, load_entry_point
 
@@ -237,6 +240,11 @@ def load_imagefolder(cfg: DataConfig) -> DataBundle:
     return DataBundle(train, test, len(train.classes), (3, size, size), "imagefolder")
 
 
+def load_pysrc(cfg: DataConfig) -> DataBundle:
+    (xtr, ytr), (xte, yte) = corpus.load_windows(cfg, cache_dir(cfg), _atomic_save_npz)
+    return DataBundle(TensorData(xtr, ytr), TensorData(xte, yte), corpus.VOCAB, (xtr.shape[1],), "pysrc")
+
+
 LOADERS = {
     "mnist1d": load_mnist1d,
     "digits": load_digits,
@@ -244,6 +252,7 @@ LOADERS = {
     "fake_images": load_fake_images,
     "cifar10": load_cifar10,
     "imagefolder": load_imagefolder,
+    "pysrc": load_pysrc,
 }
 
 

@@ -1,5 +1,6 @@
 """Models: an MLP, a small 1D CNN for MNIST-1D, torchvision ResNets (weights=None), any torchvision
-classification model ("torchvision:NAME") and a user's own ("package.module:function").
+classification model ("torchvision:NAME"), a tiny GPT for token sequences ("gpt",
+`bigbatch.trainer.gpt`) and a user's own ("package.module:function").
 
 `zero_init_residual` zero-initialises the last BatchNorm gamma of every residual block, so each
 block starts as the identity (Goyal et al. 2017, section 5.1).
@@ -16,6 +17,7 @@ from bigbatch import entrypoints
 from bigbatch.config import ModelConfig
 from bigbatch.entrypoints import is_entry_point
 from bigbatch.errors import ConfigError
+from bigbatch.trainer.gpt import build_gpt
 
 
 class MLP(nn.Module):
@@ -118,6 +120,8 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
         if len(input_shape) != 3:
             raise ConfigError("model.name", f"{cfg.name} needs images (imagefolder, cifar10); got input shape {input_shape}")
         return build_resnet(cfg.name, num_classes, cfg.zero_init_residual, cfg.small_input)
+    if cfg.name == "gpt":
+        return build_gpt(input_shape, num_classes, cfg.kwargs)
     raise ConfigError("model.name", f"unknown model {cfg.name!r}")
 
 

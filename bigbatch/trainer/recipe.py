@@ -7,6 +7,8 @@
 - Polynomial decay (power 2) after warmup: the LARS/MLPerf schedule (You et al. 2017).
 - Batch-size control: Mikami et al. 2018 (34k -> 68k); Smith et al. 2018 ("don't decay the
   learning rate, increase the batch size").
+- AdamW's settings that are coupled to the batch (`adamw_settings`): beta2 with a half-life fixed
+  in tokens (Marek et al. 2025), weight decay from a fixed AdamW timescale (Bergsma et al. 2025).
 
 Training consumes one continuous stream of examples: the concatenation of per-epoch
 permutations. A step at global batch B takes the next B examples, so `epoch = examples / N`
@@ -16,6 +18,7 @@ become step numbers through that stream.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -35,6 +38,22 @@ def scaled_lr(base_lr: float, global_batch: int, base_batch: int = 256, rule: st
     if rule == "none":
         return base_lr
     raise ConfigError("optim.scaling", f"expected one of {', '.join(RULES)}; got {rule!r}")
+
+
+def beta2_for_batch(beta2_ref: float, global_batch: int, ref_batch: int) -> float:
+    """beta2 at `global_batch` with the same half-life in tokens as `beta2_ref` at `ref_batch`
+    (Marek et al. 2025): the EMA of squared gradients halves its weight after ln 2 / -ln beta2
+    steps, i.e. B x T x ln 2 / -ln beta2 tokens; holding that fixed gives
+    beta2(B) = beta2_ref ** (B / B_ref). T cancels, so the ratio is in sequences or tokens alike."""
+    return beta2_ref ** (global_batch / ref_batch)
+
+
+def timescale_weight_decay(global_batch: int, lr: float, timescale: float, dataset: int) -> float:
+    """AdamW weight decay that keeps the timescale tau = B / (lr x wd x D) fixed (Bergsma et al.
+    2025, "Power Lines"): AdamW's weights are an EMA of updates with time constant 1 / (lr x wd)
+    steps, i.e. B / (lr x wd) examples, tau as a fraction of the D examples of the dataset (an
+    epoch). So wd = B / (lr x tau x D): at a fixed lr, wd grows linearly with the batch."""
+    return global_batch / (lr * timescale * dataset)
 
 
 def lr_at(
@@ -174,6 +193,23 @@ class Schedule:
         b = global_batch if (global_batch is not None and self.follow) else self.phases[0].global_batch
         return scaled_lr(self.optim.base_lr, b, self.optim.base_batch, self.optim.scaling)
 
+    def adamw_settings(self) -> tuple[list[float], float]:
+        """(betas, weight_decay) of the run at its global batch: optim.betas and optim.weight_decay,
+        or the rules' values when optim.beta2_scaling / optim.timescale are set (the config refuses
+        them with batch phases or an adaptive batch, so the run has one batch)."""
+        o, batch = self.optim, self.phases[0].global_batch
+        b1, b2 = o.betas
+        if o.beta2_scaling == "tokens":
+            b2 = beta2_for_batch(b2, batch, o.base_batch)
+        wd = o.weight_decay if o.timescale is None else timescale_weight_decay(batch, self.peak_lr(batch), o.timescale,
+                                                                               self.num_train)
+        return [b1, b2], wd
+
+    def optim_config(self):
+        """optim section with the batch-coupled AdamW settings filled in (what the optimizer is built from)."""
+        betas, wd = self.adamw_settings()
+        return dataclasses.replace(self.optim, betas=betas, weight_decay=wd)
+
     def lr_at(self, step: int, global_batch: int | None = None) -> float:
         """lr at `step`; the peak follows `global_batch` (default: the phase's batch)."""
         batch = global_batch if global_batch is not None else self.batch_at(step)
@@ -198,6 +234,8 @@ class Schedule:
             "scaling": self.optim.scaling,
             "global_batch": self.phases[0].global_batch,
             "peak_lr": self.peak_lr(self.phases[0].global_batch),
+            "betas": self.adamw_settings()[0],
+            "weight_decay": self.adamw_settings()[1],
             "warmup_steps": self.warmup_steps,
             "warmup_start_lr": self.warmup_start_lr,
             "warmup_shape": self.sched.warmup_shape,
@@ -219,6 +257,9 @@ class Schedule:
             f"at global batch {s['global_batch']}; {'constant ' if s['warmup_shape'] == 'constant' else ''}warmup {s['warmup_steps']} steps from {s['warmup_start_lr']:g}; "
             f"{s['decay']} decay; {s['total_steps']} steps ({s['epochs']:.2f} epochs)"
         )
+        if self.optim.beta2_scaling != "none" or self.optim.timescale is not None:
+            line += (f"; AdamW beta2 {s['betas'][1]:.6g} ({self.optim.beta2_scaling}), weight decay {s['weight_decay']:.4g}"
+                     + (f" (timescale {self.optim.timescale:g} epochs)" if self.optim.timescale is not None else ""))
         if len(self.phases) > 1:
             line += "; batch phases " + ", ".join(
                 f"epoch {p['from_epoch']:g} (step {p['start_step']}): {p['global_batch']} @ lr {p['peak_lr']:g}"
