@@ -106,6 +106,8 @@ def train(c: Components, p: Progress, saved: dict[str, Any] | None = None,
     c.start(p)  # the derived numbers, logged once; a run resumed at its end takes no step
     with c.stopper, c.peer_watch(lambda: p.step), c.metrics.tracker:
         status = c.evaluator.resume(p, c.batches)  # an evaluation a stop signal interrupted, first
+        if status is None and p.last:  # resumed at its end (stopped at the last step): no step left
+            status = "completed"
         while status is None:
             status = train_step(c, p) or ("completed" if p.last else None)
         c.checkpointer.at_end(p, status, c.stopper.check.signum)  # the final (or stop-signal) checkpoint; none after a divergence

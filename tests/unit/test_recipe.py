@@ -342,6 +342,23 @@ def test_metrics_follow_the_schedule_and_a_run_resumes_after_the_batch_change(tm
     assert second["test_acc"] == pytest.approx(straight["test_acc"])
 
 
+def test_a_run_stopped_at_its_last_step_resumes_to_completed_without_another_step(tmp_path, straight_run):
+    """A stop signal at the schedule's last step: the resumed run takes no step (it took one more,
+    25 of 24, before the fix) and ends completed with the uninterrupted run's rows."""
+    from _helpers import preempt_at
+    from bigbatch.trainer.loop import run
+
+    straight, ref = straight_run
+    cfg = _phase_run_config()
+    first = run(cfg, tmp_path / "cut", reporter=preempt_at(straight["steps"]))
+    assert first["status"] == "preempted" and first["steps"] == straight["steps"]
+    second = run(cfg, tmp_path / "cut", resume=True)
+    assert second["status"] == "completed" and second["steps"] == straight["steps"]
+    got = _loss_rows(tmp_path / "cut")
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    assert second["test_acc"] == pytest.approx(straight["test_acc"])
+
+
 def test_two_gloo_ranks_follow_the_same_phases_and_losses(tmp_path, straight_run):
     """`bigbatch train --nproc 2` (real torchrun, gloo): per-device batch 50 then 200, LARS on the
     all-reduced gradient, so the same lr, batch and (up to summation order) loss at every step."""
