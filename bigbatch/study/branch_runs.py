@@ -43,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bigbatch import folders
 from bigbatch.errors import UsageError
@@ -52,6 +51,7 @@ from bigbatch.trainer import checkpoint as ckpt
 from bigbatch.trainer import loop
 from bigbatch.trainer.data import build_data, eval_batches
 from bigbatch.trainer.models import build_model
+from bigbatch.trainer.objective import example_losses
 from bigbatch.trainer.recipe import Schedule, scaled_lr
 
 DEFAULT_POINTS = 4
@@ -111,6 +111,9 @@ def branch_config(cfg, batch: int, lr: float, steps: int):
         track=dataclasses.replace(cfg.track, wandb=False, progress="off"))
 
 
+LOSS_MODE = "eval mode (BatchNorm running statistics), plain cross-entropy"
+
+
 class TestLosses:
     """Per-example test loss of a checkpoint's weights (the fixed evaluation slice)."""
 
@@ -126,9 +129,8 @@ class TestLosses:
         self.model.eval()
         out = []
         for x, y in eval_batches(self.bundle.test, 0, 1, 1024, torch.device("cpu"), self.limit):
-            loss = F.cross_entropy(self.model(x).float(), y, reduction="none", ignore_index=self.ignore)
-            out.append(loss.reshape(len(y), -1).mean(dim=1))
-        return torch.cat(out).double().numpy()
+            out.append(example_losses(self.model(x), y, self.ignore))
+        return torch.cat(out).numpy()
 
 
 def measure_point(cfg, step: int, path: Path, b0: int, lr0: float, window_steps: int, lr_factors, losses: TestLosses,
@@ -220,6 +222,7 @@ def measure(cfg, run_dir: str | Path, s0: int, *, points: int = DEFAULT_POINTS, 
     return {"b0": b0, "s0": s0, "points": fits, "segment_examples": seg_examples.tolist(), "segments": seg,
             "b_crit": seg.B_crit, "s_min": seg.S_min, "e_min": seg.E_min, "interval": interval, "budget": budget,
             "num_train": len(losses.bundle.train), "window_steps": window_steps, "eval_examples": losses.limit,
+            "loss_mode": LOSS_MODE,
             "lr_factors": list(lr_factors)}
 
 
@@ -228,7 +231,7 @@ def report_lines(m: dict[str, Any], b_simple: list[tuple[int, float]] | None = N
     B_simple history, its reading at each branch point beside B_crit(t)."""
     b_simple = dict(b_simple or [])
     lines = [f"critical batch along training (branches from {len(m['points'])} checkpoints, test loss on "
-             f"{m['eval_examples']} test examples, 95 % bootstrap over them):"]
+             f"{m['eval_examples']} test examples, {m['loss_mode']}, 95 % bootstrap over them):"]
     for p in m["points"]:
         ks = " ".join(f"{r['batch']}:{r['efficiency']:.2f}(lr x{r['lr_factor']:g})" for r in p["branches"])
         edge = " (no drop: a lower bound)" if p["at_edge"] else ""

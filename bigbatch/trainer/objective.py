@@ -45,6 +45,15 @@ def eval_sums(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = I
                         ((out.argmax(-1) == y) & kept).sum().double(), kept.sum().double()])
 
 
+def example_losses(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Plain cross-entropy per example in float64 (N,): a sequence's is the mean over its kept
+    tokens, as `eval_sums` counts them."""
+    out, y = logits.float().flatten(0, -2), targets.flatten()
+    loss = F.cross_entropy(out, y, reduction="none", ignore_index=ignore_index).view(len(targets), -1)
+    kept = (y != ignore_index).view(len(targets), -1).sum(1).clamp(min=1)
+    return loss.sum(1).double() / kept
+
+
 def tokens_per_example(target_shape: tuple[int, ...]) -> int:
     """Targets per example: 1 for classification, T for a sequence of T targets."""
     return math.prod(target_shape) if target_shape else 1

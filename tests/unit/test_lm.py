@@ -110,3 +110,22 @@ def test_the_lm_presets_load_and_every_sweep_trial_validates():
     spec = load(ROOT / "configs" / "sweep-pysrc-gpt.toml")  # builds and validates every trial's config
     trial = spec.trial_config(spec.points()[0])
     assert spec.target.test_loss == 2.2 and trial.optim.beta2_scaling == "tokens" and trial.optim.timescale == 5.0
+
+
+def test_example_losses_average_a_sequences_kept_tokens_and_match_eval_sums():
+    """The planner's per-example test loss (study.branch_runs) on (N, T, V) logits: one value per
+    sequence, the mean over its kept tokens; summed over kept tokens it is eval_sums' loss."""
+    from bigbatch.trainer.objective import eval_sums, example_losses
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, generator=g)
+    targets = torch.randint(0, 7, (3, 5), generator=g)
+    targets[1, 2:] = -100
+    per = example_losses(logits, targets)
+    kept = (targets != -100).sum(1).double()
+    assert per.shape == (3,) and per.dtype == torch.float64
+    assert torch.allclose((per * kept).sum(), eval_sums(logits, targets)[0])
+    first = torch.nn.functional.cross_entropy(logits[0], targets[0]).double()
+    assert torch.allclose(per[0], first)
+    flat = example_losses(logits[:, 0], targets[:, 0])  # classification: one label per example
+    assert torch.allclose(flat, torch.nn.functional.cross_entropy(logits[:, 0], targets[:, 0], reduction="none").double())
