@@ -55,7 +55,7 @@ from bigbatch.study.records import training_mean
 from bigbatch.trainer import checkpoint as ckpt
 from bigbatch.trainer.data import build_data, tensor_batch
 from bigbatch.trainer.models import build_model
-from bigbatch.trainer.objective import TrainingLoss
+from bigbatch.trainer.objective import TrainingLoss, tokens_per_example
 from bigbatch.trainer.recipe import Schedule
 
 DEFAULT_SAMPLES = 256  # K micro-batch gradients: |G|^2's relative error ~ B_simple / (b K) near a target
@@ -185,6 +185,7 @@ def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] =
         "b_simple_online": online,
         "b_simple_online_mean": training_mean(folders.RunFolder(run_dir).read_metrics()),
         "train_micro_batch": train_b,
+        **({"tokens_per_example": tokens_per_example(bundle.target_shape)} if tokens_per_example(bundle.target_shape) > 1 else {}),
         "global_batch": global_batch, "world_size": world, "step": int(state["progress"]["step"]),
         "label_smoothing": cfg.train.label_smoothing, "run_dir": str(run_dir),
         "seconds": time.perf_counter() - t0,
@@ -229,6 +230,10 @@ def main(args: argparse.Namespace) -> int:
     print(f"  {'sharpness_top':<16} {_fmt(result['sharpness_top'])}")
     print(f"  {'tail_alpha':<16} {_fmt(result['tail_alpha'])}"
           + (f", 95 % [{_fmt(tail[0])}, {_fmt(tail[1] if tail[1] is not None else math.inf)}]" if tail else ""))
+    if result.get("tokens_per_example"):  # a sequence task: the batch is in sequences of T tokens
+        T = result["tokens_per_example"]
+        print(f"  in tokens (x {T}; measured per sequence on the token-averaged loss): "
+              + ", ".join(f"{key} {_fmt(result[key] * T if result[key] is not None else None)}" for key in ("b_simple", "b_noise")))
     for key in ("b_simple_online", "b_simple_online_mean", "seconds"):
         print(f"  {key:<16} {_fmt(result[key])}")
     if args.json:

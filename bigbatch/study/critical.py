@@ -364,6 +364,7 @@ def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: in
     counts: dict[str, int] = defaultdict(int)
     for t in trials:
         counts[t.get("status", "unknown")] += 1
+    tokens = in_tokens(critical_trials, b_crit, fit, ci, noise)
     resolutions = [t["crossing_resolution"] for e in best.values() for t in e["trials"] if t.get("crossing_resolution") is not None]
     return {
         "fit": {**fit, "b_crit": b_crit} if fit else None,
@@ -405,11 +406,35 @@ def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: in
              "b_noise_at_target": _median_of(t.get("b_noise_at_target") for t in e["trials"])}
             for b, e in best.items()
         ],
+        **tokens,
         "gap": gap_rows(gap_trials),
         "gap_criterion": next((t["criterion"] for t in gap_trials if t.get("criterion")), None),
         "gap_trend": gap_trends(gap_trials),
         "trials": dict(counts),
     }
+
+
+def in_tokens(trials: Sequence[dict[str, Any]], b_crit: float | None, fit: dict[str, Any] | None,
+              ci: dict[str, Any], noise: dict[str, Any]) -> dict[str, Any]:
+    """For a sequence task (every trial's examples are windows of T tokens): the batch-size answers
+    again in tokens, x T ({} for one label per example). B_crit = E_min / S_min is a ratio of
+    examples to steps, so it scales by T like a batch; S_min does not."""
+    ts = {t.get("tokens_per_example") for t in trials} - {None}
+    if len(ts) != 1:  # classification (none), or a mix that has no single T
+        return {}
+    (T,) = ts
+
+    def scaled(v: Any) -> Any:
+        if isinstance(v, list):
+            return [scaled(x) for x in v]
+        return None if v is None else v * T
+
+    return {"tokens_per_example": T, "in_tokens": {
+        "b_crit": scaled(b_crit), "b_crit_ci": scaled(ci.get("b_crit_ci")),
+        "e_min": scaled(fit["e_min"]) if fit else None, "e_min_ci": scaled(ci.get("e_min_ci")),
+        **{f"{name}_at_target": scaled(noise[name]["value"]) for name in noise},
+        **{f"{name}_at_target_interval": scaled(noise[name]["interval"]) for name in noise},
+    }}
 
 
 def added_batches(trials: Iterable[dict[str, Any]], configured: Sequence[int]) -> list[int]:

@@ -52,7 +52,7 @@ from bigbatch.errors import UsageError
 from bigbatch.study import branch_runs as bx
 from bigbatch.study import plan_model as pm
 from bigbatch.study import plan_noise as pn
-from bigbatch.study import plan_ramp
+from bigbatch.study import plan_ramp, records
 from bigbatch.study.plan_output import describe, format_table, plot_plan
 from bigbatch.study.scaling import measure_step_times, read_bench, short_ring_bench
 from bigbatch.trainer import loop, preflight
@@ -368,6 +368,12 @@ def main(args: argparse.Namespace) -> int:
         "best_efficient": pm.choose_best(rows, pm.BEST_EFFICIENCY),
         "notes": notes,
     }
+    T = records.tokens_per_example(folders.RunFolder(run["run_dir"]).read_summary())
+    if T:  # a sequence task: batches are in sequences of T tokens
+        interval = (branches or {}).get("interval") or {}
+        plan["tokens_per_example"] = T
+        plan["in_tokens"] = {"b0": b0 * T, "b_crit": b_crit * T, "e_min": tradeoff.e_min * T,
+                             **{f"{k}_interval": [v * T for v in interval[k]] for k in ("b_crit", "e_min") if interval.get(k)}}
     print(f"{cfg.name}: {s0} steps to target at batch {b0}")
     if noise:
         print(pn.noise_line(noise, measured, b_crit_noise, s0, b0, branches))
@@ -375,6 +381,11 @@ def main(args: argparse.Namespace) -> int:
         print("\n".join(bx.report_lines(branches, pn.noise_history(folders.RunFolder(run["run_dir"]).read_metrics())
                                          if use_noise else None)))
     print(f"B_crit ~ {b_crit:.0f} ({args.method})   S_min = {tradeoff.s_min:.1f} steps   E_min = {tradeoff.e_min:.3g} examples")
+    if T:
+        tok = plan["in_tokens"]
+        print(f"in tokens (x {T} per sequence): B0 = {tok['b0']:.0f}   B_crit ~ {tok['b_crit']:.0f}"
+              + (" [{:.0f}, {:.0f}]".format(*tok["b_crit_interval"]) if "b_crit_interval" in tok else "")
+              + f"   E_min = {tok['e_min']:.3g} tokens")
     print(f"compute: {1e3 * compute.overhead_s:.2f} ms + {1e6 * compute.per_example_s:.1f} us/example per step; "
           f"all-reduce of {grad_bytes / 2 ** 20:.2f} MiB: alpha {1e6 * comm.alpha_s:.1f} us, beta {comm.beta_bytes_per_s / 1e9:.3g} GB/s "
           f"({comm_in['source']}); overlap {overlap:.2f} ({overlap_source})")

@@ -54,6 +54,8 @@ def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: li
         "world_size": s.get("world_size"), "wall_s": s.get("wall_s"), "error": error,
         "phase": point.get("phase") or "critical",
     }
+    if tokens_per_example(s):  # sequence tasks: the batch and examples are in sequences of T tokens
+        rec["tokens_per_example"] = tokens_per_example(s)
     if point.get("race") is False:  # the unraced rerun of a raced seed (adaptive.unsettled_races)
         rec["race"] = False
     if target and rec["steps_to_target"] is not None:
@@ -90,6 +92,17 @@ def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: li
     rec["sharpness"] = sharp[-1] if sharp else None
     rec.update(extra or {})
     return rec
+
+
+def tokens_per_example(summary: dict[str, Any] | None) -> int | None:
+    """T, the targets per example of a sequence task, from a run's summary.json (None for one
+    label per example). Older summaries hold only `tokens` and `examples`."""
+    s = summary or {}
+    if s.get("tokens_per_example"):
+        return int(s["tokens_per_example"])
+    if s.get("tokens") and s.get("examples"):
+        return round(s["tokens"] / s["examples"])
+    return None
 
 
 def training_mean(rows: list[dict[str, Any]], key: str = "gns/b_simple") -> float | None:
@@ -211,6 +224,16 @@ def _noise_line(analysis: dict[str, Any], name: str, label: str) -> str:
                if ratio is not None else ""))
 
 
+def _tokens_line(analysis: dict[str, Any]) -> str:
+    """The batch-size answers of a sequence task in tokens (batches count sequences of T tokens)."""
+    tok, T = analysis["in_tokens"], analysis["tokens_per_example"]
+    ci = {"ci_unavailable": analysis.get("ci_unavailable"), **tok}
+    return (f"in tokens (x {T} per sequence): B_crit = {fmt(tok['b_crit'])}{_ci(ci, 'b_crit')}   "
+            f"E_min = {fmt(tok['e_min'])}{_ci(ci, 'e_min')} tokens   B_simple at target = "
+            f"{fmt(tok['b_simple_at_target'])}{_range(tok.get('b_simple_at_target_interval'))}"
+            "   (noise scales measured per sequence on the token-averaged loss, then x T)")
+
+
 def _agreement(analysis: dict[str, Any]) -> str:
     """What the intervals say about McCandlish et al.'s B_crit ~ B_noise: stated only when they support it."""
     ci = analysis.get("b_crit_over_b_noise_interval")
@@ -241,6 +264,8 @@ def headline(analysis: dict[str, Any]) -> list[str]:
         + (f"   (online EMA at target: {fmt(analysis['b_simple_online_at_target'])})"
            if analysis.get("b_simple_online_at_target") is not None else ""),
     ]
+    if analysis.get("in_tokens"):
+        lines.append(_tokens_line(analysis))
     if analysis.get("b_noise_at_target") is not None:
         lines.append(_noise_line(analysis, "b_noise", "B_noise"))
     if analysis.get("b_crit_over_b_simple") is not None or analysis.get("b_crit_over_b_noise") is not None:

@@ -115,7 +115,8 @@ class Components:
             "train_s": p.train_time_s,
             "samples_per_s": p.examples / max(p.train_time_s, 1e-9),
             "flops_per_example": self.metrics.flops_per_example,
-            **({"tokens": p.examples * self.metrics.tokens_per_example} if self.metrics.tokens_per_example > 1 else {}),
+            **({"tokens": p.examples * self.metrics.tokens_per_example,
+                "tokens_per_example": self.metrics.tokens_per_example} if self.metrics.tokens_per_example > 1 else {}),
             **({"stopped_by": self.stopper.detail} if self.stopper.detail else {}),
         }
         if status != "preempted":

@@ -32,6 +32,7 @@ def test_a_sequence_model_trains_with_token_loss_accuracy_and_counts(tmp_path, m
     logged = [r for r in rows if "loss" in r]
     assert logged[-1]["loss"] < 0.5 * logged[0]["loss"]  # ln 8 = 2.08 at the start
     assert summary["test_acc"] > 0.9 and summary["tokens"] == summary["examples"] * LENGTH  # token accuracy
+    assert summary["tokens_per_example"] == LENGTH
     for r in logged:
         assert r["tokens"] == r["examples"] * LENGTH and r["tokens_per_s"] == pytest.approx(r["samples_per_s"] * LENGTH)
     assert logged[-1]["gns/b_simple"] > 0  # on the token-averaged loss, in sequences

@@ -262,3 +262,27 @@ def test_noise_at_target_counts_a_failed_estimate_as_its_bound_and_the_headline_
     assert "neither" in _agreement({"b_crit_over_b_noise_interval": [0.5, None]})
     assert "neither" in _agreement({"b_crit_over_b_noise_interval": [0.0, 3.6]})  # the default study's, B_noise unbounded above
     assert "no agreement claimed" in _agreement({})
+
+
+def test_a_sequence_task_reports_the_batch_answers_in_tokens_too():
+    """Trials of windows of T = 64 tokens: B_crit, its interval, E_min and B_simple again x T; S_min not."""
+    from bigbatch.study.records import headline, tokens_per_example
+
+    rng = np.random.default_rng(3)
+    batches = [8, 16, 32, 64, 128, 256]
+    trials = [trial(b, 0.01, float(s), seed=seed, tokens_per_example=64, b_simple_at_target=40.0 + seed)
+              for seed in range(3) for b, s in zip(batches, synthetic_steps(150.0, 30.0, batches, 0.03, rng))]
+    a = analyse(trials, reps=200)
+    tok = a["in_tokens"]
+    assert a["tokens_per_example"] == 64
+    assert tok["b_crit"] == pytest.approx(64 * a["b_crit"])
+    assert tok["e_min"] == pytest.approx(64 * a["e_min"])
+    assert tok["b_crit_ci"] == pytest.approx([64 * v for v in a["b_crit_ci"]])
+    assert tok["b_simple_at_target"] == pytest.approx(64 * a["b_simple_at_target"])
+    line = next(l for l in headline(a) if l.startswith("in tokens"))
+    assert f"B_crit = {64 * a['b_crit']:,.0f}".replace(",", "") in line.replace(",", "")
+    # one label per example: no token line; a summary says T (older ones through tokens / examples)
+    assert "in_tokens" not in analyse([{k: v for k, v in t.items() if k != "tokens_per_example"} for t in trials], reps=50)
+    assert tokens_per_example({"tokens_per_example": 64}) == 64
+    assert tokens_per_example({"tokens": 6400, "examples": 100}) == 64
+    assert tokens_per_example({"examples": 100}) is None
