@@ -12,6 +12,7 @@ import contextlib
 from typing import Callable, Iterator
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bigbatch.errors import UsageError
 from bigbatch.measure.modes import measuring
@@ -51,7 +52,10 @@ class HessianOperator:
 
     def _chunk_grad(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
         state = {**dict(zip(self._names, self.params)), **{k: v.clone() for k, v in self._buffers.items()}}
-        loss = self.loss_fn(torch.func.functional_call(self.model, state, (x,)), y)
+        # attention's fused kernels (flash, memory-efficient; CPU and CUDA) have no double backward:
+        # the forward of an HVP takes the math kernel, the same function
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = self.loss_fn(torch.func.functional_call(self.model, state, (x,)), y)
         grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         # a parameter the loss does not touch has a zero row and column in H
         flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.params)])

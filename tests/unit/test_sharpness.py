@@ -71,3 +71,39 @@ def test_the_operator_is_one_symmetric_matrix_over_micro_batches_even_with_dropo
         assert float(u @ op.hvp(v)) == pytest.approx(float(v @ op.hvp(u)), rel=1e-9)
         assert torch.equal(op.hvp(v), op.hvp(v))
     assert op.examples == 96 and len(op.chunks) == 3 and op.hvps == 4
+
+
+def test_hvps_go_through_attention_whose_fused_kernels_have_no_double_backward():
+    """The tiny GPT's scaled_dot_product_attention: an HVP takes the math kernel (the fused CPU/CUDA
+    kernels raise "derivative ... not implemented" on the second backward); H stays symmetric and
+    matches a finite difference of gradients."""
+    from bigbatch.measure.modes import measuring
+    from bigbatch.measure.sharpness import HessianOperator
+    from bigbatch.trainer.gpt import build_gpt
+    from bigbatch.trainer.objective import TrainingLoss
+
+    torch.manual_seed(0)
+    model = build_gpt((8,), 16, {"layers": 1, "width": 16, "heads": 2}).double()
+    x, y = torch.randint(0, 16, (12, 8)), torch.randint(0, 16, (12, 8))
+    loss_fn = TrainingLoss()
+    with measuring(model, "train"):
+        op = HessianOperator(model, loss_fn, x, y, micro_batch=6)
+        u, v = torch.randn(op.num_params, dtype=torch.float64), torch.randn(op.num_params, dtype=torch.float64)
+        hv = op.hvp(v)
+        assert float(u @ hv) == pytest.approx(float(v @ op.hvp(u)), rel=1e-8)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def grad_at(shift):
+            with torch.no_grad():
+                offset = 0
+                for p in params:
+                    p.add_(shift[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+            g = torch.cat([gr.reshape(-1) for gr in torch.autograd.grad(
+                (loss_fn(model(x[:6]), y[:6]) + loss_fn(model(x[6:]), y[6:])) / 2, params)])
+            return g
+
+        h = 1e-5
+        fd = (grad_at(h * v) - grad_at(-2 * h * v)) / (2 * h)
+        grad_at(h * v)  # back to where it was
+    assert torch.allclose(fd, hv, rtol=1e-4, atol=1e-6)
