@@ -52,7 +52,7 @@ from bigbatch.trainer import loop
 from bigbatch.trainer.data import build_data, eval_batches
 from bigbatch.trainer.models import build_model
 from bigbatch.trainer.objective import example_losses
-from bigbatch.trainer.recipe import Schedule, scaled_lr
+from bigbatch.trainer.recipe import Schedule, beta2_for_batch, scaled_lr
 
 DEFAULT_POINTS = 4
 MIN_WINDOW_STEPS = 32  # at B0: k = 8 still gets MIN_BRANCH_STEPS steps
@@ -97,11 +97,17 @@ def choose_points(checkpoints: list[tuple[int, Path]], s0: int, points: int) -> 
 
 def branch_config(cfg, batch: int, lr: float, steps: int):
     """One branch: `steps` steps at `batch`, constant lr `lr`, no evaluations but the last, no
-    noise measurement, a final checkpoint only."""
+    noise measurement, a final checkpoint only. The lr is given, so the branch's base is itself;
+    beta2 under `optim.beta2_scaling = "tokens"` is fixed first at the branch's batch against the
+    config's base batch (a constant-batch run at `batch` would use it), not reset to betas[1]."""
+    betas = cfg.optim.betas
+    if cfg.optim.beta2_scaling == "tokens":
+        betas = [betas[0], beta2_for_batch(betas[1], batch, cfg.optim.base_batch)]
     return dataclasses.replace(
         cfg, name=f"{cfg.name}-branch",
         batch=dataclasses.replace(cfg.batch, global_batch=batch, phases=[], adaptive="none"),
-        optim=dataclasses.replace(cfg.optim, base_lr=lr, base_batch=batch, scaling="none"),
+        optim=dataclasses.replace(cfg.optim, base_lr=lr, base_batch=batch, scaling="none", betas=betas,
+                                  beta2_scaling="none"),
         schedule=dataclasses.replace(cfg.schedule, name="constant", warmup_epochs=0.0, warmup_steps=None, milestones=[]),
         train=dataclasses.replace(cfg.train, steps=steps, epochs=None, stop_at_target=False, eval_every=0,
                                   log_every=steps, eval_fine=0.0),

@@ -270,7 +270,7 @@ def headline(analysis: dict[str, Any]) -> list[str]:
         lines.append(_noise_line(analysis, "b_noise", "B_noise"))
     if analysis.get("b_crit_over_b_simple") is not None or analysis.get("b_crit_over_b_noise") is not None:
         mb = analysis.get("noise_micro_batches")
-        lines.append("(noise scales on the trained loss, BatchNorm in train mode"
+        lines.append("(noise scales on the trained loss (BatchNorm, where the model has it, in train mode)"
                      + (f" at one micro-batch of {', '.join(str(b) for b in mb)} for every batch size" if mb else "")
                      + "; intervals: median of the per-batch jackknife intervals. " + MCCANDLISH_TABLE_1 + ")")
         lines.append(_agreement(analysis))

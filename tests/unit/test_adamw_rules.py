@@ -82,3 +82,17 @@ def test_rule_mistakes_name_their_field(sets, expect):
     with pytest.raises(config.ConfigError) as e:
         config.load(MLP, ADAMW + sets)
     assert expect in str(e.value)
+
+
+def test_a_planner_branch_keeps_beta2s_token_half_life_against_the_configs_base_batch():
+    """A branch at k x B0 gets its lr as given (its own base), but beta2 stays the tokens rule's
+    value at its batch against the config's base batch: 0.99 at 32 -> 0.99 ** 4 at 128, not 0.99."""
+    from bigbatch.study.branch_runs import branch_config
+
+    cfg = config.load(ROOT / "configs" / "pysrc-gpt.toml",
+                      ["optim.beta2_scaling=tokens", "optim.timescale=5.0", "optim.base_batch=32"])
+    branch = branch_config(cfg, 128, 1e-3, 10)
+    assert branch.optim.betas == pytest.approx([0.9, 0.99 ** 4])
+    betas, wd = Schedule(branch, 28_000).adamw_settings()
+    assert betas == pytest.approx([0.9, 0.99 ** 4])
+    assert wd == pytest.approx(128 / (1e-3 * 5.0 * 28_000))  # the timescale rule at the branch's batch and lr
