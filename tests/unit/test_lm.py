@@ -129,3 +129,23 @@ def test_example_losses_average_a_sequences_kept_tokens_and_match_eval_sums():
     assert torch.allclose(per[0], first)
     flat = example_losses(logits[:, 0], targets[:, 0])  # classification: one label per example
     assert torch.allclose(flat, torch.nn.functional.cross_entropy(logits[:, 0], targets[:, 0], reduction="none").double())
+
+
+def test_measure_on_a_gpt_checkpoint_reports_noise_scales_in_tokens_too(tmp_path, monkeypatch, capsys, cache):
+    """`bigbatch measure` on a sequence model: HVPs through attention (math kernel), and B_simple /
+    B_noise printed again x T (T = 32 tokens per window) with T in the JSON."""
+    import json
+
+    from bigbatch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    sets = TINY + ["optim.name='adamw'", "optim.base_lr=0.003", "batch.global_batch=16", "train.steps=6",
+                   "train.eval_every=0", "data.train_eval_samples=16", "data.eval_subset=16"]
+    assert main(["train", MLP, "--out", "run", *[a for s in sets for a in ("--set", s)]]) == 0
+    capsys.readouterr()
+    assert main(["measure", "run", "--samples", "8", "--hessian-examples", "32", "--json", "m.json"]) == 0
+    out = capsys.readouterr().out
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["tokens_per_example"] == 32 and m["sharpness_top"] > 0
+    line = next(l for l in out.splitlines() if "in tokens (x 32" in l)
+    assert f"b_simple {m['b_simple'] * 32:.4g}" in line
