@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from bigbatch import config, folders
 from bigbatch.distributed.env import DistEnv
 from bigbatch.errors import UsageError
 from bigbatch.trainer import checkpoint as ckpt
-from bigbatch.trainer.data import build_data, eval_batches
+from bigbatch.trainer.data import DataBundle, build_data, eval_batches
 from bigbatch.trainer.evaluate import evaluate
 from bigbatch.trainer.models import build_model
 
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
 
 
-def _check_run(path: str, field: str) -> Path:
+def check_run(path: str, field: str) -> Path:
     p = Path(path)
     if not p.is_dir():
         raise UsageError(field, f"run folder {path!r} does not exist")
@@ -48,6 +50,15 @@ def _check_run(path: str, field: str) -> Path:
         if not (p / name).is_file():
             raise UsageError(field, f"{path!r} has no {name} (is it a finished `bigbatch train` run?)")
     return p
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device auto (cuda if available), cpu or cuda."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise UsageError("--device", f"expected auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device", "cuda requested but no GPU is available")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def interpolate_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
@@ -81,7 +92,22 @@ def recompute_bn(model: nn.Module, batches) -> bool:
     return True
 
 
-def interpolate(run_a: Path, run_b: Path, points: int, device: torch.device) -> dict[str, Any]:
+@dataclass
+class Pair:
+    """Two runs' solutions on one model and one data set, loaded for evaluation on `device`."""
+
+    run_a: Path
+    run_b: Path
+    cfg: Any  # run A's config (the two agree on [model] and the data)
+    state_a: dict[str, torch.Tensor]
+    state_b: dict[str, torch.Tensor]
+    bundle: DataBundle
+    model: nn.Module
+    device: torch.device
+
+
+def load_pair(run_a: Path, run_b: Path, device: torch.device) -> Pair:
+    """Both runs' final model states; UsageError (field RUN_B) when their [model] or data differ."""
     cfg_a, cfg_b = config.load(run_a / CONFIG), config.load(run_b / CONFIG)
     if config.to_dict(cfg_a)["model"] != config.to_dict(cfg_b)["model"]:
         raise UsageError("RUN_B", "the two runs have different [model] sections: their parameters cannot be interpolated")
@@ -91,27 +117,54 @@ def interpolate(run_a: Path, run_b: Path, points: int, device: torch.device) -> 
                                       f"{getattr(cfg_a.data, k)!r} vs {getattr(cfg_b.data, k)!r})")
     state_a = ckpt.load(run_a / CHECKPOINT, map_location=device)["model"]
     state_b = ckpt.load(run_b / CHECKPOINT, map_location=device)["model"]
-
     bundle = build_data(cfg_a.data)
     model = build_model(cfg_a.model, bundle.input_shape, bundle.num_classes).to(device)
-    env = DistEnv(0, 1, 0, 1, device, None, False)
-    ts = [i / (points - 1) for i in range(points)]
-    rows = []
-    for t in ts:
-        model.load_state_dict(interpolate_state(state_a, state_b, t))
-        has_bn = recompute_bn(model, eval_batches(bundle.train, 0, 1, 1024, device, cfg_a.data.train_eval_samples))
-        rows.append({"t": t, **evaluate(model, bundle, env, cfg_a.data)})
-    result: dict[str, Any] = {
-        "run_a": str(run_a), "run_b": str(run_b), "points": points, "loss_mode": "eval", "bn_recomputed": has_bn,
-        "curve": rows,
-        "barrier_train_loss": barrier(ts, [r["train_loss"] for r in rows]),
-        "barrier_test_loss": barrier(ts, [r["test_loss"] for r in rows]),
-        "endpoints": {},
-    }
-    for end, run, row in (("a", run_a, rows[0]), ("b", run_b, rows[-1])):
+    return Pair(run_a, run_b, cfg_a, state_a, state_b, bundle, model, device)
+
+
+def grid(points: int) -> list[float]:
+    """`points` evenly spaced values of t in [0, 1], both ends included."""
+    return [i / (points - 1) for i in range(points)]
+
+
+def evaluate_states(pair: Pair, states: Iterable[tuple[float, dict[str, torch.Tensor]]]) -> tuple[list[dict[str, float]], bool]:
+    """Rows {t, train/test loss/acc} for each (t, model state), BatchNorm statistics re-estimated on
+    training data at every point; and whether the model has BatchNorm."""
+    env = DistEnv(0, 1, 0, 1, pair.device, None, False)
+    rows, has_bn = [], False
+    for t, state in states:
+        pair.model.load_state_dict(state)
+        has_bn = recompute_bn(pair.model, eval_batches(pair.bundle.train, 0, 1, 1024, pair.device,
+                                                       pair.cfg.data.train_eval_samples))
+        rows.append({"t": t, **evaluate(pair.model, pair.bundle, env, pair.cfg.data)})
+    return rows, has_bn
+
+
+def along(rows: list[dict[str, float]]) -> dict[str, Any]:
+    """The curve and its train and test barriers."""
+    ts = [r["t"] for r in rows]
+    return {"curve": rows, "barrier_train_loss": barrier(ts, [r["train_loss"] for r in rows]),
+            "barrier_test_loss": barrier(ts, [r["test_loss"] for r in rows])}
+
+
+def endpoint_check(pair: Pair, rows: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Each end's test loss on the path beside the run's own (summary.json)."""
+    ends = {}
+    for end, run, row in (("a", pair.run_a, rows[0]), ("b", pair.run_b, rows[-1])):
         own = (folders.RunFolder(run).read_summary() or {}).get("test_loss")
-        result["endpoints"][end] = {"run_test_loss": own, "test_loss": row["test_loss"]}
-    return result
+        ends[end] = {"run_test_loss": own, "test_loss": row["test_loss"]}
+    return ends
+
+
+def interpolate_pair(pair: Pair, points: int) -> dict[str, Any]:
+    """The straight line theta(t) = (1 - t) A + t B evaluated at `points` values of t."""
+    rows, has_bn = evaluate_states(pair, ((t, interpolate_state(pair.state_a, pair.state_b, t)) for t in grid(points)))
+    return {"run_a": str(pair.run_a), "run_b": str(pair.run_b), "points": points, "loss_mode": "eval",
+            "bn_recomputed": has_bn, **along(rows), "endpoints": endpoint_check(pair, rows)}
+
+
+def interpolate(run_a: Path, run_b: Path, points: int, device: torch.device) -> dict[str, Any]:
+    return interpolate_pair(load_pair(run_a, run_b, device), points)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -138,14 +191,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    run_a, run_b = _check_run(args.run_a, "RUN_A"), _check_run(args.run_b, "RUN_B")
+    run_a, run_b = check_run(args.run_a, "RUN_A"), check_run(args.run_b, "RUN_B")
     if args.points < 2:
         raise UsageError("--points", f"must be >= 2 (the two endpoints), got {args.points}")
-    if args.device not in ("auto", "cpu", "cuda"):
-        raise UsageError("--device", f"expected auto, cpu or cuda, got {args.device!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device", "cuda requested but no GPU is available")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     out = Path(args.out) if args.out else run_a.parent / f"interpolate-{run_a.name}-{run_b.name}"
 
     result = interpolate(run_a, run_b, args.points, device)
