@@ -74,6 +74,30 @@ def train_mode_sharpness(cfg, run_dir: Path, samples: int, micro_batch: int | No
         return HessianOperator(model, loss_fn, x, y, micro_batch=min(b, n)).top_eigs(k=1, iters=30, tol=1e-2)[0]
 
 
+def save_test_outputs(cfg, run: folders.RunFolder, batch_size: int = 4096) -> dict[str, Any]:
+    """The final network's softmax outputs on the whole test set, with the labels, in
+    RUN/test_outputs.npz (float32, written whole then renamed): the width report averages them
+    over the seeds' networks (an ensemble, Geiger et al. 2019) without a checkpoint or torch.
+    Returns the record's fields: parameter count N, training examples and classes."""
+    import numpy as np
+
+    bundle = build_data(cfg.data)
+    model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
+    model.load_state_dict(ckpt.load(run.checkpoint)["model"])
+    probs, labels = [], []
+    with measuring(model, "eval"), torch.no_grad():
+        for start in range(0, len(bundle.test), batch_size):
+            x, y = tensor_batch(bundle.test, torch.arange(start, min(start + batch_size, len(bundle.test))),
+                                torch.device("cpu"), train=False)
+            probs.append(torch.softmax(model(x).float(), dim=-1))
+            labels.append(y)
+    tmp = run.test_outputs.with_name("test_outputs.tmp.npz")
+    np.savez(tmp, probs=torch.cat(probs).numpy(), labels=torch.cat(labels).numpy())
+    tmp.replace(run.test_outputs)
+    return {"n_params": sum(p.numel() for p in model.parameters()), "n_train": len(bundle.train),
+            "num_classes": bundle.num_classes, "test_outputs": str(run.test_outputs)}
+
+
 def _ddp_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: the same `run`; env.init adopts the process group Ray Train made.
     The race rule is read on rank 0 and agreed by the ranks (`bigbatch.trainer.stopper`)."""
@@ -155,6 +179,8 @@ def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str
         extra |= {"sharpness": train_mode_sharpness(cfg, run.path, spec.gap.sharpness_samples, micro_batch=fixed),
                   "sharpness_micro_batch": fixed, "sharpness_mode": "train",
                   "sharpness_own_b": train_mode_sharpness(cfg, run.path, spec.gap.sharpness_samples)}
+    if spec.trial.test_outputs and status != "diverged":
+        extra |= save_test_outputs(cfg, run)
     rec = record_trial(run.path, point, spec.trial.gap_epochs, summary, status, target=target, extra=extra)
     if spec.search.adaptive and not gap:
         search.record_finish(Path(out_dir), point, rec)
