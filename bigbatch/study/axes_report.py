@@ -52,14 +52,15 @@ def analyse(trials: list[dict[str, Any]], spec: dict[str, Any] | None = None) ->
     }
 
 
-def headline(analysis: dict[str, Any]) -> list[str]:
+def headline(analysis: dict[str, Any], with_width: bool = True) -> list[str]:
+    """The sweep's answer, one line each: B_crit per combination (where fitted), the width section's claims."""
     lines = []
     for g in analysis["by_axes"]:
         c = g["critical"]
         if c is not None:
             lines.append(f"{axes.label(g['axes'])}: B_crit = {fmt(c['b_crit'])}, S_min = {fmt(c['s_min'])} steps "
                          f"(fit r2 = {fmt(c['r2'], 3)})")
-    if analysis.get("width"):
+    if with_width and analysis.get("width"):
         lines += width.headline(analysis["width"])
     return lines
 
@@ -128,7 +129,7 @@ def _tables(trials: list[dict[str, Any]], analysis: dict[str, Any]) -> list[tupl
     if w:
         tables.append((f"Width sweep: errors by {w['axis']} (%, median [min-max] over seeds)",
                        [w["axis"], "N", "N/P", "seeds", "test error", "ensemble (k)", "train error", "fitted seeds",
-                        "steps to fit (median)"],
+                        "steps to fit (median of the fitted)"],
                        [[str(r["value"]), f"{r['n_params']:,}", f"{r['n_over_p']:.3g}", str(len(r["seeds"])),
                          _pct(r["test_error"]),
                          f"{100 * r['ensemble_test_error']:.2f} ({r['ensemble_k']})" if r["ensemble_test_error"] is not None else "n/a",
@@ -158,7 +159,9 @@ def write_report(sweep_dir: Path, trials: list[dict[str, Any]]) -> Path:
     sweep.critical.write_text(json.dumps(analysis, indent=2, allow_nan=False) + "\n")
     made = [name for name in PLOTS if analysis.get("width") and plot_width(analysis["width"], trials, sweep_dir / f"{name}.png")]
     counts = ", ".join(f"{v} {k}" for k, v in sorted(analysis["trials"].items()))
-    summary = [f"Sweep `{analysis.get('sweep', '?')}` over {', '.join(analysis['axes'])}; trials: {counts}."] + headline(analysis)
+    target = ", ".join(f"{k} {'<=' if k.endswith('loss') else '>='} {v}" for k, v in analysis["target"].items() if v is not None)
+    summary = [f"Sweep `{analysis.get('sweep', '?')}` over {', '.join(analysis['axes'])}; target {target or 'n/a'} "
+               f"(ok: reached within the budget); trials: {counts}."] + headline(analysis, with_width=False)
     sections = []
     if analysis.get("width"):
         w = analysis["width"]
