@@ -8,7 +8,8 @@ from it. However a trial ends, it ends through its run's summary.json: a diverge
 loss) with status "diverged"; in an adaptive study (`search.adaptive`) a trial races
 (`bigbatch.study.search`: a stop rule the loop consults) and ends as "slower" once clearly behind
 its batch's best lr so far; a rerun of a raced seed (point "race": false) is never raced. Nothing is raised through Ray. A gap-phase trial trains to the training
-criterion and ends with the train-mode sharpness.
+criterion and ends with the train-mode sharpness. With trial.test_outputs the final network's
+test-set softmax outputs are kept in its run folder (`save_test_outputs`, for the width report).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Geiger, Spigler, Sagun et al. (2019, "jamming transition", arXiv:1809.09349 / 18
 Belkin et al. (2019, "double descent", PNAS) train networks of growing size to (near) zero training
 error: the test error peaks near N*, the smallest N that fits the training set, and falls beyond
 it; averaging the outputs of several networks past N* (an ensemble) lowers it further (Geiger et
-al. 2019, section 5). This module reads a width sweep's records (`bigbatch.study.axes`: one axis,
+al. 2019, "Scaling description of generalization with number of parameters", arXiv:1901.01608:
+past N* the test error falls as the fluctuations of the output function shrink, and an ensemble
+average removes them). This module reads a width sweep's records (`bigbatch.study.axes`: one axis,
 e.g. model.hidden, with trial.test_outputs = true) into those curves. Pure functions on records
 and the trials' saved test-set softmax outputs (numpy); no torch and no Ray.
 
