@@ -69,7 +69,7 @@ class TargetSpec:
 
     def __post_init__(self) -> None:
         _check(self.test_acc is not None or self.test_loss is not None or self.train_acc is not None, "target",
-               "no target defined: set target.test_acc (a fraction in (0, 1]) or target.test_loss")
+               "no target defined: set target.test_acc (a fraction in (0, 1]) or target.test_loss (or target.train_acc)")
         if self.train_acc is not None:
             _check(self.test_acc is None and self.test_loss is None, "target.train_acc",
                    "a training-accuracy target stands alone: remove target.test_acc / target.test_loss")
@@ -370,8 +370,10 @@ def from_dict(raw: dict[str, Any], base_dir: Path | None = None, validate_trials
             spec.trial_config({"batch": spec.batch_sizes[0], "lr_multiplier": spec.lr_multipliers[0],
                                "seed": spec.seeds[0], "axes": values})
         except ConfigError as e:
-            (key, v), = values.items() if len(values) == 1 else ((None, None),)
-            where = f"axes.{key}[{spec.axes[key].index(v)}]" if key else "axes"
+            where = "axes"
+            if len(values) == 1:  # one axis: name its entry
+                (key, v), = values.items()
+                where = f"axes.{key}[{spec.axes[key].index(v)}]"
             raise ConfigError(where, f"{axes_mod.label(values)}: {e.field}: {e.message}") from None
     first = {"axes": combos[0]} if spec.axes else {}
     for b in spec.batch_sizes:  # every batch's trial config, validated before anything runs (the lr and
