@@ -80,6 +80,26 @@ def rows(trials: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: r["n_params"])
 
 
+def peak_near_n_star(table: list[dict[str, Any]], n_star: int | None) -> dict[str, Any] | None:
+    """Is there a test-error peak near N*? The highest median test error among widths with N in
+    [N*/2, 2 N*] against the lowest among the narrower widths (N < N*/2, the bottom of the first
+    descent): `rise` in error, and whether it exceeds the seed range (max - min) of both widths,
+    i.e. whether the peak is resolved by the seeds. None without N* or without both groups."""
+    if not n_star:
+        return None
+    near = [r for r in table if n_star / 2 <= r["n_params"] <= 2 * n_star and r["test_error"]["median"] is not None]
+    below = [r for r in table if r["n_params"] < n_star / 2 and r["test_error"]["median"] is not None]
+    if not near or not below:
+        return None
+    top = max(near, key=lambda r: r["test_error"]["median"])
+    bottom = min(below, key=lambda r: r["test_error"]["median"])
+    rise = top["test_error"]["median"] - bottom["test_error"]["median"]
+    spread = max(r["test_error"]["max"] - r["test_error"]["min"] for r in (top, bottom))
+    return {"value": top["value"], "n_params": top["n_params"], "test_error": top["test_error"]["median"],
+            "below_value": bottom["value"], "below_test_error": bottom["test_error"]["median"],
+            "rise": rise, "seed_range": spread, "resolved": rise > spread}
+
+
 def analyse(trials: list[dict[str, Any]], key: str, tolerance: float = FIT_TOLERANCE) -> dict[str, Any] | None:
     """The width section's numbers: rows by N, N* (the smallest N whose median training error is
     <= `tolerance`), the test-error peak and where it lies against N*, and the ensemble's gain past
@@ -101,6 +121,7 @@ def analyse(trials: list[dict[str, Any]], key: str, tolerance: float = FIT_TOLER
         "peak": {"value": peak["value"], "n_params": peak["n_params"], "n_over_p": peak["n_over_p"],
                  "test_error": peak["test_error"]["median"]},
         "peak_over_n_star": peak["n_params"] / n_star if n_star else None,
+        "peak_near_n_star": peak_near_n_star(table, n_star),
         "after_peak_largest": {"value": table[-1]["value"], "n_params": table[-1]["n_params"],
                                "test_error": table[-1]["test_error"]["median"]},
         "ensemble_k": max((r["ensemble_k"] for r in table), default=0),
@@ -125,9 +146,16 @@ def headline(w: dict[str, Any]) -> list[str]:
                      f"training error is <= {100 * w['fit_tolerance']:g} %")
     p = w["peak"]
     where = (f"{p['n_params'] / w['n_star']:.2f} x N*" if w["n_star"] else "no N*")
-    lines.append(f"test-error peak at {w['axis']} = {p['value']} (N = {p['n_params']:,}, N/P = {p['n_over_p']:.2f}, "
+    lines.append(f"highest test error at {w['axis']} = {p['value']} (N = {p['n_params']:,}, N/P = {p['n_over_p']:.2f}, "
                  f"{where}): {100 * p['test_error']:.1f} %; at the largest width {w['after_peak_largest']['value']}: "
                  f"{100 * w['after_peak_largest']['test_error']:.1f} %")
+    near = w.get("peak_near_n_star")
+    if near:
+        lines.append(f"peak near N*: the highest error within [N*/2, 2 N*] ({w['axis']} = {near['value']}, "
+                     f"{100 * near['test_error']:.1f} %) is {100 * near['rise']:+.1f} points from the lowest below N*/2 "
+                     f"({w['axis']} = {near['below_value']}, {100 * near['below_test_error']:.1f} %); seed range "
+                     f"{100 * near['seed_range']:.1f} points: " + ("a peak resolved by the seeds" if near["resolved"]
+                                                                 else "no peak resolved by the seeds"))
     g = w["ensemble_gain_past_n_star"]
     if g:
         lines.append(f"ensemble of k = {w['ensemble_k']} networks (softmax averaged, one per seed) past N*: test error "

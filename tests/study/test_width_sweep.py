@@ -136,7 +136,24 @@ def test_n_star_is_the_smallest_n_that_fits_and_the_ensemble_averages_softmax(tm
     assert w["ensemble_gain_past_n_star"]["mean"] == pytest.approx(1 / 3)
 
 
+def _row(value: int, n_params: int, median: float, lo: float, hi: float) -> dict:
+    return {"value": value, "n_params": n_params, "test_error": {"median": median, "min": lo, "max": hi}}
+
+
+def test_a_peak_near_n_star_counts_only_when_it_rises_above_the_seed_range():
+    under = [_row(4, 100, 0.40, 0.39, 0.41), _row(8, 200, 0.30, 0.29, 0.31)]  # the first descent, N < N*/2
+    near = [_row(16, 400, 0.36, 0.35, 0.37), _row(32, 800, 0.38, 0.37, 0.39), _row(64, 1600, 0.33, 0.32, 0.34)]
+    past = [_row(128, 3200, 0.25, 0.24, 0.26)]
+    p = width.peak_near_n_star(under + near + past, n_star=800)
+    assert p["value"] == 32 and p["below_value"] == 8
+    assert p["rise"] == pytest.approx(0.08) and p["seed_range"] == pytest.approx(0.02) and p["resolved"]
+    wide = [_row(8, 200, 0.30, 0.20, 0.40)] + near  # the same rise inside a 20-point seed range
+    assert not width.peak_near_n_star(wide, n_star=800)["resolved"]
+    assert width.peak_near_n_star(near + past, n_star=800) is None  # nothing below N*/2 to compare with
+
+
 def test_shipped_width_config_spans_n_over_p_below_and_above_one():
+    from bigbatch.trainer.data import train_size_hint
     from bigbatch.trainer.models import build_model
 
     spec = spec_mod.load(ROOT / "configs" / "sweep-width-mnist1d.toml")
@@ -147,7 +164,7 @@ def test_shipped_width_config_spans_n_over_p_below_and_above_one():
         cfg = spec.trial_config({"batch": spec.batch_sizes[0], "lr_multiplier": 1.0, "seed": 0, "axes": {"model.hidden": h}})
         assert cfg.data.label_noise > 0 and cfg.optim.weight_decay == 0
         n = sum(p.numel() for p in build_model(cfg.model, (40,), 10).parameters())
-        ratios.append(n / cfg.data.train_samples)
+        ratios.append(n / train_size_hint(cfg.data))  # N / P
     assert min(ratios) < 0.5 and max(ratios) > 10
 
 
