@@ -1,4 +1,5 @@
-"""`bigbatch sweep CONFIG`: a Ray Tune sweep over global batch size x learning rate.
+"""`bigbatch sweep CONFIG`: a Ray Tune sweep over global batch size x learning rate (x any
+training-config axes, `bigbatch.study.axes`: a width sweep, `bigbatch.study.width`).
 
 Every trial is one ordinary training run in SWEEP/runs/<trial>/ (`bigbatch.study.trial`),
 trained to the target or to its budget; evaluation rows are reported to Ray Tune as they come.
@@ -18,7 +19,8 @@ Output folder (file names: `bigbatch.folders`):
     tune/             Ray Tune's experiment state (what --resume restores)
     race/             steps of finished trials that racing trials compare against (adaptive)
     trials.jsonl      one line per trial (see `trial_record`)
-    critical.json     the critical-batch-size fit and gap table (`bigbatch.study.critical.analyse`)
+    critical.json     the critical-batch-size fit and gap table (`bigbatch.study.critical.analyse`);
+                      with axes: per combination of axis values, and the width section (`axes_report`)
     report.md, report.html, *.png   (`bigbatch.study.report`)
 """
 
