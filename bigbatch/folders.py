@@ -12,6 +12,7 @@ reports, the measurement commands). No torch and no Ray.
       checkpoint-<step>.pt       the newest checkpoint.keep checkpoints
       checkpoint.pt              a link to the newest one
       trial.json                 a sweep trial's record
+      test_outputs.npz           a sweep trial's softmax outputs on the test set (trial.test_outputs)
       wandb_id.txt               the W&B run id, so a resumed run continues the same W&B run
 
     SWEEP_DIR/                   one sweep (`bigbatch sweep`, `bigbatch study`, a SLURM sweep)
@@ -42,6 +43,7 @@ LAUNCHER_LOG = "launcher.log"
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_STEP = re.compile(r"^checkpoint-(\d+)\.pt$")
 TRIAL_RECORD = "trial.json"
+TEST_OUTPUTS = "test_outputs.npz"
 WANDB_ID = "wandb_id.txt"
 
 SWEEP_SPEC = "sweep.json"
@@ -100,6 +102,7 @@ class RunFolder:
     launcher_log = property(lambda self: self.path / LAUNCHER_LOG)
     checkpoint = property(lambda self: self.path / CHECKPOINT)
     trial_record = property(lambda self: self.path / TRIAL_RECORD)
+    test_outputs = property(lambda self: self.path / TEST_OUTPUTS)
     wandb_id = property(lambda self: self.path / WANDB_ID)
 
     def is_run(self) -> bool:

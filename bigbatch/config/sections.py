@@ -109,7 +109,8 @@ class DataConfig(Section):
     num_classes: int = 10
     """synthetic: number of classes."""
     label_noise: float = 0.0
-    """synthetic: fraction of labels replaced by random ones."""
+    """synthetic: fraction of labels replaced by random ones; mnist1d: of the training labels only
+    (the test set stays clean), as in the double-descent experiments (Belkin et al. 2019)."""
     image_size: int = 224
     """imagefolder: crop size; fake_images: image side."""
     augment: bool = True

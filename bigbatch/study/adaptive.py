@@ -30,13 +30,16 @@ import math
 from typing import Any
 
 from bigbatch.errors import ConfigError
-from bigbatch.study import critical
+from bigbatch.study import axes, critical
 
 
 def point_name(point: dict[str, Any]) -> str:
     """The trial's name (and run folder): b<batch>-lr<multiplier>-s<seed>, gap- for the gap phase,
-    -unraced for the rerun of a raced seed that could have changed the answer (`unsettled_races`)."""
+    -unraced for the rerun of a raced seed that could have changed the answer (`unsettled_races`);
+    the values of any further axes follow the seed (b16-lr1-s0-model.hidden64)."""
     name = f"b{point['batch']}-lr{point['lr_multiplier']:g}-s{point['seed']}"
+    if point.get("axes"):  # a sweep over more axes (`bigbatch.study.axes`): -model.hidden16
+        name += axes.name_suffix(point["axes"])
     if point.get("race") is False:
         name += "-unraced"
     return f"gap-{name}" if point.get("phase") == "gap" else name

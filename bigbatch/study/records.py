@@ -58,6 +58,8 @@ def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: li
         rec["tokens_per_example"] = tokens_per_example(s)
     if point.get("race") is False:  # the unraced rerun of a raced seed (adaptive.unsettled_races)
         rec["race"] = False
+    if point.get("axes"):  # the values of a sweep's further axes (`bigbatch.study.axes`)
+        rec["axes"] = dict(point["axes"])
     if target and rec["steps_to_target"] is not None:
         (key, value), = target.items()
         during = [(r["step"], r[key]) for r in evals if r.get(key) is not None and r.get("eval_set") != "full"]

@@ -18,14 +18,13 @@ Plots:
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import json
 from pathlib import Path
 from typing import Any
 
 from bigbatch import folders
-from bigbatch.study import critical
+from bigbatch.study import axes_report, critical
+from bigbatch.study.documents import write_documents
 from bigbatch.study.records import CRITICAL, fmt, headline, load_sweep
 
 PLOTS = ("steps_vs_batch", "pareto", "lr_sensitivity", "gap_vs_batch", "b_simple")
@@ -268,8 +267,12 @@ def _summary_lines(analysis: dict[str, Any]) -> list[str]:
 
 
 def write_report(sweep_dir: str | Path) -> Path:
-    """Plots, report.md and report.html in `sweep_dir`; returns the report.html path."""
+    """Plots, report.md and report.html in `sweep_dir`; returns the report.html path. A sweep with
+    further axes gets its own report (`bigbatch.study.axes_report`: nothing pooled across them)."""
     sweep_dir = Path(sweep_dir)
+    sweep = folders.SweepFolder(sweep_dir)
+    if sweep.trials.is_file() and axes_report.has_axes(axes_trials := sweep.read_trials()):
+        return axes_report.write_report(sweep_dir, axes_trials)
     trials, analysis = load_sweep(sweep_dir)
     (sweep_dir / CRITICAL).write_text(json.dumps(analysis, indent=2, allow_nan=False) + "\n")
     for r in analysis["best"]:  # run folders of each batch's best-lr trials (for the B_simple curves)
@@ -286,36 +289,8 @@ def write_report(sweep_dir: str | Path) -> Path:
     for name in PLOTS:
         if makers[name](sweep_dir / f"{name}.png"):
             made.append(name)
-    summary = _summary_lines(analysis)
-    tables = _tables(trials, analysis)
-    missing = [p for p in PLOTS if p not in made]
-
-    md = ["# Critical batch size study", ""] + [f"- {l}" for l in summary] + [""]
-    for name in made:
-        md += [f"![{name}]({name}.png)", ""]
-    if missing:
-        md += [f"Not plotted (no data): {', '.join(missing)}.", ""]
-    for title, head, rows in tables:
-        md += [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows] + [""]
-    folders.SweepFolder(sweep_dir).report_md.write_text("\n".join(md))
-
-    esc = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>Critical batch size study</title>",
-             "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%}</style></head><body>",
-             "<h1>Critical batch size study</h1><ul>"] + [f"<li>{esc(l)}</li>" for l in summary] + ["</ul>"]
-    for name in made:
-        data = base64.b64encode((sweep_dir / f"{name}.png").read_bytes()).decode()
-        parts.append(f"<p><img alt='{name}' src='data:image/png;base64,{data}'></p>")
-    for title, head, rows in tables:
-        parts.append(f"<h2>{esc(title)}</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
-        parts.append("</table>")
-    parts.append("</body></html>")
-    out = folders.SweepFolder(sweep_dir).report_html
-    out.write_text("\n".join(parts))
-    return out
+    return write_documents(sweep_dir, "Critical batch size study", _summary_lines(analysis), made,
+                           [p for p in PLOTS if p not in made], _tables(trials, analysis))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

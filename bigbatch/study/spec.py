@@ -40,6 +40,7 @@ from bigbatch import config as config_mod
 from bigbatch.config import Config
 from bigbatch.errors import ConfigError
 from bigbatch.study import adaptive
+from bigbatch.study import axes as axes_mod
 from bigbatch.trainer.data import train_size_hint
 
 
@@ -62,10 +63,18 @@ class TargetSpec:
     """Steps to target count up to the first evaluation with test accuracy >= this."""
     test_loss: float | None = None
     """Or: the first evaluation with test loss <= this."""
+    train_acc: float | None = None
+    """Or (alone): the first evaluation with training accuracy >= this, e.g. 1.0 in a width sweep
+    (steps to fit the training set; with trial.stop_at_target = false training goes on)."""
 
     def __post_init__(self) -> None:
-        _check(self.test_acc is not None or self.test_loss is not None, "target",
-               "no target defined: set target.test_acc (a fraction in (0, 1]) or target.test_loss")
+        _check(self.test_acc is not None or self.test_loss is not None or self.train_acc is not None, "target",
+               "no target defined: set target.test_acc (a fraction in (0, 1]) or target.test_loss (or target.train_acc)")
+        if self.train_acc is not None:
+            _check(self.test_acc is None and self.test_loss is None, "target.train_acc",
+                   "a training-accuracy target stands alone: remove target.test_acc / target.test_loss")
+            _check(_is_number(self.train_acc) and 0 < self.train_acc <= 1, "target.train_acc",
+                   f"expected a fraction in (0, 1], got {self.train_acc!r}")
         if self.test_acc is not None:
             _check(_is_number(self.test_acc) and 0 < self.test_acc <= 1, "target.test_acc",
                    f"expected a fraction in (0, 1], got {self.test_acc!r}")
@@ -103,7 +112,10 @@ class TrialSpec:
     loss (BatchNorm in train mode, as `bigbatch measure`) from about this many training examples
     at the final (target) weights: K = b_simple_samples / b micro-batch gradients (32 <= K <= 256)
     of the trial's micro-batch b; 0 = off (then the online estimate of measure.gns, when logged,
-    is used)."""
+    is used). Not in a sweep with axes (the trials it would pick pool the axis values)."""
+    test_outputs: bool = False
+    """Keep each trial's softmax outputs on the whole test set and its parameter count
+    (RUN/test_outputs.npz, read by the width report's ensemble of seeds, `bigbatch.study.width`)."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "max_examples", "eval_every_examples"):
@@ -128,6 +140,7 @@ class TrialSpec:
         _check(_is_int(self.b_simple_samples) and (self.b_simple_samples == 0 or self.b_simple_samples >= 2),
                "trial.b_simple_samples", f"expected 0 (off) or an integer >= 2, got {self.b_simple_samples!r}")
         _check(isinstance(self.stop_at_target, bool), "trial.stop_at_target", "expected true or false")
+        _check(isinstance(self.test_outputs, bool), "trial.test_outputs", "expected true or false")
 
     def steps_for(self, batch: int) -> int:
         """The step budget at `batch`: the tighter of max_steps and max_examples / batch."""
@@ -225,6 +238,9 @@ class SweepSpec:
     seeds: list = field(default_factory=lambda: [0])
     overrides: list = field(default_factory=list)
     """`section.key=value` applied to the base config (as `bigbatch train --set`)."""
+    axes: dict = field(default_factory=dict)
+    """Further axes over training-config keys, {"model.hidden": [8, 16, ...]} (`bigbatch.study.axes`):
+    every batch x lr x seed point runs at every combination of their values."""
     wandb: bool = False
     """Log every trial to W&B (offline without an API key), grouped under the sweep's name."""
     target: TargetSpec = field(default_factory=TargetSpec)
@@ -255,18 +271,25 @@ class SweepSpec:
         _check(isinstance(self.wandb, bool), "wandb", "expected true or false")
         for i, b in enumerate(self.gap.batch_sizes):
             _check(b in self.batch_sizes, f"gap.batch_sizes[{i}]", f"{b} is not one of batch_sizes {self.batch_sizes}")
+        self.axes = axes_mod.check(axes_mod.flatten(self.axes))
+        if self.axes:  # the adaptive queue and the gap phase choose per batch x lr: over pooled axes they would mix
+            _check(not self.search.adaptive, "axes", "a sweep with axes runs the full grid: set search.adaptive = false")
+            _check(not self.gap.batch_sizes, "axes", "a sweep with axes has no gap phase: remove gap.batch_sizes")
 
     def points(self) -> list[dict[str, Any]]:
         """The grid, longest trials (smallest batch) first so parallel slots stay busy."""
-        return [{"batch": b, "lr_multiplier": m, "seed": s}
-                for b in self.batch_sizes for m in self.lr_multipliers for s in self.seeds]
+        if not self.axes:
+            return [{"batch": b, "lr_multiplier": m, "seed": s}
+                    for b in self.batch_sizes for m in self.lr_multipliers for s in self.seeds]
+        return [{"batch": b, "lr_multiplier": m, "seed": s, "axes": values} for b in self.batch_sizes
+                for values in axes_mod.combinations(self.axes) for m in self.lr_multipliers for s in self.seeds]
 
     def trial_name(self, point: dict[str, Any]) -> str:
         return adaptive.point_name(point)
 
     def trial_config(self, point: dict[str, Any]) -> Config:
         """The training config of one grid point (validated; raises ConfigError naming the field)."""
-        raw = config_mod.apply_overrides(self.base, self.overrides)
+        raw = config_mod.apply_overrides(self.base, self.overrides + axes_mod.overrides(point.get("axes") or {}))
         base_cfg = config_mod.from_dict(raw)  # errors in the base itself name its field
         batch = point["batch"]
         raw = config_mod.to_dict(base_cfg)
@@ -341,9 +364,21 @@ def from_dict(raw: dict[str, Any], base_dir: Path | None = None, validate_trials
     spec = SweepSpec(base=base, **top, **kwargs)
     if not validate_trials:
         return spec
+    combos = axes_mod.combinations(spec.axes)
+    for values in combos if spec.axes else []:  # every combination of axis values, at the first batch: the error names it
+        try:
+            spec.trial_config({"batch": spec.batch_sizes[0], "lr_multiplier": spec.lr_multipliers[0],
+                               "seed": spec.seeds[0], "axes": values})
+        except ConfigError as e:
+            where = "axes"
+            if len(values) == 1:  # one axis: name its entry
+                (key, v), = values.items()
+                where = f"axes.{key}[{spec.axes[key].index(v)}]"
+            raise ConfigError(where, f"{axes_mod.label(values)}: {e.field}: {e.message}") from None
+    first = {"axes": combos[0]} if spec.axes else {}
     for b in spec.batch_sizes:  # every batch's trial config, validated before anything runs (the lr and
         for m in spec.lr_multipliers:  # seed change no check, so one seed per multiplier)
-            spec.trial_config({"batch": b, "lr_multiplier": m, "seed": spec.seeds[0]})
+            spec.trial_config({"batch": b, "lr_multiplier": m, "seed": spec.seeds[0], **first})
     for b in spec.gap.batch_sizes:
         spec.trial_config({"batch": b, "lr_multiplier": 1.0, "seed": spec.gap.seeds[0], "phase": "gap"})
     return spec

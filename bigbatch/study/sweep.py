@@ -1,4 +1,5 @@
-"""`bigbatch sweep CONFIG`: a Ray Tune sweep over global batch size x learning rate.
+"""`bigbatch sweep CONFIG`: a Ray Tune sweep over global batch size x learning rate (x any
+training-config axes, `bigbatch.study.axes`: a width sweep, `bigbatch.study.width`).
 
 Every trial is one ordinary training run in SWEEP/runs/<trial>/ (`bigbatch.study.trial`),
 trained to the target or to its budget; evaluation rows are reported to Ray Tune as they come.
@@ -18,7 +19,8 @@ Output folder (file names: `bigbatch.folders`):
     tune/             Ray Tune's experiment state (what --resume restores)
     race/             steps of finished trials that racing trials compare against (adaptive)
     trials.jsonl      one line per trial (see `trial_record`)
-    critical.json     the critical-batch-size fit and gap table (`bigbatch.study.critical.analyse`)
+    critical.json     the critical-batch-size fit and gap table (`bigbatch.study.critical.analyse`);
+                      with axes: per combination of axis values, and the width section (`axes_report`)
     report.md, report.html, *.png   (`bigbatch.study.report`)
 """
 
@@ -39,7 +41,7 @@ from bigbatch import config as config_mod
 from bigbatch import folders
 from bigbatch.distributed.env import usable_cpus
 from bigbatch.errors import UsageError
-from bigbatch.study import adaptive, critical, search
+from bigbatch.study import adaptive, axes_report, critical, search
 from bigbatch.study import spec as spec_mod
 from bigbatch.study.records import CRITICAL, RUNS_DIR, TRIAL_RECORD, TRIALS, headline, trial_record
 from bigbatch.study.report import write_report
@@ -222,7 +224,9 @@ def finalise(spec: SweepSpec, out_dir: Path, points: list[dict[str, Any]] | None
     points = points if points is not None else spec.points()
     errors = errors or {}
     records = [read_record(spec, out_dir, p, errors.get(spec.trial_name(p))) for p in points]
-    measure_at_target(records, spec.trial.b_simple_samples, spec.trial.torch_threads, num_cpus)
+    # B_simple at the target is read per batch's best lr: pooled over axis values it would mix
+    # experiments, so a sweep with axes measures none
+    measure_at_target(records, 0 if spec.axes else spec.trial.b_simple_samples, spec.trial.torch_threads, num_cpus)
     analysis = collect(spec, out_dir, errors, points)
     write_report(out_dir)
     return analysis
@@ -254,7 +258,10 @@ def collect(spec: SweepSpec, out_dir: Path, errors: dict[str, BaseException] | N
 
 
 def analyse_records(records: list[dict[str, Any]], spec: SweepSpec) -> dict[str, Any]:
-    """critical.json's content from trials.jsonl's records (what `bigbatch report` refits too)."""
+    """critical.json's content from trials.jsonl's records (what `bigbatch report` refits too); a
+    sweep with axes: per combination of axis values, and the width section (`axes_report`)."""
+    if spec.axes:
+        return axes_report.analyse(records, {"name": spec.name, "target": vars(spec.target)})
     analysis = critical.analyse(records)
     analysis["added_batches"] = critical.added_batches(records, spec.batch_sizes)
     analysis["sweep"] = spec.name
@@ -323,7 +330,7 @@ def run_and_report(spec: SweepSpec, spec_dict: dict[str, Any], out: Path, resume
     counts = analysis["trials"]
     print(f"sweep {spec.name}: {sum(counts.values())} trials ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) "
           f"in {time.perf_counter() - t0:.0f} s")
-    for line in headline(analysis):
+    for line in (axes_report.headline(analysis) if spec.axes else headline(analysis)):
         print(line)
     print(f"report: {report}")
     return 0 if counts.get("ok") else 1

@@ -8,7 +8,8 @@ from it. However a trial ends, it ends through its run's summary.json: a diverge
 loss) with status "diverged"; in an adaptive study (`search.adaptive`) a trial races
 (`bigbatch.study.search`: a stop rule the loop consults) and ends as "slower" once clearly behind
 its batch's best lr so far; a rerun of a raced seed (point "race": false) is never raced. Nothing is raised through Ray. A gap-phase trial trains to the training
-criterion and ends with the train-mode sharpness.
+criterion and ends with the train-mode sharpness. With trial.test_outputs the final network's
+test-set softmax outputs are kept in its run folder (`save_test_outputs`, for the width report).
 """
 
 from __future__ import annotations
@@ -72,6 +73,30 @@ def train_mode_sharpness(cfg, run_dir: Path, samples: int, micro_batch: int | No
     loss_fn = TrainingLoss(cfg.train.label_smoothing, cfg.train.ignore_index)
     with measuring(model, "train"):
         return HessianOperator(model, loss_fn, x, y, micro_batch=min(b, n)).top_eigs(k=1, iters=30, tol=1e-2)[0]
+
+
+def save_test_outputs(cfg, run: folders.RunFolder, batch_size: int = 4096) -> dict[str, Any]:
+    """The final network's softmax outputs on the whole test set, with the labels, in
+    RUN/test_outputs.npz (float32, written whole then renamed): the width report averages them
+    over the seeds' networks (an ensemble, Geiger et al. 2019) without a checkpoint or torch.
+    Returns the record's fields: parameter count N, training examples and classes."""
+    import numpy as np
+
+    bundle = build_data(cfg.data)
+    model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
+    model.load_state_dict(ckpt.load(run.checkpoint)["model"])
+    probs, labels = [], []
+    with measuring(model, "eval"), torch.no_grad():
+        for start in range(0, len(bundle.test), batch_size):
+            x, y = tensor_batch(bundle.test, torch.arange(start, min(start + batch_size, len(bundle.test))),
+                                torch.device("cpu"), train=False)
+            probs.append(torch.softmax(model(x).float(), dim=-1))
+            labels.append(y)
+    tmp = run.test_outputs.with_name("test_outputs.tmp.npz")
+    np.savez(tmp, probs=torch.cat(probs).numpy(), labels=torch.cat(labels).numpy())
+    tmp.replace(run.test_outputs)
+    return {"n_params": sum(p.numel() for p in model.parameters()), "n_train": len(bundle.train),
+            "num_classes": bundle.num_classes, "test_outputs": str(run.test_outputs)}
 
 
 def _ddp_worker(loop_config: dict[str, Any]) -> None:
@@ -155,6 +180,8 @@ def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str
         extra |= {"sharpness": train_mode_sharpness(cfg, run.path, spec.gap.sharpness_samples, micro_batch=fixed),
                   "sharpness_micro_batch": fixed, "sharpness_mode": "train",
                   "sharpness_own_b": train_mode_sharpness(cfg, run.path, spec.gap.sharpness_samples)}
+    if spec.trial.test_outputs and status != "diverged":
+        extra |= save_test_outputs(cfg, run)
     rec = record_trial(run.path, point, spec.trial.gap_epochs, summary, status, target=target, extra=extra)
     if spec.search.adaptive and not gap:
         search.record_finish(Path(out_dir), point, rec)

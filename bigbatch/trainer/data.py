@@ -128,7 +128,20 @@ def load_mnist1d(cfg: DataConfig) -> DataBundle:
         xtr, ytr = d["x"].astype(np.float32), d["y"].astype(np.int64)
         xte, yte = d["x_test"].astype(np.float32), d["y_test"].astype(np.int64)
         _atomic_save_npz(path, x=xtr, y=ytr, x_test=xte, y_test=yte)
+    if cfg.label_noise > 0:  # training labels only: the test error is read against the clean labels
+        ytr = _noisy_labels(ytr, cfg.label_noise, 10, cfg.seed)
     return _tensor_bundle("mnist1d", xtr, ytr, xte, yte, 10)
+
+
+def _noisy_labels(y: np.ndarray, fraction: float, num_classes: int, seed: int) -> np.ndarray:
+    """Each label replaced, with probability `fraction`, by a uniformly random class (the same
+    class one time in num_classes, so about fraction x (1 - 1/num_classes) of them change); the
+    same flips for a given data seed, whatever the training seed."""
+    g = torch.Generator().manual_seed(seed)
+    flip = torch.rand(len(y), generator=g) < fraction
+    out = torch.as_tensor(y).clone()
+    out[flip] = torch.randint(0, num_classes, (int(flip.sum()),), generator=g)
+    return out.numpy()
 
 
 def load_digits(cfg: DataConfig) -> DataBundle:
