@@ -6,8 +6,9 @@ sweep (`bigbatch sweep`: every batch at its best lr), two ways:
 
 - **fit**: the sweep's fitted hyperbola (S / S_min - 1)(E / E_min - 1) = 1, i.e.
   S(E) = S_min E / (E - E_min) (McCandlish et al. 2018, eq. 2.11), from its best-lr medians;
-- **interp**: linear interpolation in (log E, log S) between the sweep's best-lr medians
-  (the Pareto points only; no extrapolation: outside their examples range it is null).
+- **interp**: linear interpolation in (log E, log S) between the sweep's best-lr medians (the
+  Pareto points only); beyond the last Pareto point, its steps (the fewest any constant batch
+  took: the batches that spent more examples did not take fewer steps); below the first, null.
 
 The gain of a run is 1 - S_run / S_frontier(E_run). Per group of runs (one per seed): the mean
 gain, a Student-t 95 % interval over the runs (the runs' seed noise only), and a 95 % bootstrap
@@ -97,14 +98,16 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def interp_frontier(points: list[tuple[float, float]], examples: np.ndarray) -> np.ndarray:
-    """Linear in (log E, log S) between the Pareto points; NaN outside their examples range."""
+    """Linear in (log E, log S) between the Pareto points; beyond the last one, its steps (the
+    fewest any constant batch measured: those that spent more did not take fewer); NaN below the
+    first (no extrapolation)."""
     p = pareto(points)
     e = np.log(np.asarray(examples, dtype=float))
     if len(p) < 2:
         return np.full(e.shape, np.nan)
     le, ls = np.log([q[0] for q in p]), np.log([q[1] for q in p])
-    out = np.exp(np.interp(e, le, ls))
-    return np.where((e >= le[0]) & (e <= le[-1]), out, np.nan)
+    out = np.exp(np.interp(e, le, ls))  # np.interp holds the last value beyond the end
+    return np.where(e >= le[0], out, np.nan)
 
 
 class SweepFrontier:
@@ -252,10 +255,11 @@ def plot(sweep: SweepFrontier, groups: dict[str, list[dict[str, Any]]], plan: di
         gp = np.geomspace(max(lo, e_min * 1.02), hi, 200)
         ax.plot(gp, fit_frontier(s_min, e_min, gp), "--", color="tab:purple", lw=1,
                 label=f"plan (branching): B_crit {plan['b_crit']:.0f}")
-    marks = {0: ("o", "tab:red"), 1: ("s", "tab:blue"), 2: ("^", "tab:green"), 3: ("D", "tab:orange")}
+    marks = {0: ("o", "tab:red"), 1: ("s", "tab:blue"), 2: ("^", "tab:green"), 3: ("D", "tab:orange"),
+             4: ("v", "tab:brown"), 5: ("P", "tab:cyan")}
     for i, (name, runs) in enumerate(groups.items()):
         ok = [r for r in runs if r["reached"]]
-        m, c = marks[i % 4]
+        m, c = marks[i % len(marks)]
         ax.scatter([r["examples"] for r in ok], [r["steps"] for r in ok], marker=m, color=c, s=36, zorder=4,
                    label=f"{name} ({len(ok)} seeds)")
     ax.set_xscale("log")
