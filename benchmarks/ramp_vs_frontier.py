@@ -51,6 +51,8 @@ BOOT = 4000
 def run_to_target(run_dir: str, target: dict[str, float]) -> dict[str, Any]:
     """(steps, examples) of one run to the target: the crossing interpolated between evaluations."""
     d = folders.RunFolder(run_dir)
+    if not d.metrics.is_file():
+        sys.exit(f"{run_dir!r} is not a run folder (no {d.metrics.name})")
     rows = [r for r in d.read_metrics() if records.eval_row(r)]
     (metric, value), = target.items()
     higher = metric.endswith("acc")
