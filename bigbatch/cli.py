@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "measure": ("bigbatch.study.at_checkpoint",
                 "B_simple, B_noise, sharpness and tail index at a run's checkpoint, on the trained loss (train-mode BN)"),
     "interpolate": ("bigbatch.study.landscape", "loss and accuracy on the line between two trained runs"),
+    "spectrum": ("bigbatch.study.spectrum",
+                 "Hessian top-k, spectral density (SLQ), trace, gradient in the top-k space at a run's checkpoint"),
     "slurm": ("bigbatch.launch.slurm", "render and submit sbatch jobs (training, sweeps, job arrays)"),
 }
 
