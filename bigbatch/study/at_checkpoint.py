@@ -131,6 +131,19 @@ def load_trained(cfg, run_dir: Path, command: str):
     return bundle, state, model, loss_fn, training_micro_batch(cfg, state, len(bundle.train))
 
 
+def draw_examples(bundle, examples: int, b: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded draw of whole micro-batches of b training examples (at most `examples`),
+    augmented as trained, drawn once: the examples a fixed Hessian operator averages over.
+    UsageError naming --examples when it is less than one micro-batch."""
+    if examples < b:
+        raise UsageError("--examples", f"must be at least one micro-batch ({b}), got {examples}")
+    n_train = len(bundle.train)
+    count = min(n_train, (examples // b) * b)  # whole micro-batches
+    idx = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:count]
+    torch.manual_seed(seed)  # the augmentation draw, once: a fixed operator
+    return tensor_batch(bundle.train, idx, torch.device("cpu"), train=True)
+
+
 def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] = DEFAULT_SAMPLES,
                        hessian_examples: int | Callable[[int], int] = DEFAULT_HESSIAN_EXAMPLES,
                        seed: int = 0, sharpness: bool = True, *, max_samples: int | Callable[[int], int] | None = None,

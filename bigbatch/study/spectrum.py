@@ -16,6 +16,9 @@ smoothing as trained): `measure.sharpness.HessianOperator`, as `bigbatch measure
   the top-k eigenvectors (Gur-Ari et al. 2018);
 - the number of outliers standing out of the bulk (`measure.spectrum.count_outliers`).
 
+--over-training: the top-k and the gradient's share of their space at every checkpoint the run
+kept (`study.spectrum_training`), for the gradient-overlap curve of Gur-Ari et al.
+
 Cost: about (Lanczos steps + probes x steps + trace probes + 1) products, each a forward and a
 double backward over every micro-batch of the --examples. Writes spectrum.json and spectrum.png
 (the density of log10 |lambda| on a log scale, top-k marked) into --out (default RUN_DIR/spectrum).
@@ -39,8 +42,8 @@ from bigbatch.errors import UsageError
 from bigbatch.measure import spectrum as sp
 from bigbatch.measure.modes import measuring
 from bigbatch.measure.sharpness import HessianOperator
-from bigbatch.study.at_checkpoint import load_trained
-from bigbatch.trainer.data import tensor_batch
+from bigbatch.study import spectrum_training
+from bigbatch.study.at_checkpoint import draw_examples, load_trained
 
 DEFAULT_EXAMPLES = 2048
 EXTRA_K = 3  # k = classes + 3: past the ~C outliers into the bulk, so the edge is in the list
@@ -66,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"Hutchinson probes (Rademacher, top-k deflated; default {TRACE_PROBES})")
     p.add_argument("--iters", type=int, default=TOP_ITERS, help=f"cap on the top-k Lanczos steps (default {TOP_ITERS})")
     p.add_argument("--seed", type=int, default=0, help="seed of the examples and probes (default 0)")
+    p.add_argument("--over-training", action="store_true",
+                   help="instead: the top-k and the gradient's share of their space at every kept checkpoint-<step>.pt "
+                        "(train with checkpoint.every > 0 and a large checkpoint.keep); no density or trace")
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/spectrum)")
 
 
@@ -97,13 +103,7 @@ def measure_spectrum(cfg, run_dir: Path, examples: int = DEFAULT_EXAMPLES, k: in
     bundle, state, model, loss_fn, (train_b, global_batch, world) = load_trained(cfg, run_dir, "spectrum")
     b = micro_batch or train_b
     k = k or bundle.num_classes + EXTRA_K
-    n_train = len(bundle.train)
-    if examples < b:
-        raise UsageError("--examples", f"must be at least one micro-batch ({b}), got {examples}")
-    count = min(n_train, (examples // b) * b)  # whole micro-batches
-    idx = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:count]
-    torch.manual_seed(seed)  # the augmentation draw, once: a fixed operator
-    x, y = tensor_batch(bundle.train, idx, torch.device("cpu"), train=True)
+    x, y = draw_examples(bundle, examples, b, seed)
     with measuring(model, "train"):
         op = HessianOperator(model, loss_fn, x, y, micro_batch=b)
         n = op.num_params
@@ -196,6 +196,8 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(1)  # many small backward passes: on shared cores a second thread mostly spins
     cfg = config_mod.load(folders.RunFolder(run_dir).config)
     out = Path(args.out) if args.out else run_dir / "spectrum"
+    if args.over_training:
+        return spectrum_training.run(cfg, run_dir, out, args.examples, args.k, args.micro_batch, args.iters, args.seed)
     result = measure_spectrum(cfg, run_dir, args.examples, args.k, args.micro_batch, args.slq_probes, args.slq_steps,
                               args.trace_probes, args.iters, args.seed)
     result["seconds"] = time.perf_counter() - t0  # the whole command, loading included

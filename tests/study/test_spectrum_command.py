@@ -1,5 +1,7 @@
 """`bigbatch spectrum RUN_DIR` end to end on a tiny BatchNorm CNN run, against the dense Hessian.
 
+--over-training: the same on a run that kept three checkpoints, each against its own dense Hessian.
+
 The run: the MNIST-1D CNN config on a small synthetic task (4 classes, 236 parameters), trained
 40 steps at batch 64 with label smoothing 0.1. The reference below rebuilds the training loss by
 hand (no code shared with the command beyond the run's own files): the same seeded draw of
@@ -38,11 +40,11 @@ def run_dir(tmp_path_factory):
     return path
 
 
-def dense_training_hessian(run_dir: Path, seed: int = 0) -> torch.Tensor:
+def dense_training_hessian(run_dir: Path, seed: int = 0, checkpoint: str = "checkpoint.pt") -> torch.Tensor:
     cfg = config.load(run_dir / "config.toml")
     bundle = build_data(cfg.data)
     model = build_model(cfg.model, bundle.input_shape, bundle.num_classes).double()
-    model.load_state_dict(ckpt.load(run_dir / "checkpoint.pt")["model"])
+    model.load_state_dict(ckpt.load(run_dir / checkpoint)["model"])
     model.train()
     idx = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(seed))[:EXAMPLES]
     x, y = bundle.train.x[idx].double(), bundle.train.y[idx]
@@ -84,6 +86,39 @@ def test_the_command_measures_the_training_loss_hessian(run_dir, tmp_path, capsy
     assert 0.0 <= res["grad_fraction_top_k"] <= 1.0 and res["grad_fraction_by_k"] == sorted(res["grad_fraction_by_k"])
     assert res["outliers"] == len([v for v in res["top_eigenvalues"] if res["bulk_edge"] is not None and v > res["bulk_edge"]])
     assert len(res["slq"]["nodes"]) == 3 and len(res["density"]["lambda"]) == len(res["density"]["phi"])
+
+
+@pytest.fixture(scope="module")
+def kept_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spectrum") / "kept"
+    run(config.load(CONFIG, TRAIN + ["train.steps=45", "train.log_every=5", "checkpoint.every=15", "checkpoint.keep=100"]), path)
+    return path
+
+
+def test_over_training_measures_every_kept_checkpoint(kept_run, tmp_path, capsys):
+    out = tmp_path / "over"
+    argv = ["spectrum", str(kept_run), "--examples", str(EXAMPLES), "--k", "5", "--out", str(out)]
+    assert cli.main(argv + ["--over-training"]) == 0, capsys.readouterr().err
+    res = json.loads((out / "over_training.json").read_text())
+    assert (out / "over_training.png").stat().st_size > 10_000 and "top-4" in capsys.readouterr().out
+    points = res["checkpoints"]
+    assert [p["step"] for p in points] == [15, 30, 45] and res["k"] == 5 and res["micro_batch"] == B
+    for p in points:  # each checkpoint's top-5 are its own dense Hessian's
+        eigs = torch.linalg.eigvalsh(dense_training_hessian(kept_run, checkpoint=f"checkpoint-{p['step']:08d}.pt")).flip(0)
+        for got, want, resid in zip(p["top_eigenvalues"], eigs[:5].tolist(), p["top_residuals"]):
+            assert got == pytest.approx(want, abs=max(resid, 1e-3 * abs(want)))
+        by_k = p["grad_fraction_by_k"]
+        assert by_k == sorted(by_k) and 0 <= by_k[0] and by_k[-1] == p["grad_fraction_top_k"] <= 1
+        assert p["grad_fraction_classes"] == by_k[3] and p["train_loss_logged"] is not None
+    # the last point is `bigbatch spectrum` at the final checkpoint: the same operator and draw
+    assert cli.main(argv + ["--out", str(tmp_path / "final"), "--slq-steps", "2", "--trace-probes", "2"]) == 0
+    final = json.loads((tmp_path / "final" / "spectrum.json").read_text())
+    assert points[-1]["top_eigenvalues"] == final["top_eigenvalues"]
+    assert points[-1]["grad_fraction_top_k"] == final["grad_fraction_top_k"]
+
+
+def test_over_training_needs_two_kept_checkpoints(run_dir, capsys):
+    one_line_error(capsys, ["spectrum", str(run_dir), "--over-training"], "RUN_DIR")
 
 
 @pytest.mark.parametrize("argv,field", [
