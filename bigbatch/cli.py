@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "interpolate": ("bigbatch.study.landscape", "loss and accuracy on the line between two trained runs"),
     "connect": ("bigbatch.study.connect",
                 "a trained Bezier curve between two runs and its loss barrier beside the straight line's"),
+    "spectrum": ("bigbatch.study.spectrum",
+                 "Hessian top-k, spectral density (SLQ), trace, gradient in the top-k space at a run's checkpoint"),
     "slurm": ("bigbatch.launch.slurm", "render and submit sbatch jobs (training, sweeps, job arrays)"),
 }
 

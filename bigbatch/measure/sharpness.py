@@ -14,8 +14,8 @@ from typing import Callable, Iterator
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bigbatch.errors import UsageError
 from bigbatch.measure.modes import measuring
+from bigbatch.measure.spectrum import check_lanczos_args, top_eigenpairs
 
 
 class HessianOperator:
@@ -83,6 +83,16 @@ class HessianOperator:
         self.hvps += 1
         return (out / max(len(self.chunks), 1)).to(v.dtype)
 
+    def gradient(self) -> torch.Tensor:
+        """The gradient of the same loss (mean over the micro-batches, same buffers and replayed
+        RNG) as one flat float64 vector: the g whose share of H's top eigenspace is measured."""
+        out = torch.zeros(self.num_params, dtype=torch.float64, device=self.device)
+        with _replayed_rng(self._rng):
+            for x, y in self.chunks:
+                flat, _ = self._chunk_grad(x, y)
+                out += flat.detach().double()
+        return out / max(len(self.chunks), 1)
+
     def top_eigs(self, k: int = 1, iters: int = 100, tol: float = 1e-4, seed: int = 0) -> list[float]:
         """The k largest (algebraic) eigenvalues of H, descending (Lanczos, see `lanczos_top_eigs`)."""
         return lanczos_top_eigs(self.hvp, self.num_params, self.dtype, self.device, k, iters, tol, seed)
@@ -111,72 +121,18 @@ def hessian_top_eigs(
     top-k Ritz pairs have residuals below `tol` (relative; see `lanczos_top_eigs`).
     """
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    _check_lanczos_args(k, iters, n_params)
+    check_lanczos_args(k, iters, n_params)
     with measuring(model, mode):
         return HessianOperator(model, loss_fn, x, y, micro_batch).top_eigs(k, iters, tol, seed)
 
 
-def _check_lanczos_args(k: int, iters: int, n_params: int) -> None:
-    if not 1 <= k <= n_params:
-        raise UsageError("k", f"must be between 1 and the number of parameters ({n_params}), got {k}")
-    if iters < 1:
-        raise UsageError("iters", f"must be >= 1, got {iters}")
-
-
 def lanczos_top_eigs(hvp: Callable[[torch.Tensor], torch.Tensor], n_params: int, dtype: torch.dtype,
                      device: torch.device, k: int = 1, iters: int = 100, tol: float = 1e-4, seed: int = 0) -> list[float]:
-    """Top-k eigenvalues of the symmetric operator `hvp` on R^n_params (Lanczos with full
-    reorthogonalisation), descending.
-
-    Stops when every top-k Ritz pair (theta, u) has a residual |H u - theta u| <= tol |theta|.
-    The residual of a Ritz pair after j steps is beta_{j+1} |s_j| (s_j the last component of its
-    eigenvector of the tridiagonal matrix; Parlett, The Symmetric Eigenvalue Problem, 13.2), so
-    the test costs no product; H has an eigenvalue within the residual of theta (and, once the
-    top eigenvalue is separated by a gap g from the next, theta is within residual^2 / g of it).
-    A stop on the change of the Ritz values between steps can fire while the top value is still
-    creeping up; the residual cannot be small unless (theta, u) is an eigenpair.
-    """
-    _check_lanczos_args(k, iters, n_params)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(n_params, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-    q /= q.norm()
-    basis = [q]
-    alphas: list[float] = []
-    betas: list[float] = []
-    m = min(iters, n_params)
-    for j in range(m):
-        w = hvp(basis[j])
-        alpha = float(w @ basis[j])
-        alphas.append(alpha)
-        # Full reorthogonalisation (twice is enough, Kahan/Parlett): keeps the Ritz values clean.
-        q_mat = torch.stack(basis)
-        for _ in range(2):
-            w = w - q_mat.T @ (q_mat @ w)
-        beta = float(w.norm())
-        ritz, last = _tridiag_eig(alphas, betas)
-        if len(ritz) >= k and all(beta * abs(s) <= tol * max(abs(t), 1e-12) for t, s in zip(ritz[:k], last[:k])):
-            return ritz[:k]
-        if j == m - 1 or beta <= 1e-10 * max(abs(alpha), 1.0):
-            break  # the Krylov space is invariant (or exhausted): the Ritz values are exact
-        betas.append(beta)
-        basis.append(w / beta)
-    ritz, _ = _tridiag_eig(alphas, betas)
-    if len(ritz) < k:  # invariant subspace smaller than k: restarting is not worth it here
-        raise UsageError("k", f"the Krylov space has only {len(ritz)} dimensions; ask for fewer eigenvalues")
-    return ritz[:k]
-
-
-def _tridiag_eig(alphas: list[float], betas: list[float]) -> tuple[list[float], list[float]]:
-    """Eigenvalues of the Lanczos tridiagonal matrix, descending, and the last component of each
-    eigenvector (what the residual needs)."""
-    n = len(alphas)
-    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if n > 1:
-        off = torch.tensor(betas[: n - 1], dtype=torch.float64)
-        t += torch.diag(off, 1) + torch.diag(off, -1)
-    values, vectors = torch.linalg.eigh(t)
-    order = values.argsort(descending=True)
-    return values[order].tolist(), vectors[-1, order].tolist()
+    """Top-k eigenvalues of the symmetric operator `hvp` on R^n_params, descending: Lanczos with
+    full reorthogonalisation, stopped once every top-k Ritz pair (theta, u) has a residual
+    |H u - theta u| <= tol |theta| (`measure.spectrum.top_eigenpairs`, which says why the residual
+    and not the change of the Ritz values between steps)."""
+    return top_eigenpairs(hvp, n_params, k, iters, tol, seed, dtype, device).values.tolist()
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.device, torch.Tensor | None]:

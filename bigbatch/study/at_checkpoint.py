@@ -115,6 +115,35 @@ def training_micro_batch(cfg, state: dict[str, Any], num_train: int) -> tuple[in
     return per_device, global_batch, world
 
 
+def load_trained(cfg, run_dir: Path, command: str):
+    """What a measurement at a run's checkpoint starts from: (data bundle, checkpoint state, the
+    model with its weights, the training loss function as trained (label smoothing), and the
+    training (micro-batch b, global batch, world size)). UsageError naming `data.name` for a
+    dataset not held in memory (`bigbatch COMMAND` draws its own examples)."""
+    bundle = build_data(cfg.data)
+    if not bundle.in_memory:
+        raise UsageError("data.name", f"bigbatch {command} draws its own micro-batches: needs an in-memory dataset, "
+                         f"not {cfg.data.name!r}")
+    state = ckpt.load(folders.RunFolder(run_dir).checkpoint)
+    model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
+    model.load_state_dict(state["model"])
+    loss_fn = TrainingLoss(cfg.train.label_smoothing, cfg.train.ignore_index)
+    return bundle, state, model, loss_fn, training_micro_batch(cfg, state, len(bundle.train))
+
+
+def draw_examples(bundle, examples: int, b: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded draw of whole micro-batches of b training examples (at most `examples`),
+    augmented as trained, drawn once: the examples a fixed Hessian operator averages over.
+    UsageError naming --examples when it is less than one micro-batch."""
+    if examples < b:
+        raise UsageError("--examples", f"must be at least one micro-batch ({b}), got {examples}")
+    n_train = len(bundle.train)
+    count = min(n_train, (examples // b) * b)  # whole micro-batches
+    idx = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))[:count]
+    torch.manual_seed(seed)  # the augmentation draw, once: a fixed operator
+    return tensor_batch(bundle.train, idx, torch.device("cpu"), train=True)
+
+
 def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] = DEFAULT_SAMPLES,
                        hessian_examples: int | Callable[[int], int] = DEFAULT_HESSIAN_EXAMPLES,
                        seed: int = 0, sharpness: bool = True, *, max_samples: int | Callable[[int], int] | None = None,
@@ -128,15 +157,7 @@ def measure_checkpoint(cfg, run_dir: Path, samples: int | Callable[[int], int] =
     `hessian_samples`: how many of the gradients get an HVP for B_noise (default all).
     `sharpness=False` skips the Lanczos run."""
     t0 = time.perf_counter()
-    bundle = build_data(cfg.data)
-    if not bundle.in_memory:
-        raise UsageError("data.name", f"bigbatch measure draws its own micro-batches: needs an in-memory dataset, "
-                         f"not {cfg.data.name!r}")
-    state = ckpt.load(folders.RunFolder(run_dir).checkpoint)
-    model = build_model(cfg.model, bundle.input_shape, bundle.num_classes)
-    model.load_state_dict(state["model"])
-    loss_fn = TrainingLoss(cfg.train.label_smoothing, cfg.train.ignore_index)
-    train_b, global_batch, world = training_micro_batch(cfg, state, len(bundle.train))
+    bundle, state, model, loss_fn, (train_b, global_batch, world) = load_trained(cfg, run_dir, "measure")
     b = micro_batch or train_b
     samples = samples(b) if callable(samples) else samples
     max_samples = max_samples(b) if callable(max_samples) else (max_samples or GROWTH * samples)

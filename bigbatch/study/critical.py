@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from bigbatch.study import intervals
-from bigbatch.study.gap import gap_rows, gap_trends
+from bigbatch.study.gap import gap_rows, gap_trends, outlier_rows
 
 
 def fit_critical_batch(batch_sizes: Sequence[float], steps_to_target: Sequence[float]) -> dict[str, float]:
@@ -410,6 +410,7 @@ def analyse(trials: Sequence[dict[str, Any]], drop_rising: bool = True, reps: in
         "gap": gap_rows(gap_trials),
         "gap_criterion": next((t["criterion"] for t in gap_trials if t.get("criterion")), None),
         "gap_trend": gap_trends(gap_trials),
+        "gap_outliers": outlier_rows(gap_trials),
         "trials": dict(counts),
     }
 

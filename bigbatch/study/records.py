@@ -287,6 +287,7 @@ def headline(analysis: dict[str, Any]) -> list[str]:
         ci = sharp.get("ci")
         lines.append(f"sharpness (train-mode top Hessian eigenvalue) x {2 ** sharp['slope']:.2f} per doubling"
                      + (f" [{2 ** ci[0]:.2f}, {2 ** ci[1]:.2f}]" if ci else ""))
+    lines += outlier_lines(analysis)
     if analysis.get("added_batches"):
         lines.append(f"batch sizes added to bracket B_crit (search.add_batches): {analysis['added_batches']}")
     if analysis.get("outside_swept_range"):
@@ -296,3 +297,27 @@ def headline(analysis: dict[str, Any]) -> list[str]:
     if analysis.get("note"):
         lines.append(f"note: {analysis['note']}")
     return lines
+
+
+def outlier_lines(analysis: dict[str, Any]) -> list[str]:
+    """The gap phase's Hessian outliers vs batch (Sagun et al.: larger batches, larger outliers;
+    Gur-Ari et al. 2018: the gradient in the top eigenspace), one line, when recorded."""
+    rows = analysis.get("gap_outliers") or []
+    if not rows:
+        return []
+    trend = analysis.get("gap_trend") or {}
+
+    def factor(key: str) -> str:
+        t = trend.get(key)
+        if t is None:
+            return "n/a"
+        return f"x {2 ** t['slope']:.2f} per doubling" + (f" [{2 ** t['ci'][0]:.2f}, {2 ** t['ci'][1]:.2f}]" if t.get("ci") else "")
+
+    def per_batch(key: str, digits: int) -> str:
+        return ", ".join(f"{fmt(r['batch'])}: {fmt(r[key], digits)}" for r in rows if r.get(key) is not None)
+
+    c, k = rows[0].get("num_classes"), rows[0]["k"]
+    return [f"Hessian outliers (gap phase, top-{k} at the sharpness micro-batch, median over seeds): lambda_1 "
+            f"{factor('log2_sharpness')}, lambda_{c} (C = classes) {factor('log2_class_eigenvalue')}; "
+            f"outliers by the gap rule per batch {per_batch('outliers', 2)}; gradient in the top-{k} space "
+            f"{per_batch('grad_fraction_top_k', 2)}"]

@@ -12,6 +12,8 @@ Plots:
     pareto.png            examples vs steps to target (the trade-off curve of McCandlish et al.)
     lr_sensitivity.png    batch x lr multiplier -> median steps to target (>N: raced, slower)
     gap_vs_batch.png      gap phase: train - test accuracy and train-mode sharpness vs batch
+    outliers_vs_batch.png gap phase: the Hessian's lambda_1, lambda_C, lambda_k (median, seed range), the
+                          number of outliers and the gradient's share of the top-k space vs batch
     b_simple.png          B_simple (measure.gns) during training, per batch size (when measured)
 """
 
@@ -27,7 +29,7 @@ from bigbatch.study import axes_report, critical
 from bigbatch.study.documents import write_documents
 from bigbatch.study.records import CRITICAL, fmt, headline, load_sweep
 
-PLOTS = ("steps_vs_batch", "pareto", "lr_sensitivity", "gap_vs_batch", "b_simple")
+PLOTS = ("steps_vs_batch", "pareto", "lr_sensitivity", "gap_vs_batch", "outliers_vs_batch", "b_simple")
 
 
 # --- plots -----------------------------------------------------------------------------------
@@ -200,6 +202,49 @@ def plot_gap(analysis: dict[str, Any], path: Path) -> bool:
     return _save(fig, ax, path, "global batch", "train - test accuracy (points)", title)
 
 
+def _median_and_range(ax, rows: list[dict[str, Any]], key: str, fmt_: str, **kw) -> None:
+    """Median over seeds per batch with the seed range as an asymmetric error bar."""
+    pts = [(r["batch"], r[key], r[f"{key}_range"]) for r in rows if r.get(key) is not None]
+    if pts:
+        b, med, rng = zip(*pts)
+        ax.errorbar(b, med, yerr=[[m - lo for m, (lo, _) in zip(med, rng)], [hi - m for m, (_, hi) in zip(med, rng)]],
+                    fmt=fmt_, capsize=3, **kw)
+
+
+def plot_outliers(analysis: dict[str, Any], path: Path) -> bool:
+    """Gap phase: the Hessian's outliers vs batch (Sagun et al.: larger batches, larger outliers),
+    median over seeds with the seed range; right, the number of outliers (gap rule) and the
+    gradient's share of the top-k space (Gur-Ari et al. 2018)."""
+    rows = analysis.get("gap_outliers") or []
+    if not rows:
+        return False
+    plt = _plt()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    c, k = rows[0].get("num_classes"), rows[0]["k"]
+    _median_and_range(ax, rows, "lambda_1", "o-", color="C3", label="lambda_1")
+    if c and c < k:
+        _median_and_range(ax, rows, "lambda_c", "s-", color="C1", label=f"lambda_{c} (C = classes)")
+    _median_and_range(ax, rows, "lambda_k", "^--", color="0.5", label=f"lambda_{k} (last of the top-{k})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    trend = (analysis.get("gap_trend") or {}).get("log2_sharpness")
+    title = "Hessian outliers at the training criterion"
+    if trend and trend.get("ci"):
+        title += f"\nlambda_1 x {2 ** trend['slope']:.2f} per doubling [{2 ** trend['ci'][0]:.2f}, {2 ** trend['ci'][1]:.2f}]"
+    _median_and_range(ax2, rows, "outliers", "o-", color="C0", label="outliers (gap rule)")
+    ax2.set_xscale("log", base=2)
+    ax2.set_ylabel("number of outliers", color="C0")
+    ax2.set_ylim(bottom=0)
+    ax3 = ax2.twinx()
+    _median_and_range(ax3, rows, "grad_fraction_top_k", "s--", color="C2", label=f"|P_k g|^2 / |g|^2")
+    ax3.set_ylim(0, 1)
+    ax3.set_ylabel(f"gradient's share of the top-{k} space", color="C2")
+    ax2.set_xlabel("global batch")
+    ax2.set_title("Outliers and the gradient in their space", fontsize=10)
+    ax2.grid(True, which="both", alpha=0.3)
+    return _save(fig, ax, path, "global batch", "Hessian eigenvalue (train-mode BN, one micro-batch)", title)
+
+
 def plot_b_simple(analysis: dict[str, Any], sweep_dir: Path, path: Path) -> bool:
     curves = []
     for r in analysis["best"]:
@@ -232,10 +277,12 @@ def _tables(trials: list[dict[str, Any]], analysis: dict[str, Any]) -> list[tupl
               fmt(analysis["s_min"] + analysis["e_min"] / r["batch"]) if analysis.get("fit") else "n/a",
               r.get("regime") or "n/a", fmt(r.get("b_simple_at_target")), fmt(r.get("b_noise_at_target"))]
              for r in analysis["best"]])
-    gap = (["batch", "lr", "seeds (not met)", "epochs", "train acc", "test acc", "gap (points)", "loss gap", "sharpness"],
+    gap = (["batch", "lr", "seeds (not met)", "epochs", "train acc", "test acc", "gap (points)", "loss gap", "sharpness",
+            "outliers", "gradient in top-k"],
            [[fmt(r["batch"]), fmt(r["lr"]), f"{r['n_seeds']} ({r['n_not_met']})", _pm(r, "epochs", 1, 3),
              _pm(r, "train_acc", 100, 4), _pm(r, "test_acc", 100, 4), _pm(r, "gap", 100, 3), _pm(r, "loss_gap", 1, 3),
-             _pm(r, "sharpness", 1, 3)] for r in analysis["gap"]])
+             _pm(r, "sharpness", 1, 3), _pm(r, "outliers", 1, 2), _pm(r, "grad_fraction_top_k", 1, 2)]
+            for r in analysis["gap"]])
     every = (["phase", "batch", "lr x", "seed", "lr", "status", "steps to target", "resolution", "steps", "train acc",
               "test acc", "note"],
              [[t.get("phase") or "critical", fmt(t["batch"]), f"{t['lr_multiplier']:g}", str(t["seed"]), fmt(t.get("lr")),
@@ -284,6 +331,7 @@ def write_report(sweep_dir: str | Path) -> Path:
         "pareto": lambda p: plot_pareto(analysis, p),
         "lr_sensitivity": lambda p: plot_lr_sensitivity(trials, p),
         "gap_vs_batch": lambda p: plot_gap(analysis, p),
+        "outliers_vs_batch": lambda p: plot_outliers(analysis, p),
         "b_simple": lambda p: plot_b_simple(analysis, sweep_dir, p),
     }
     for name in PLOTS:

@@ -208,6 +208,10 @@ class GapSpec:
     """Evaluation interval (finer near the criterion: train.eval_fine)."""
     sharpness_samples: int = 1024
     """Training examples for the top Hessian eigenvalue at the end (train-mode BatchNorm)."""
+    spectrum_k: int | None = None
+    """Top Hessian eigenvalues recorded per gap trial on the same loss, with the number of outliers
+    and the gradient's share of their eigenspace (Sagun et al.; Gur-Ari et al. 2018). Default
+    (unset): classes + 3; 0 = only the top one (the sharpness)."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.batch_sizes, list) and all(_is_int(b) and b >= 1 for b in self.batch_sizes),
@@ -223,6 +227,8 @@ class GapSpec:
             _check(_is_number(v) and v > 0, f"gap.{key}", f"expected a positive number, got {v!r}")
         _check(_is_int(self.sharpness_samples) and self.sharpness_samples >= 0, "gap.sharpness_samples",
                f"expected an integer >= 0, got {self.sharpness_samples!r}")
+        _check(self.spectrum_k is None or (_is_int(self.spectrum_k) and self.spectrum_k >= 0), "gap.spectrum_k",
+               f"expected an integer >= 0 (0 = off), got {self.spectrum_k!r}")
 
 
 @dataclass

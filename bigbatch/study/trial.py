@@ -15,6 +15,7 @@ test-set softmax outputs are kept in its run folder (`save_test_outputs`, for th
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from bigbatch import config as config_mod
 from bigbatch import folders
 from bigbatch.measure.modes import measuring
 from bigbatch.measure.sharpness import HessianOperator
+from bigbatch.measure.spectrum import count_outliers, top_eigenpairs, top_space_fraction
 from bigbatch.study import search
 from bigbatch.study import spec as spec_mod
 from bigbatch.study.at_checkpoint import training_micro_batch
@@ -54,13 +56,27 @@ def _tune_reporter(row: dict[str, Any]) -> None:
         tune.report({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
 
-def train_mode_sharpness(cfg, run_dir: Path, samples: int, micro_batch: int | None = None) -> float | None:
-    """Top Hessian eigenvalue of the training loss at the run's final weights: BatchNorm in train
-    mode with micro-batch `micro_batch` (default the trial's own b; the loss is the mean over
-    micro-batches of that many examples, each normalised by its own statistics), Lanczos on HVPs
-    (`measure.sharpness`); the first max(`samples`, b) training examples, no augmentation. The gap
-    phase passes one micro-batch for every batch size, so the sharpness it compares across
-    batches is of one loss (with each trial's own b, the trend would mix eight losses)."""
+SHARPNESS_ITERS, SHARPNESS_TOL = 30, 1e-2  # k = 1: 4-6 steps meet the 1 % residual here
+SPECTRUM_EXTRA_K = 3  # k = classes + 3 by default: past the ~C outliers Sagun et al. expect
+SPECTRUM_ITERS = 60  # a cap on the top-k Lanczos steps (k = classes + 3 met 1 % in 34 on the MNIST-1D CNN)
+
+
+def train_mode_hessian(cfg, run_dir: Path, samples: int, micro_batch: int | None = None,
+                       k: int | None = 1, top_space: bool = False) -> dict[str, Any] | None:
+    """The Hessian of the training loss at the run's final weights: BatchNorm in train mode with
+    micro-batch `micro_batch` (default the trial's own b; the loss is the mean over micro-batches
+    of that many examples, each normalised by its own statistics), on the first max(`samples`, b)
+    training examples, no augmentation. The gap phase passes one micro-batch for every batch
+    size, so what it compares across batches is of one loss (with each trial's own b, the trend
+    would mix eight losses). None for data not held in memory or `samples` = 0.
+
+    Always `sharpness` (the top eigenvalue, Lanczos on HVPs stopped on a 1 % Ritz residual).
+    With `top_space`, the top-k eigenpairs to the same residual (`measure.spectrum`), and:
+    `top_eigenvalues`, `outliers` / `bulk_edge` / `outliers_saturated` (the gap rule,
+    `count_outliers`), `grad_fraction_top_k` (|P_k g|^2 / |g|^2 of the same loss's gradient,
+    Gur-Ari et al. 2018) and `grad_fraction_classes` (the top-C space, C = classes, if k >= C),
+    `spectrum_k` (k None: classes + 3), `num_classes`, `spectrum_hvps`, `spectrum_s`: the cost.
+    """
     bundle = build_data(cfg.data)
     if not bundle.in_memory or not samples:
         return None
@@ -71,8 +87,29 @@ def train_mode_sharpness(cfg, run_dir: Path, samples: int, micro_batch: int | No
     n = min(max(samples, b), len(bundle.train))
     x, y = tensor_batch(bundle.train, torch.arange(n), torch.device("cpu"), train=False)
     loss_fn = TrainingLoss(cfg.train.label_smoothing, cfg.train.ignore_index)
+    t0 = time.perf_counter()
     with measuring(model, "train"):
-        return HessianOperator(model, loss_fn, x, y, micro_batch=min(b, n)).top_eigs(k=1, iters=30, tol=1e-2)[0]
+        op = HessianOperator(model, loss_fn, x, y, micro_batch=min(b, n))
+        k = min(k or bundle.num_classes + SPECTRUM_EXTRA_K, op.num_params)
+        iters = max(SPECTRUM_ITERS, k) if top_space else SHARPNESS_ITERS
+        pairs = top_eigenpairs(op.hvp, op.num_params, k, iters, SHARPNESS_TOL, 0, op.dtype, op.device)
+        grad = op.gradient() if top_space else None
+    values = pairs.values.tolist()
+    if grad is None:
+        return {"sharpness": values[0]}
+    outliers = count_outliers(values)
+    classes = bundle.num_classes
+    return {"sharpness": values[0], "top_eigenvalues": values, "spectrum_k": k, "num_classes": classes,
+            "outliers": outliers.count, "bulk_edge": outliers.bulk_edge, "outliers_saturated": outliers.saturated,
+            "grad_fraction_top_k": top_space_fraction(grad, pairs.vectors),
+            "grad_fraction_classes": top_space_fraction(grad, pairs.vectors[:classes]) if k >= classes else None,
+            "spectrum_lanczos_steps": pairs.steps, "spectrum_hvps": op.hvps, "spectrum_s": time.perf_counter() - t0}
+
+
+def train_mode_sharpness(cfg, run_dir: Path, samples: int, micro_batch: int | None = None) -> float | None:
+    """Top Hessian eigenvalue of the training loss at the run's final weights (`train_mode_hessian`)."""
+    measured = train_mode_hessian(cfg, run_dir, samples, micro_batch)
+    return None if measured is None else measured["sharpness"]
 
 
 def save_test_outputs(cfg, run: folders.RunFolder, batch_size: int = 4096) -> dict[str, Any]:
@@ -143,6 +180,15 @@ def gap_criterion(spec: spec_mod.SweepSpec) -> str:
     return f"train_acc >= {g.train_acc:g} on {on} (cap {g.max_epochs:g} epochs)"
 
 
+def gap_hessian(gap: spec_mod.GapSpec, cfg, run_dir: Path, micro_batch: int) -> dict[str, Any]:
+    """A gap trial's Hessian at `micro_batch` (one for every gap batch): the sharpness and, unless
+    gap.spectrum_k = 0, the top-k outliers and the gradient's share of their space (k: gap.spectrum_k,
+    default classes + 3)."""
+    k = gap.spectrum_k
+    measured = train_mode_hessian(cfg, run_dir, gap.sharpness_samples, micro_batch, k=1 if k == 0 else k, top_space=k != 0)
+    return measured or {"sharpness": None}
+
+
 def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str) -> None:
     """The Ray Tune function trainable: train one grid point and report its record."""
     point = params["point"]
@@ -177,8 +223,8 @@ def run_trial(params: dict[str, Any], *, spec_dict: dict[str, Any], out_dir: str
     # B_simple / B_noise at the target: measured after the sweep, on the trials read (at_target)
     if gap and status not in ("diverged", "slower"):
         fixed = min(spec.gap.batch_sizes)  # one BatchNorm micro-batch for every gap batch: one loss
-        extra |= {"sharpness": train_mode_sharpness(cfg, run.path, spec.gap.sharpness_samples, micro_batch=fixed),
-                  "sharpness_micro_batch": fixed, "sharpness_mode": "train",
+        extra |= gap_hessian(spec.gap, cfg, run.path, fixed)
+        extra |= {"sharpness_micro_batch": fixed, "sharpness_mode": "train",
                   "sharpness_own_b": train_mode_sharpness(cfg, run.path, spec.gap.sharpness_samples)}
     if spec.trial.test_outputs and status != "diverged":
         extra |= save_test_outputs(cfg, run)

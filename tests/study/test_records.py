@@ -91,5 +91,28 @@ def test_report_from_records(tmp_path):
     for name in ("steps_vs_batch", "pareto", "lr_sensitivity"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000 and f"{name}.png" in md
     assert not (tmp_path / "b_simple.png").exists()  # no online GNS rows, no gap phase: not drawn, and said so
-    assert "Not plotted (no data): gap_vs_batch, b_simple" in md
+    assert "Not plotted (no data): gap_vs_batch, outliers_vs_batch, b_simple" in md
     assert html.count("data:image/png;base64,") == 3 and "diverged" in html
+
+
+def test_report_shows_outliers_vs_batch_from_gap_records(tmp_path):
+    trials = []
+    for b, lam in [(64, 1.2), (512, 4.0), (2048, 6.0)]:
+        for sd in (0, 1):
+            f = 1 + 0.1 * sd
+            rec = trial_record({"batch": b, "lr_multiplier": 1.0, "seed": sd, "phase": "gap"}, SUMMARY, [], None, "ok",
+                               extra={"sharpness": f * lam, "top_eigenvalues": [f * lam, f * lam / 1.5, 0.5, 0.4],
+                                      "num_classes": 3, "outliers": 2, "outliers_saturated": False,
+                                      "grad_fraction_top_k": 0.6 + 0.1 * sd, "grad_fraction_classes": 0.55})
+            trials.append({**rec, "trial": f"gap-b{b}-s{sd}", "run_dir": str(tmp_path / "none")})
+    (tmp_path / "trials.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trials))
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert (tmp_path / "outliers_vs_batch.png").stat().st_size > 10_000 and "outliers_vs_batch.png" in md
+    line = next(l for l in md.splitlines() if l.startswith("- Hessian outliers"))
+    slope = critical.analyse(trials)["gap_trend"]["log2_sharpness"]["slope"]
+    assert f"lambda_1 x {2 ** slope:.2f} per doubling" in line and "lambda_3 (C = classes)" in line
+    assert "64: 2, 512: 2, 2,048: 2" in line and "64: 0.65" in line  # outliers and gradient share per batch (medians)
+    head = next(l for l in md.splitlines() if l.startswith("| batch | lr | seeds"))
+    assert head.endswith("| outliers | gradient in top-k |")
+    assert "| 2 ± 0 | 0.65 ± 0.071 |" in md

@@ -17,7 +17,7 @@ from bigbatch.study.critical import (
     regime,
 )
 from bigbatch.study.intervals import rising, wls_rows
-from bigbatch.study.gap import gap_rows, gap_trends, trend_per_doubling
+from bigbatch.study.gap import gap_rows, gap_trends, outlier_rows, trend_per_doubling
 
 BATCHES = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
@@ -215,6 +215,38 @@ def test_gap_rows_hold_seeds_that_met_the_criterion_and_the_trend():
     trends = gap_trends(trials)
     assert trends["gap"]["slope"] == pytest.approx(0.01)  # +1 point of accuracy gap per doubling
     assert trends["log2_sharpness"]["slope"] == pytest.approx(0.5)  # sqrt(B): x 2^0.5 per doubling
+
+
+def outlier_trials():
+    """Gap trials whose top-6 (C = 3 classes) grow as B^0.5 (lambda_1) and B^0.25 (lambda_3), two
+    seeds 10 % apart; the outlier count grows by one per two doublings."""
+    out = []
+    for b, n_out in [(16, 1), (64, 2), (256, 3)]:
+        for sd, f in ((0, 1.0), (1, 1.1)):
+            eigs = [f * b ** 0.5, f * 0.5 * b ** 0.5, f * b ** 0.25, 1.0, 0.99, 0.98]
+            out.append(trial(b, 0.1, 100, seed=sd, phase="gap", top_eigenvalues=eigs, num_classes=3, sharpness=eigs[0],
+                             outliers=n_out, outliers_saturated=False, grad_fraction_top_k=0.5 + 0.1 * sd))
+    out.append(trial(256, 0.1, None, seed=2, status="not_reached", phase="gap", top_eigenvalues=[99.0] * 6,
+                     num_classes=3, outliers=6, grad_fraction_top_k=0.0))  # did not meet the criterion: left out
+    return out
+
+
+def test_outliers_vs_batch_median_and_seed_range_and_trends_per_doubling():
+    trials = outlier_trials()
+    rows = outlier_rows(trials)
+    assert [r["batch"] for r in rows] == [16, 64, 256] and all(r["n_seeds"] == 2 and r["k"] == 6 for r in rows)
+    assert rows[2]["lambda_1"] == pytest.approx(1.05 * 16) and rows[2]["lambda_1_range"] == pytest.approx([16, 17.6])
+    assert rows[1]["lambda_c"] == pytest.approx(1.05 * 64 ** 0.25) and rows[0]["lambda_k"] == pytest.approx(0.98 * 1.0)
+    assert [r["outliers"] for r in rows] == [1, 2, 3] and rows[0]["grad_fraction_top_k"] == pytest.approx(0.55)
+    trends = gap_trends(trials)
+    assert trends["log2_sharpness"]["slope"] == pytest.approx(0.5)  # lambda_1 x 2^0.5 per doubling
+    assert trends["log2_class_eigenvalue"]["slope"] == pytest.approx(0.25)  # lambda_C x 2^0.25
+    lo, hi = trends["log2_class_eigenvalue"]["ci"]
+    assert lo < 0.25 < hi and trends["outliers"]["slope"] == pytest.approx(0.5)
+    assert trends["grad_fraction_top_k"]["slope"] == pytest.approx(0.0, abs=1e-12)
+    rows_gap = gap_rows(trials)
+    assert rows_gap[0]["grad_fraction_top_k"] == pytest.approx(0.55) and rows_gap[2]["outliers"] == 3
+    assert outlier_rows([trial(16, 0.1, 100, phase="gap", sharpness=2.0)]) == []  # k = 0: sharpness only, no rows
 
 
 def test_analyse_is_json_and_compares_b_crit_with_b_simple():
