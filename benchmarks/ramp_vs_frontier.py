@@ -53,7 +53,8 @@ def run_to_target(run_dir: str, target: dict[str, float]) -> dict[str, Any]:
     d = folders.RunFolder(run_dir)
     if not d.metrics.is_file():
         sys.exit(f"{run_dir!r} is not a run folder (no {d.metrics.name})")
-    rows = [r for r in d.read_metrics() if records.eval_row(r)]
+    # the sweep's rule (records.trial_record): the evaluations during training, not a final full-set one
+    rows = [r for r in d.read_metrics() if records.eval_row(r) and r.get("eval_set") != "full"]
     (metric, value), = target.items()
     higher = metric.endswith("acc")
     prev = None

@@ -80,6 +80,9 @@ def check(axes: dict[str, list]) -> dict[str, list]:
                 raise ConfigError(f"{where}[{i}]", f"expected an integer, a finite number, a string or true/false, got {v!r}")
         if len({json.dumps(v) for v in values}) != len(values):
             raise ConfigError(where, f"repeated value in {values}")
+        names = [name_suffix({key: v}) for v in values]
+        if len(set(names)) != len(names):  # two values, one trial name and run folder ("16" and 16, "a b" and "a_b")
+            raise ConfigError(where, f"values {values} give the same trial name twice ({sorted(names)})")
     return axes
 
 

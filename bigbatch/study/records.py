@@ -232,7 +232,7 @@ def _tokens_line(analysis: dict[str, Any]) -> str:
     ci = {"ci_unavailable": analysis.get("ci_unavailable"), **tok}
     return (f"in tokens (x {T} per sequence): B_crit = {fmt(tok['b_crit'])}{_ci(ci, 'b_crit')}   "
             f"E_min = {fmt(tok['e_min'])}{_ci(ci, 'e_min')} tokens   B_simple at target = "
-            f"{fmt(tok['b_simple_at_target'])}{_range(tok.get('b_simple_at_target_interval'))}"
+            f"{'>= ' if analysis.get('b_simple_at_target_lower_bounds') else ''}{fmt(tok['b_simple_at_target'])}{_range(tok.get('b_simple_at_target_interval'))}"
             "   (noise scales measured per sequence on the token-averaged loss, then x T)")
 
 

@@ -30,6 +30,7 @@ or a batch that does not split over the workers fails before Ray starts.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -211,7 +212,8 @@ class GapSpec:
     spectrum_k: int | None = None
     """Top Hessian eigenvalues recorded per gap trial on the same loss, with the number of outliers
     and the gradient's share of their eigenspace (Sagun et al.; Gur-Ari et al. 2018). Default
-    (unset): classes + 3; 0 = only the top one (the sharpness)."""
+    (unset): classes + 3, at most 32 (a vocabulary of 256 would cost hundreds of HVPs per trial);
+    0 = only the top one (the sharpness)."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.batch_sizes, list) and all(_is_int(b) and b >= 1 for b in self.batch_sizes),
@@ -371,10 +373,10 @@ def from_dict(raw: dict[str, Any], base_dir: Path | None = None, validate_trials
     if not validate_trials:
         return spec
     combos = axes_mod.combinations(spec.axes)
-    for values in combos if spec.axes else []:  # every combination of axis values, at the first batch: the error names it
+    # every combination of axis values at every batch (an axis can break a batch's split): the error names it
+    for values, b in itertools.product(combos if spec.axes else [], spec.batch_sizes):
         try:
-            spec.trial_config({"batch": spec.batch_sizes[0], "lr_multiplier": spec.lr_multipliers[0],
-                               "seed": spec.seeds[0], "axes": values})
+            spec.trial_config({"batch": b, "lr_multiplier": spec.lr_multipliers[0], "seed": spec.seeds[0], "axes": values})
         except ConfigError as e:
             where = "axes"
             if len(values) == 1:  # one axis: name its entry

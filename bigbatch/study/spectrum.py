@@ -192,14 +192,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     run_dir = check_args(args)
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # many small backward passes: on shared cores a second thread mostly spins
     cfg = config_mod.load(folders.RunFolder(run_dir).config)
     out = Path(args.out) if args.out else run_dir / "spectrum"
-    if args.over_training:
-        return spectrum_training.run(cfg, run_dir, out, args.examples, args.k, args.micro_batch, args.iters, args.seed)
-    result = measure_spectrum(cfg, run_dir, args.examples, args.k, args.micro_batch, args.slq_probes, args.slq_steps,
-                              args.trace_probes, args.iters, args.seed)
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # many small backward passes: on shared cores a second thread mostly spins
+    try:
+        if args.over_training:
+            return spectrum_training.run(cfg, run_dir, out, args.examples, args.k, args.micro_batch, args.iters, args.seed)
+        result = measure_spectrum(cfg, run_dir, args.examples, args.k, args.micro_batch, args.slq_probes, args.slq_steps,
+                                  args.trace_probes, args.iters, args.seed)
+    finally:
+        torch.set_num_threads(threads)  # an in-process caller keeps its own setting
     result["seconds"] = time.perf_counter() - t0  # the whole command, loading included
     out.mkdir(parents=True, exist_ok=True)
     (out / "spectrum.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -210,7 +214,8 @@ def main(args: argparse.Namespace) -> int:
           f"{r['label_smoothing']:g}), {r['hvps']} Hessian-vector products")
     print(f"  top-{r['k']} eigenvalues  " + ", ".join(f"{v:.4g}" for v in r["top_eigenvalues"])
           + f"  ({r['top_lanczos_steps']} Lanczos steps)")
-    print(f"  outliers           {r['outliers']} above the bulk edge {r['bulk_edge']:.4g} ({r['outlier_rule']})")
+    edge = "n/a (no positive top-k eigenvalue)" if r["bulk_edge"] is None else f"{r['bulk_edge']:.4g}"
+    print(f"  outliers           {r['outliers']} above the bulk edge {edge} ({r['outlier_rule']})")
     print(f"  trace              {r['trace']:.4g} +- {r['trace_se']:.2g} (SE; top-{r['k']} part {r['trace_top_k_part']:.4g}, "
           f"{r['trace_probes']} probes)")
     print(f"  gradient in top-k  {r['grad_fraction_top_k']:.3f} of |g|^2 (in the outliers' space: "

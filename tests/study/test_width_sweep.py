@@ -75,10 +75,18 @@ def test_a_sweep_without_axes_keeps_its_points_and_names():
     (('"model.hidden" = [8, 32]', '"train.seed" = [1, 2]'), "axes.train.seed", "seeds"),
     (('"model.hidden" = [8, 32]', '"model.hidden.x" = [1]'), "axes.model.hidden.x[0]", "not a table"),
     (("[trial]", "[search]\nadaptive = true\n[trial]"), "axes", "search.adaptive = false"),
+    # two values, one trial name: they would share a run folder
+    (('"model.hidden" = [8, 32]', '"track.project" = ["a b", "a_b"]'), "axes.track.project", "same trial name"),
+    # a value that breaks only the larger batch's split (48 / 3 is whole, 64 / 3 is not)
+    (('batch_sizes = [16, 64]\n', 'batch_sizes = [48, 64]\n'), "axes.batch.accum_steps[1]", "accum_steps 3"),
 ])
 def test_bad_axis_exits_2_naming_the_field_before_anything_is_written(tmp_path, capsys, edit, field, words):
     path = tmp_path / "sweep.toml"
-    path.write_text(GOOD.replace(*edit))
+    text = GOOD.replace(*edit)
+    if field == "axes.batch.accum_steps[1]":
+        text = text.replace('"model.hidden" = [8, 32]', '"batch.accum_steps" = [1, 3]')
+    assert text != GOOD
+    path.write_text(text)
     rc = cli.main(["sweep", str(path), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and f"error: {field}" in err and words in err and "Traceback" not in err, err
