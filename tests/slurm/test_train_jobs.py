@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from _images import jpeg_folder  # noqa: E402
 
 MLP = ROOT / "configs" / "mnist1d-mlp.toml"
-STEPS = 300  # long enough (~10 s on 2 busy vCPUs) that c and d are signalled mid-training
+STEPS = 600  # long enough (~25 s on 2 idle vCPUs) that c and d are signalled mid-training: at 300 (~13 s) a
+# busy machine once delivered the early signal 3 s after c had finished (no checkpoint, no requeue to see)
 STEPS_2NODE = 100
 IMAGES = ["data.name='imagefolder'", "data.image_size=16", "data.augment=false", "data.num_workers=2",
           "data.train_eval_samples=0", "model.hidden=32", "batch.global_batch=16", "schedule.name='constant'",
