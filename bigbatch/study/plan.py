@@ -15,12 +15,18 @@ scaling efficiency. The arithmetic is `bigbatch.study.plan_model`; this module m
 
     bigbatch plan CONFIG [--set K=V]... [--bench BENCH.jsonl | --alpha-us A --beta-gbps B]
                   [--gpus 1,8,64,512,4096] [--algo ring,torus2d,hierarchical] [--scaling SCALING.json]
-                  [--json FILE] [--plot FILE] [--out RUN_DIR]
+                  [--base-lr-search 0.5,1,2] [--json FILE] [--plot FILE] [--out RUN_DIR]
     bigbatch plan --from RUN_DIR ...      (an existing run that reached its target, with step checkpoints
                                            for branching, measure.gns rows for noise)
 
+The short run is an lr search at B0 (`--base-lr-search`, default x0.5, x1, x2 of the config's
+lr), each run to the target, the fastest kept (`bigbatch.study.plan_base`): S(B0) = S0 anchors the
+prediction, and the sweep it is compared with takes every batch at its best lr. S0 is the crossing
+interpolated between the evaluations around the target, as the sweep reads its trials.
+
 What the short run changes in CONFIG, and why:
 - train.stop_at_target = true (it is a run *to* the target);
+- train.eval_fine = 0.03 when the config has none (the study's): S0 resolved to ~3 % near the target;
 - branching: checkpoint.every = train.eval_every, every checkpoint kept (the branch points);
 - noise / both: measure.gns = true, and in one process batch.accum_steps = 2 when unset: the two-batch noise-scale
   estimator needs a small batch (the micro-batch) beside the big one. BatchNorm then normalises over
@@ -34,15 +40,11 @@ What the short run changes in CONFIG, and why:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from bigbatch import config as config_mod
 from bigbatch import folders
@@ -50,18 +52,17 @@ from bigbatch.distributed.alphabeta import fit_alpha_beta
 from bigbatch.distributed.env import resolve_backend, spawn_local
 from bigbatch.errors import UsageError
 from bigbatch.study import branch_runs as bx
+from bigbatch.study import plan_base as base
 from bigbatch.study import plan_model as pm
 from bigbatch.study import plan_noise as pn
 from bigbatch.study import plan_ramp, records
 from bigbatch.study.plan_output import describe, format_table, plot_plan
 from bigbatch.study.scaling import measure_step_times, read_bench, short_ring_bench
-from bigbatch.trainer import loop, preflight
+from bigbatch.trainer import preflight
 from bigbatch.trainer.rundir import default_run_dir
 
 DEFAULT_GPUS = "1,8,64,512,4096"
-EVAL_EVERY_EXAMPLES = 4096
 TIMED_STEPS, TIMED_WARMUP = 20, 5
-TRAIN_EVAL_SAMPLES = 1000
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -84,48 +85,6 @@ def parse_algos(text: str) -> list[str]:
         raise UsageError("--algo", f"unknown all-reduce algorithm {bad[0] if bad else text!r}; "
                          f"expected a comma list of {', '.join(pm.ALGORITHMS)}")
     return algos
-
-
-def read_run(run_dir: str, noise: bool = True) -> dict:
-    """(config, steps to target, batch, noise history) of an existing run folder; UsageError naming
-    what is missing (the noise history only when `noise`)."""
-    d = folders.RunFolder(run_dir)
-    if not d.path.is_dir():
-        raise UsageError("--from", f"{run_dir!r} is not a folder")
-    for path in (d.metrics, d.config, d.summary):
-        if not path.is_file():
-            raise UsageError("--from", f"{run_dir!r} has no {path.name} (a run folder of `bigbatch train`)")
-    cfg = config_mod.load(d.config)
-    summary = d.read_summary()
-    if summary.get("steps_to_target") is None:
-        raise UsageError("--from", f"the run in {run_dir!r} did not reach its target (summary.json steps_to_target is null)")
-    if cfg.batch.adaptive != "none" or cfg.batch.phases:
-        raise UsageError("--from", "the run changed its batch during training; the plan needs one fixed batch")
-    history = pn.noise_history(d.read_metrics())
-    if noise and not history:
-        raise UsageError("--from", f"{run_dir!r}/metrics.jsonl has no gns/b_simple rows (train with measure.gns = true)")
-    return {"cfg": cfg, "run_dir": str(d.path), "steps": int(summary["steps_to_target"]), "wall_s": summary.get("wall_s"),
-            "batch": int(cfg.batch.global_batch), "history": history}
-
-
-def short_run_config(cfg, eval_every: int | None, noise: bool = True, branching: bool = False):
-    """The config of the short run (see the module docstring)."""
-    b0 = cfg.batch.global_batch
-    accum = cfg.batch.accum_steps
-    if noise and accum in (None, 1):
-        if b0 % 2:
-            raise UsageError("batch.global_batch", f"the noise scale needs two micro-batches per step; {b0} is odd "
-                             "(set an even batch, or batch.accum_steps)")
-        accum = 2
-    every = eval_every or max(1, min(cfg.train.eval_every or math.inf, math.ceil(EVAL_EVERY_EXAMPLES / b0)))
-    train = dataclasses.replace(cfg.train, stop_at_target=True, eval_every=every, log_every=min(cfg.train.log_every, max(1, every // 4)))
-    # the target is on the test set; the train-subset evaluation only reports, so keep it small
-    data = dataclasses.replace(cfg.data, train_eval_samples=min(cfg.data.train_eval_samples or TRAIN_EVAL_SAMPLES,
-                                                                TRAIN_EVAL_SAMPLES))
-    out = dataclasses.replace(cfg, train=train, data=data, batch=dataclasses.replace(cfg.batch, accum_steps=accum))
-    if noise:
-        out = dataclasses.replace(out, measure=dataclasses.replace(cfg.measure, gns=True, gns_every=1))
-    return bx.base_run_config(out, every) if branching else out
 
 
 def comm_source(args) -> dict | None:
@@ -161,18 +120,6 @@ def read_scaling(path: str) -> dict:
 
 
 # --- measurements -------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """On the CPU, n torch threads inside the block (a GPU run is left alone)."""
-    before = torch.get_num_threads()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _timed_batches(cfg, per_device_batches: list[int]) -> list[dict]:
@@ -228,7 +175,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="CPU only: torch threads of the short run (default 1, as the study's trials: two OpenMP "
                              "threads on a shared 2-core machine were 20-30x slower per step here)")
-    parser.add_argument("--out", default=None, help="run folder of the short run (default runs/plan-<name>-<time>)")
+    parser.add_argument("--base-lr-search", default=None, metavar="FACTORS",
+                        help=f"lr factors of the short run, each run to the target, the fastest kept (default "
+                             f"{base.DEFAULT_LR_FACTORS}, extended by 2x beyond an edge; 1 = the config's lr only)")
+    parser.add_argument("--out", default=None, help="run folder of the short run (default runs/plan-<name>-<time>; "
+                                                    "with an lr search one sub-folder lr-x<factor> per lr)")
     plan_ramp.add_arguments(parser)
     parser.add_argument("--json", default=None, help="write the plan as JSON to this file")
     parser.add_argument("--plot", default=None, help="write a plot of time to target vs GPUs per batch (PNG)")
@@ -257,8 +208,11 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--eval-every", f"must be >= 1, got {args.eval_every}")
     plan_ramp.validate(args)
     noise, branching = args.method in ("noise", "both"), args.method in ("branching", "both")
+    if args.from_run and args.base_lr_search is not None:
+        raise UsageError("--base-lr-search", "searches the lr of a new short run; --from takes the given run as it is")
+    out["lr_factors"] = base.parse_factors(args.base_lr_search or base.DEFAULT_LR_FACTORS)
     if args.from_run:
-        out["run"] = read_run(args.from_run, noise)
+        out["run"] = base.read_run(args.from_run, noise)
         if branching:
             bx.base_checkpoints(args.from_run)
         cfg = out["run"]["cfg"]
@@ -268,7 +222,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError("target", f"{args.config} has no [target] (test_acc or test_loss): the plan needs a target to run to")
         if cfg.batch.adaptive != "none" or cfg.batch.phases:
             raise UsageError("batch.adaptive", "the short run needs one fixed batch (no adaptive batch or phases)")
-        out["run_cfg"] = short_run_config(cfg, args.eval_every, noise, branching)
+        out["run_cfg"] = base.short_run_config(cfg, args.eval_every, noise, branching)
         preflight.check(out["run_cfg"], 1)
         if args.out and Path(args.out).exists():
             raise UsageError("--out", f"{args.out!r} exists; the short run needs a new folder")
@@ -293,16 +247,15 @@ def main(args: argparse.Namespace) -> int:
     else:
         run_cfg = v["run_cfg"]
         run_dir = Path(args.out) if args.out else default_run_dir(dataclasses.replace(run_cfg, name=f"plan-{cfg.name}"))
-        print(f"short run: {cfg.name} at batch {run_cfg.batch.global_batch} to the target "
-              f"(eval every {run_cfg.train.eval_every} steps) -> {run_dir}", file=sys.stderr, flush=True)
-        with torch_threads(args.torch_threads):
-            summary = loop.run(run_cfg, run_dir)
-        if summary.get("steps_to_target") is None:
-            print(f"bigbatch plan: the short run did not reach the target in {summary['steps']} steps "
-                  f"(test_acc {summary.get('test_acc')}); give it more (train.epochs) or an easier target", file=sys.stderr)
+        run = base.search(run_cfg, run_dir, v["lr_factors"], args.torch_threads)
+        if not run["reached"]:
+            last = run["lr_search"][-1]
+            factors = ", x".join(f"{r['factor']:g}" for r in run["lr_search"])
+            print(f"bigbatch plan: no short run reached the target (lr x{factors}; "
+                  f"the last stopped {last['status']} after {last['steps']} steps at test_acc {last['test_acc']}); "
+                  "give it more (train.epochs) or an easier target", file=sys.stderr)
             return 1
-        run = {"cfg": run_cfg, "run_dir": str(run_dir), "steps": int(summary["steps_to_target"]), "wall_s": summary["wall_s"],
-               "batch": run_cfg.batch.global_batch, "history": pn.noise_history(folders.RunFolder(run_dir).read_metrics())}
+        cfg = base.with_lr_factor(cfg, run["lr_factor"])  # the branches, the table and a written ramp at B0's best lr
         if run_cfg.batch.accum_steps != cfg.batch.accum_steps:
             notes.append(f"short run used batch.accum_steps = {run_cfg.batch.accum_steps} for the noise scale: "
                          f"micro-batches of {run_cfg.batch.global_batch // run_cfg.batch.accum_steps} (BatchNorm, where the "
@@ -314,9 +267,9 @@ def main(args: argparse.Namespace) -> int:
     b_crit_noise = (measured["value"] if measured else noise["value"]) if use_noise else None
     branches = None
     if use_branching:
-        with torch_threads(args.torch_threads):
+        with base.torch_threads(args.torch_threads):
             branches = bx.measure(run["cfg"], run["run_dir"], s0, points=args.points, window_steps=args.window_steps,
-                                  eval_examples=args.eval_examples, base_s=run.get("wall_s") or 0.0)
+                                  eval_examples=args.eval_examples, base_s=run["wall_s"], base_examples=run["examples"])
         tradeoff, b_crit = plan_ramp.tradeoff(branches), branches["b_crit"]
         b_crit_source = "branching: B_crit(t) from branches at k x B0, integrated over training (Merrill et al. 2025)"
     else:
@@ -352,6 +305,7 @@ def main(args: argparse.Namespace) -> int:
             tradeoff, compute, comm, [b], v["worlds"], v["algos"], overlap))
     plan = {
         "config_name": cfg.name, "run_dir": run["run_dir"], "b0": b0, "s0": s0, "method": args.method,
+        "base_lr": cfg.optim.base_lr, "base_lr_search": run["lr_search"],
         "target": {k: val for k, val in (("test_acc", cfg.target.test_acc), ("test_loss", cfg.target.test_loss)) if val is not None},
         "noise_scale_at_target": b_crit_noise, "noise_scale": noise, "noise_scale_measured": measured,
         "branching": bx.json_ready(branches) if branches else None, "ramps": ramps,
@@ -374,7 +328,9 @@ def main(args: argparse.Namespace) -> int:
         plan["tokens_per_example"] = T
         plan["in_tokens"] = {"b0": b0 * T, "b_crit": b_crit * T, "e_min": tradeoff.e_min * T,
                              **{f"{k}_interval": [v * T for v in interval[k]] for k in ("b_crit", "e_min") if interval.get(k)}}
-    print(f"{cfg.name}: {s0} steps to target at batch {b0}")
+    print(f"{cfg.name}: {s0:.1f} steps to target at batch {b0} (interpolated between evaluations)")
+    if base.search_line(run):
+        print(base.search_line(run))
     if noise:
         print(pn.noise_line(noise, measured, b_crit_noise, s0, b0, branches))
     if branches:

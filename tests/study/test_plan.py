@@ -11,6 +11,7 @@ import pytest
 
 from _helpers import one_line_error as _exit_2
 from bigbatch.cli import main
+from bigbatch.study.critical import crossing
 from bigbatch.study.plan_model import Tradeoff, noise_near_target
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -35,6 +36,9 @@ ROW_KEYS = {"global_batch", "world_size", "steps", "examples", "step_s", "time_s
     (["plan", "--from", "{empty}"], "has no metrics.jsonl"),
     (["plan", "--from", "{empty}", CNN], "--from: takes the run's own config.toml"),
     (["plan"], "config: a training config is required"),
+    (["plan", CNN, "--base-lr-search", "0.5,x2"], "--base-lr-search: expected a comma list of lr factors"),
+    (["plan", CNN, "--base-lr-search", "0.01,1"], "--base-lr-search: factors must lie in [1/16, 16]"),
+    (["plan", "--from", "{empty}", "--base-lr-search", "1,2"], "--base-lr-search: searches the lr of a new short run"),
     (["plan", CNN, "--noise-from", "no-such-measure.json"], "--noise-from: file 'no-such-measure.json' not found"),
     (["plan", CNN, "--noise-from", "{nulls}"], "has no positive 'b_noise'"),
 ])
@@ -84,15 +88,17 @@ def test_one_short_run_gives_a_consistent_plan_and_from_reproduces_it(tmp_path, 
     sets = [a for o in mlp_overrides + ["target.test_acc=0.3"] for a in ("--set", o)]
     common = ["--method", "noise", "--alpha-us", "20", "--beta-gbps", "2", "--gpus", "1,2,8", "--batches", "16,64,256,1024",
               "--time-batches", "16,64"]
-    assert main(["plan", MLP, *sets, *common, "--eval-every", "5", "--out", "run",
+    assert main(["plan", MLP, *sets, *common, "--eval-every", "5", "--out", "run", "--base-lr-search", "1",
                  "--json", "plan.json", "--plot", "plan.png"]) == 0
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert KEYS <= plan.keys() and (tmp_path / "plan.png").stat().st_size > 0
-    # the statistics follow from the run: S0 from its summary, B_crit = the noise scale at the target
+    # the statistics follow from the run: S0 its crossing (interpolated), B_crit = the noise scale at the target
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert plan["s0"] == summary["steps_to_target"] and plan["b0"] == 128
-    history = [(r["step"], r["gns/b_simple"]) for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-               if "gns/b_simple" in r]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["test_acc"]) for r in rows if r.get("test_acc") is not None and r.get("eval_set") != "full"]
+    assert plan["s0"] == crossing(evals, 0.3)["steps"] and plan["s0"] <= summary["steps_to_target"] and plan["b0"] == 128
+    assert plan["base_lr_search"] is None or len(plan["base_lr_search"]) == 1
+    history = [(r["step"], r["gns/b_simple"]) for r in rows if "gns/b_simple" in r]
     assert plan["noise_scale_at_target"] == noise_near_target(history, plan["s0"])["value"] == plan["b_crit"]
     assert plan["s_min"] == pytest.approx(plan["s0"] / (1 + plan["b_crit"] / 128))
     assert plan["e_min"] == pytest.approx(plan["s_min"] * plan["b_crit"])

@@ -43,10 +43,12 @@ def planned(tmp_path_factory):
 def test_the_plan_follows_from_its_branches(planned):
     tmp, plan = planned
     m = plan["branching"]
-    summary = json.loads((tmp / "run" / "summary.json").read_text())
-    assert plan["method"] == "branching" and plan["s0"] == summary["steps_to_target"] and plan["b0"] == 128
+    base = tmp / plan["run_dir"]  # as given: --out run
+    assert base.parent == tmp / "run"  # run/lr-x<factor>: the lr search's fastest run
+    summary = json.loads((base / "summary.json").read_text())
+    assert plan["method"] == "branching" and plan["s0"] <= summary["steps_to_target"] and plan["b0"] == 128
     assert len(m["points"]) == 3 and all(0 < p["step"] < plan["s0"] for p in m["points"])
-    assert sum(m["segment_examples"]) == plan["s0"] * 128
+    assert sum(m["segment_examples"]) == pytest.approx(plan["s0"] * 128)
     seg = br.Segments.from_base(m["segment_examples"], [p["b_crit"] for p in m["points"]], 128)
     assert plan["b_crit"] == pytest.approx(seg.B_crit) and seg.cost(128)[0] == pytest.approx(plan["s0"])
     assert m["interval"]["b_crit"][0] <= plan["b_crit"] <= m["interval"]["b_crit"][1]
@@ -62,13 +64,37 @@ def test_the_plan_follows_from_its_branches(planned):
     b = m["budget"]
     assert b["branches"] >= 3 * sum(len(p["branches"]) for p in m["points"])  # x0.5, x1, x2 and beyond an edge
     assert b["branch_examples"] == b["branches"] * window and b["examples"] == b["base_examples"] + b["branch_examples"]
-    branch_dirs = list((tmp / "run" / "branches").iterdir())
+    assert b["base_examples"] == sum(r["examples"] for r in plan["base_lr_search"])  # every lr the search tried
+    branch_dirs = list((base / "branches").iterdir())
     assert len(branch_dirs) == b["branches"]
     # the ramps: batches multiples of 2 ranks x 8, predicted cost = the integrated model's
     for kind in ("sqrt", "proportional"):
         r = plan["ramps"][kind]
         assert all(x % 16 == 0 for x in r["batches"])
         assert (r["steps"], r["examples"]) == tuple(pytest.approx(v) for v in seg.cost(r["batches"]))
+
+
+def test_the_base_run_is_the_fastest_of_an_lr_search(planned):
+    """The short run at x0.5, x1, x2 of the config's lr (and 2x beyond an edge), each to the target:
+    the fastest (interpolated crossing) is the base run, and its lr is the one the branches, the
+    table and the written ramp use."""
+    tmp, plan = planned
+    runs = plan["base_lr_search"]
+    factors = [r["factor"] for r in runs]
+    assert {0.5, 1.0, 2.0} <= set(factors) and factors == sorted(factors)
+    assert all(b == 2 * a for a, b in zip(factors, factors[1:]))  # a grid of factors of 2, extended at an edge only
+    reached = {r["factor"]: r["steps_to_target"] for r in runs if r["steps_to_target"] is not None}
+    best = min(reached, key=reached.get)
+    assert plan["s0"] == reached[best] and plan["run_dir"] == str(Path("run") / f"lr-x{best:g}")
+    assert best not in (factors[0], factors[-1]) or best in (1 / 16, 16)  # an edge would have been extended
+    for r in runs:  # each run is what it says: its own folder, its lr, its crossing
+        cfg = config.load(tmp / r["run_dir"] / "config.toml")
+        assert cfg.optim.base_lr == pytest.approx(r["lr"]) == pytest.approx(0.1 * r["factor"])
+        assert r["steps_to_target"] is None or r["steps_to_target"] <= r["steps_to_target_eval"] == r["steps"]
+    assert plan["base_lr"] == pytest.approx(0.1 * best)
+    assert config.load(tmp / "ramp.toml").optim.base_lr == pytest.approx(plan["base_lr"])
+    lr0 = Schedule(config.load(tmp / plan["run_dir"] / "config.toml"), 3200)
+    assert all(p["lr0"] == pytest.approx(lr0.lr_at(p["step"])) for p in plan["branching"]["points"])
 
 
 def _ramp_for_test(tmp: Path) -> config.Config:

@@ -111,3 +111,19 @@ def test_ramp_as_phases_and_a_batch_that_does_not_divide():
     assert br.ramp_phases(seg, [100, 1000], 1000, world_size=2, accum_steps=2) == [[0, 100], [2.0, 1000]]
     with pytest.raises(UsageError, match="ramp batch 100 is not divisible by world size 3"):
         br.ramp_phases(seg, [100, 1000], 1000, world_size=3)
+
+
+@pytest.mark.parametrize("decrease, expect", [
+    ({0.5: 0.1, 1.0: 0.3, 2.0: 0.2}, None),            # the best inside the grid: done
+    ({0.5: 0.1, 1.0: 0.2, 2.0: 0.3}, 4.0),             # the best at the top: one factor of 2 beyond
+    ({0.5: 0.3, 1.0: 0.2, 2.0: 0.1}, 0.25),            # ... at the bottom
+    ({1.0: -0.2, 2.0: -0.1, 4.0: -0.4}, 0.5),          # no progress at any lr (the best, x2, is not an edge): lower
+    ({1.0: -0.2, 2.0: -0.1, 4.0: None}, 0.5),          # a divergence counts as no progress
+    ({1.0: None, 2.0: None}, None),                    # every lr diverged: nothing left to try
+    ({4.0: 0.1, 8.0: 0.2, 16.0: 0.3}, None),           # not beyond 16
+    ({1 / 16: -0.1, 1 / 8: -0.3}, None),               # not below 1/16
+])
+def test_the_branch_lr_search_extends_at_an_edge_and_lowers_without_progress(decrease, expect):
+    from bigbatch.study.branch_runs import next_lr_factor
+
+    assert next_lr_factor(decrease) == expect
