@@ -103,7 +103,7 @@ def ramp_lines(r: dict[str, Any], m: dict[str, Any]) -> list[str]:
         x = r[kind]
         lines.append(f"ramp {kind:<12} batches {x['batches']}: {x['steps']:.0f} steps, {x['examples']:.3g} examples; "
                      f"the constant batch {x['constant_batch']:.0f} at the same examples {x['constant_steps']:.0f} steps "
-                     f"(predicted gain {100 * x['gain']:.1f} %); base batch {m['b0']}: {m['s0']} steps")
+                     f"(predicted gain {100 * x['gain']:.1f} %); base batch {m['b0']}: {m['s0']:.0f} steps")
     return lines
 
 
