@@ -211,6 +211,16 @@ def measure_point(cfg, step: int, path: Path, b0: int, lr0: float, window_steps:
             "interval": [fit.low, fit.high], "at_edge": fit.at_edge, "draws": fit.draws}
 
 
+def fresh_folder(path: Path) -> Path:
+    """`path`, or path-2, path-3, ... when it exists: a second measurement from the same base run
+    (`bigbatch plan --from`, another window) keeps the first one's branches and never trains into
+    their folders."""
+    n, out = 2, path
+    while out.exists():
+        out, n = path.with_name(f"{path.name}-{n}"), n + 1
+    return out
+
+
 def default_window(s0: int, points: int) -> int:
     """Steps at B0 of a branch window: a power of 2 (every k = 2^j divides it, so every branch sees
     exactly the same examples) at most a segment (s0 / points), at least MIN_WINDOW_STEPS."""
@@ -230,7 +240,7 @@ def measure(cfg, run_dir: str | Path, s0: int, *, points: int = DEFAULT_POINTS, 
         raise UsageError("--from", f"the run in {str(run_dir)!r} has no checkpoint before its target (step {s0})")
     losses = TestLosses(cfg, eval_examples)
     schedule = Schedule(cfg, len(losses.bundle.train))
-    out = Path(run_dir) / "branches"
+    out = fresh_folder(Path(run_dir) / "branches")
     budget = {"base_examples": int(base_examples if base_examples is not None else math.ceil(s0) * b0), "base_s": base_s, "branch_examples": 0, "branch_s": 0.0, "branches": 0}
     fits, centre = [], 1.0
     for step, path in chosen:

@@ -97,6 +97,23 @@ def test_the_base_run_is_the_fastest_of_an_lr_search(planned):
     assert all(p["lr0"] == pytest.approx(lr0.lr_at(p["step"])) for p in plan["branching"]["points"])
 
 
+@pytest.mark.timeout(900)
+def test_a_second_plan_from_the_base_run_branches_into_a_new_folder(planned, monkeypatch):
+    """`plan --from` the base run (here with another window) keeps the first plan's branches and
+    trains its own in branches-2 (it once trained into the old folders and failed on their checkpoints)."""
+    tmp, plan = planned
+    monkeypatch.chdir(tmp)
+    base = tmp / plan["run_dir"]
+    first = sorted(p.name for p in (base / "branches").iterdir())
+    assert main(["plan", "--from", plan["run_dir"], "--points", "2", "--window-steps", "32", "--eval-examples", "400",
+                 "--alpha-us", "20", "--beta-gbps", "2", "--gpus", "1,2", "--time-batches", "16,64",
+                 "--json", "again.json"]) == 0
+    again = json.loads((tmp / "again.json").read_text())
+    assert sorted(p.name for p in (base / "branches").iterdir()) == first
+    assert len(list((base / "branches-2").iterdir())) == again["branching"]["budget"]["branches"]
+    assert again["s0"] == plan["s0"] and again["branching"]["window_steps"] == 32
+
+
 def _ramp_for_test(tmp: Path) -> config.Config:
     """The written ramp, trained one epoch into its second phase (so a batch change is in every check)."""
     cfg = config.load(tmp / "ramp.toml")
