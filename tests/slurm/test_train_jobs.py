@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from _images import jpeg_folder  # noqa: E402
 
 MLP = ROOT / "configs" / "mnist1d-mlp.toml"
-STEPS = 600  # long enough (~25 s on 2 idle vCPUs) that c and d are signalled mid-training: at 300 (~13 s) a
-# busy machine once delivered the early signal 3 s after c had finished (no checkpoint, no requeue to see)
+STEPS = 1500  # ~25 s a job on 2 idle vCPUs, so c and d are signalled mid-training: at 300 steps a busy machine
+# delivered the early signal 3 s after c had finished, at 600 (~10 s) a loaded one at c's last step (the CLI
+# and SLURM took > 10 s from c's first log row): no stop mid-training to see
 STEPS_2NODE = 100
 IMAGES = ["data.name='imagefolder'", "data.image_size=16", "data.augment=false", "data.num_workers=2",
           "data.train_eval_samples=0", "model.hidden=32", "batch.global_batch=16", "schedule.name='constant'",
