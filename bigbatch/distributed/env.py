@@ -23,6 +23,7 @@ refuse the second case (exit 2) rather than silently train alone.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -253,6 +254,21 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
         return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int, *, cpu_only: bool = False, unless_omp: bool = False):
+    """torch's intra-op thread count set to n inside the block, the caller's count restored after.
+    cpu_only: left alone when a CUDA device is present (the GPU does the work); unless_omp: left
+    alone when the user set OMP_NUM_THREADS (their choice stands). Many small steps or backward
+    passes on shared cores: a second thread mostly spins (20-70x slower measured on a busy 2-core VM)."""
+    before = torch.get_num_threads()
+    if not (cpu_only and torch.cuda.is_available()) and not (unless_omp and "OMP_NUM_THREADS" in os.environ):
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def free_port() -> int:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +44,7 @@ import torch
 from bigbatch import config as config_mod
 from bigbatch import folders
 from bigbatch.config import derive_batch
+from bigbatch.distributed.env import torch_threads
 from bigbatch.errors import UsageError
 from bigbatch.measure.modes import measuring
 from bigbatch.measure.noise import GNSEstimator
@@ -228,12 +228,10 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     run_dir = Path(args.run_dir)
     check_args(run_dir, args.samples, args.hessian_examples, args.max_samples, args.micro_batch)
-    if "OMP_NUM_THREADS" not in os.environ:
-        # many small backward passes: on shared cores a second intra-op thread mostly spins
-        torch.set_num_threads(1)
     cfg = config_mod.load(folders.RunFolder(run_dir).config)
-    result = measure_checkpoint(cfg, run_dir, args.samples, args.hessian_examples, args.seed,
-                                max_samples=args.max_samples, micro_batch=args.micro_batch)
+    with torch_threads(1, unless_omp=True):  # many small backward passes
+        result = measure_checkpoint(cfg, run_dir, args.samples, args.hessian_examples, args.seed,
+                                    max_samples=args.max_samples, micro_batch=args.micro_batch)
     result["seconds"] = time.perf_counter() - t0  # the whole command, loading included
     print(f"bigbatch measure {run_dir}: step {result['step']}, micro-batch b = {result['micro_batch']} "
           f"(trained at {result['train_micro_batch']}; global {result['global_batch']} on {result['world_size']} rank(s)), "

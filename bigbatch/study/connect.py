@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from bigbatch.distributed.env import torch_threads
 from bigbatch.errors import UsageError
 from bigbatch.study.landscape import (Pair, along, check_run, endpoint_check, evaluate_states, grid,
                                       interpolate_pair, interpolate_state, load_pair, resolve_device)
@@ -207,15 +207,8 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = Path(args.out) if args.out else run_a.parent / f"connect-{run_a.name}-{run_b.name}"
 
-    threads = torch.get_num_threads()
-    if "OMP_NUM_THREADS" not in os.environ:
-        # thousands of small steps: on shared cores a second intra-op thread mostly spins (measured
-        # 70x slower on a busy 2-core machine), as in `bigbatch measure`
-        torch.set_num_threads(1)
-    try:
+    with torch_threads(1, unless_omp=True):  # thousands of small steps (70x slower on 2 threads, busy 2-core VM)
         result = connect(load_pair(run_a, run_b, device), args.steps, args.batch, args.lr, args.seed, args.points)
-    finally:
-        torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     (out / "connect.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out / "connect.png")

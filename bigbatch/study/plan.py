@@ -49,7 +49,7 @@ from typing import Any
 from bigbatch import config as config_mod
 from bigbatch import folders
 from bigbatch.distributed.alphabeta import fit_alpha_beta
-from bigbatch.distributed.env import resolve_backend, spawn_local
+from bigbatch.distributed.env import resolve_backend, spawn_local, torch_threads
 from bigbatch.errors import UsageError
 from bigbatch.study import branch_runs as bx
 from bigbatch.study import plan_base as base
@@ -267,7 +267,7 @@ def main(args: argparse.Namespace) -> int:
     b_crit_noise = (measured["value"] if measured else noise["value"]) if use_noise else None
     branches = None
     if use_branching:
-        with base.torch_threads(args.torch_threads):
+        with torch_threads(args.torch_threads, cpu_only=True):
             branches = bx.measure(run["cfg"], run["run_dir"], s0, points=args.points, window_steps=args.window_steps,
                                   eval_examples=args.eval_examples, base_s=run["wall_s"], base_examples=run["examples"])
         tradeoff, b_crit = plan_ramp.tradeoff(branches), branches["b_crit"]

@@ -18,7 +18,6 @@ evaluates more often near the target (train.eval_fine, the study's 0.03, when th
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import sys
@@ -26,10 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bigbatch import config as config_mod
 from bigbatch import folders
+from bigbatch.distributed.env import torch_threads
 from bigbatch.errors import UsageError
 from bigbatch.study import branch_runs as bx
 from bigbatch.study import critical
@@ -42,18 +40,6 @@ TRAIN_EVAL_SAMPLES = 1000
 EVAL_FINE = 0.03  # the study's: the interpolated crossing known to ~3 %
 DEFAULT_LR_FACTORS = "0.5,1,2"
 LR_FACTOR_RANGE = (1 / 16, 16)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """On the CPU, n torch threads inside the block (a GPU run is left alone)."""
-    before = torch.get_num_threads()
-    if not torch.cuda.is_available():
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def parse_factors(text: str) -> list[float]:
@@ -172,7 +158,7 @@ def search(run_cfg, out_dir: Path, factors: list[float], threads: int) -> dict[s
               + (f"; stopped if short of it past step {cap:.1f}" if cap else "") + f") -> {run_dir}",
               file=sys.stderr, flush=True)
         t = time.perf_counter()
-        with torch_threads(threads):
+        with torch_threads(threads, cpu_only=True):
             summary = loop.run(cfg, run_dir, stop_rule=slower_than(cfg, cap) if cap else None)
         rows = folders.RunFolder(run_dir).read_metrics()
         reached = summary.get("steps_to_target") is not None

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import torch
 
 from bigbatch import config as config_mod
 from bigbatch import folders
+from bigbatch.distributed.env import torch_threads
 from bigbatch.errors import UsageError
 from bigbatch.measure import spectrum as sp
 from bigbatch.measure.modes import measuring
@@ -194,16 +194,11 @@ def main(args: argparse.Namespace) -> int:
     run_dir = check_args(args)
     cfg = config_mod.load(folders.RunFolder(run_dir).config)
     out = Path(args.out) if args.out else run_dir / "spectrum"
-    threads = torch.get_num_threads()
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # many small backward passes: on shared cores a second thread mostly spins
-    try:
+    with torch_threads(1, unless_omp=True):  # many small backward passes; an in-process caller keeps its setting
         if args.over_training:
             return spectrum_training.run(cfg, run_dir, out, args.examples, args.k, args.micro_batch, args.iters, args.seed)
         result = measure_spectrum(cfg, run_dir, args.examples, args.k, args.micro_batch, args.slq_probes, args.slq_steps,
                                   args.trace_probes, args.iters, args.seed)
-    finally:
-        torch.set_num_threads(threads)  # an in-process caller keeps its own setting
     result["seconds"] = time.perf_counter() - t0  # the whole command, loading included
     out.mkdir(parents=True, exist_ok=True)
     (out / "spectrum.json").write_text(json.dumps(result, indent=1) + "\n")
