@@ -53,27 +53,17 @@ def run_to_target(run_dir: str, target: dict[str, float]) -> dict[str, Any]:
     d = folders.RunFolder(run_dir)
     if not d.metrics.is_file():
         sys.exit(f"{run_dir!r} is not a run folder (no {d.metrics.name})")
-    # the sweep's rule (records.trial_record): the evaluations during training, not a final full-set one
-    rows = [r for r in d.read_metrics() if records.eval_row(r) and r.get("eval_set") != "full"]
+    metrics = d.read_metrics()
     (metric, value), = target.items()
-    higher = metric.endswith("acc")
-    prev = None
+    c = records.metric_crossing(metrics, metric, value)  # the sweep's rule (records.trial_record)
     cross = None
-    for r in rows:
-        v = r.get(metric)
-        if v is None or not math.isfinite(v):
-            continue
-        if (v - value if higher else value - v) >= 0:
-            if prev is None:
-                cross = (float(r["step"]), float(r["examples"]))
-            else:
-                f = (value - prev[metric]) / (v - prev[metric])
-                cross = (prev["step"] + f * (r["step"] - prev["step"]), prev["examples"] + f * (r["examples"] - prev["examples"]))
-            break
-        prev = r
+    if c is not None:  # examples at the same fraction of the bracket (a batch ramp's examples are not steps x batch)
+        evals = [r for r in metrics if records.eval_row(r) and r.get("eval_set") != "full"
+                 and r.get(metric) is not None and math.isfinite(r[metric])]
+        cross = (c["steps"], float(np.interp(c["steps"], [r["step"] for r in evals], [r["examples"] for r in evals])))
     summary = d.read_summary() or {}
     seed = tomllib.loads(d.config.read_text())["train"]["seed"] if d.config.is_file() else None
-    batches = sorted({int(r["global_batch"]) for r in d.read_metrics() if r.get("global_batch")
+    batches = sorted({int(r["global_batch"]) for r in metrics if r.get("global_batch")
                       and (cross is None or r["step"] <= cross[0] + 1e-9)})
     return {"run_dir": str(d.path), "seed": seed, "reached": cross is not None,
             "steps": cross[0] if cross else None, "examples": cross[1] if cross else None,

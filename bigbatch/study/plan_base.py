@@ -30,10 +30,10 @@ from bigbatch import folders
 from bigbatch.distributed.env import torch_threads
 from bigbatch.errors import UsageError
 from bigbatch.study import branch_runs as bx
-from bigbatch.study import critical
 from bigbatch.study import plan_noise as pn
-from bigbatch.study.records import eval_row
+from bigbatch.study.records import eval_row, metric_crossing
 from bigbatch.trainer import loop
+from bigbatch.trainer.evaluate import reached_target
 
 EVAL_EVERY_EXAMPLES = 4096
 TRAIN_EVAL_SAMPLES = 1000
@@ -85,19 +85,11 @@ def _targets(cfg) -> list[tuple[str, float]]:
     return [(k, v) for k, v in (("test_acc", t.test_acc), ("train_acc", t.train_acc), ("test_loss", t.test_loss)) if v is not None]
 
 
-def _met(key: str, value: float, got: float) -> bool:
-    return got <= value if key.endswith("loss") else got >= value
-
-
 def target_crossing(cfg, rows: list[dict[str, Any]]) -> float | None:
     """Steps to the config's target, interpolated between the evaluations around it (the sweep's
-    reading; with several targets, the first met); None when no evaluation reached it."""
-    found = []
-    for key, value in _targets(cfg):
-        evals = [(r["step"], r[key]) for r in rows if eval_row(r) and r.get(key) is not None and r.get("eval_set") != "full"]
-        c = critical.crossing(evals, value, higher_is_better=not key.endswith("loss"))
-        if c:
-            found.append(c["steps"])
+    reading, `records.metric_crossing`; with several targets, the first met); None when no
+    evaluation reached it."""
+    found = [c["steps"] for c in (metric_crossing(rows, k, v) for k, v in _targets(cfg)) if c]
     return min(found) if found else None
 
 
@@ -129,12 +121,9 @@ def read_run(run_dir: str, noise: bool = True) -> dict:
 def slower_than(cfg, cap: float):
     """A stop rule: "slower" at the first evaluation past step `cap` that is short of the target
     (its crossing, if any, lies beyond that evaluation, so beyond `cap`)."""
-    targets = _targets(cfg)
 
     def rule(row: dict[str, Any]) -> dict[str, Any] | None:
-        if not eval_row(row) or row["step"] <= cap:
-            return None
-        if any(row.get(k) is not None and _met(k, v, row[k]) for k, v in targets):
+        if not eval_row(row) or row["step"] <= cap or reached_target(cfg.target, row):
             return None
         return {"status": "slower", "steps_lower_bound": int(row["step"]), "raced_against": cap}
 

@@ -26,6 +26,14 @@ def eval_row(row: dict[str, Any]) -> bool:
     return row.get("test_acc") is not None or row.get("test_loss") is not None
 
 
+def metric_crossing(rows: list[dict[str, Any]], key: str, value: float) -> dict[str, float] | None:
+    """Where metric `key` first reaches `value` (a loss from above, anything else from below) over a
+    run's metrics rows, interpolated between the evaluations around it (`critical.crossing`): the
+    evaluations during training, not a final full-set one (`eval_set = "full"`)."""
+    during = [(r["step"], r[key]) for r in rows if eval_row(r) and r.get(key) is not None and r.get("eval_set") != "full"]
+    return critical.crossing(during, value, higher_is_better=not key.endswith("loss"))
+
+
 def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: list[dict[str, Any]],
                  gap_epochs: float | None, status: str, error: str | None = None,
                  measured: dict[str, Any] | None = None, *, target: dict[str, float] | None = None,
@@ -62,8 +70,7 @@ def trial_record(point: dict[str, Any], summary: dict[str, Any] | None, rows: li
         rec["axes"] = dict(point["axes"])
     if target and rec["steps_to_target"] is not None:
         (key, value), = target.items()
-        during = [(r["step"], r[key]) for r in evals if r.get(key) is not None and r.get("eval_set") != "full"]
-        c = critical.crossing(during, value, higher_is_better=not key.endswith("loss"))
+        c = metric_crossing(evals, key, value)
         if c is not None:
             rec["steps_to_target_eval"] = rec["steps_to_target"]
             rec["steps_to_target"], rec["crossing_resolution"] = c["steps"], c["resolution"]
