@@ -46,19 +46,6 @@ def read_trials(out: Path) -> dict[str, dict]:
     return {t["trial"]: t for t in map(json.loads, (out / "trials.jsonl").read_text().splitlines())}
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the in-process sweeps (each start costs seconds of CPU); W&B offline in its workers."""
-    import ray
-
-    os.environ["WANDB_MODE"] = "offline"
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-    del os.environ["WANDB_MODE"]
-
-
 def test_failed_trial_is_recorded_others_complete_and_wandb_groups_trials(tmp_path, local_ray):
     # 500x the scaled lr (lr 125..500): the loss blows up, the trial stops as diverged, not failed.
     d = sweep_dict("grouped", wandb=True, lr_multipliers=[1.0, 500.0])

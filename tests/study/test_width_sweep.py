@@ -19,10 +19,8 @@ import pytest
 
 from bigbatch import cli
 from bigbatch.config import DataConfig
-from bigbatch.errors import ConfigError
 from bigbatch.study import spec as spec_mod
 from bigbatch.study import width
-from bigbatch.study.report import write_report
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -174,18 +172,6 @@ def test_shipped_width_config_spans_n_over_p_below_and_above_one():
         n = sum(p.numel() for p in build_model(cfg.model, (40,), 10).parameters())
         ratios.append(n / train_size_hint(cfg.data))  # N / P
     assert min(ratios) < 0.5 and max(ratios) > 10
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import os
-
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_width_sweep_on_two_widths_records_outputs_and_reports_the_width_section(tmp_path, local_ray):
